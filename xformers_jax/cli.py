@@ -1,0 +1,223 @@
+"""The `xformers-jax` command line: train | eval | convert | export | bench.
+
+  xformers-jax train   --config configs/<family>/<job>.py:<preset> --workdir DIR [--config.K=V]
+  xformers-jax eval    --config configs/<family>/<job>.py:<preset> --workdir DIR [--config.K=V]
+  xformers-jax convert --hf HF_DIR --out ORBAX_DIR [--head NAME]
+  xformers-jax export  --checkpoint ORBAX_DIR --hf-out HF_DIR
+  xformers-jax bench   [--family F ...] [--out DIR]
+
+`--config.K=V` (or `--config.K V`) overrides any config field; see `config_lib.apply_overrides`.
+User errors (bad config key or type, unknown preset, missing or unwritable path) print one line
+`xformers-jax: error: <message>` on stderr and exit with code 2. The implementations are imported
+only when their subcommand runs, so `--help` and config errors are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from xformers_jax import config_lib
+
+PROG = "xformers-jax"
+
+# OS errors that mean "the user pointed us at a bad path", reported without a traceback.
+_USER_OS_ERRORS = (
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    FileExistsError,
+    PermissionError,
+)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train, evaluate, convert and benchmark xformers_jax models.",
+        epilog="Override any config field with --config.KEY=VALUE, e.g. --config.optim.lr=1e-4.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    for name, help_ in (("train", "train (resuming from the workdir)"), ("eval", "evaluate")):
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=f"{help_.capitalize()}; extra --config.KEY=VALUE args override the config.",
+        )
+        p.add_argument(
+            "--config", required=True, metavar="FILE.py[:ARG]", help="config file and preset"
+        )
+        p.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints, logs, metrics")
+
+    p = sub.add_parser("convert", help="convert an HF checkpoint dir to an Orbax checkpoint")
+    p.add_argument("--hf", required=True, metavar="HF_DIR", help="HF dir (config.json + weights)")
+    p.add_argument("--out", required=True, metavar="ORBAX_DIR", help="output Orbax dir")
+    p.add_argument("--head", default=None, metavar="NAME", help="HF class, e.g. XLNetLMHeadModel")
+
+    p = sub.add_parser("export", help="export an Orbax checkpoint to an HF-format dir")
+    p.add_argument("--checkpoint", required=True, metavar="ORBAX_DIR", help="Orbax checkpoint")
+    p.add_argument("--hf-out", required=True, metavar="HF_DIR", help="output HF dir")
+
+    p = sub.add_parser("bench", help="benchmark model families")
+    p.add_argument(
+        "--family",
+        action="extend",
+        nargs="+",
+        default=None,
+        metavar="F",
+        help="families to run (repeatable; default: all)",
+    )
+    p.add_argument("--out", default=None, metavar="DIR", help="where to write results")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """Parses the command line into (args, config overrides).
+
+    Unknown args of the form `--config.K=V` or `--config.K V` become `K=V` overrides (only for
+    `train` and `eval`); any other unknown arg is an argparse error (SystemExit(2)).
+
+    Args:
+        argv: the arguments without the program name; `None` reads `sys.argv[1:]`.
+
+    Returns:
+        The parsed namespace and the list of `key.path=value` override strings.
+    """
+    parser = _build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    overrides: list[str] = []
+    bad: list[str] = []
+    i = 0
+    while i < len(unknown):
+        tok = unknown[i]
+        if tok.startswith("--config."):
+            key, sep, value = tok[len("--config.") :].partition("=")
+            if not sep:  # `--config.K V`: the value is the next token (may look like `-1`).
+                if i + 1 >= len(unknown) or unknown[i + 1].startswith("--"):
+                    parser.error(f"{tok} needs a value: {tok}=VALUE")
+                i += 1
+                value = unknown[i]
+            overrides.append(f"{key}={value}")
+        else:
+            bad.append(tok)
+        i += 1
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if overrides and args.command not in ("train", "eval"):
+        parser.error(f"config overrides are only accepted by train and eval: {overrides[0]}")
+    return args, overrides
+
+
+def check_workdir(workdir: str) -> str:
+    """Fails early, with one line, on a workdir that cannot hold checkpoints.
+
+    Args:
+        workdir: the directory (need not exist yet).
+
+    Returns:
+        The absolute path.
+
+    Raises:
+        config_lib.UserError: it exists as a non-directory, or it (or the closest existing
+            ancestor, where it would be created) is not writable.
+    """
+    path = os.path.abspath(os.path.expanduser(workdir))
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise config_lib.UserError(f"workdir {workdir} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise config_lib.UserError(f"workdir {workdir} is not writable")
+        return path
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise config_lib.UserError(
+            f"workdir {workdir} cannot be created: {parent} is not a directory"
+        )
+    if parent and not os.access(parent, os.W_OK | os.X_OK):
+        raise config_lib.UserError(f"workdir {workdir} cannot be created: {parent} is not writable")
+    return path
+
+
+def _impl(module: str, attr: str):
+    """Imports `module.attr` lazily (heavy imports only for the subcommand that runs)."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):  # Our own module is missing, not a dependency.
+            raise config_lib.UserError(f"{module} is not available in this installation") from e
+        raise
+    return getattr(mod, attr)
+
+
+def _print_result(result: Any) -> None:
+    """Prints a command's result dict as one JSON line on stdout (arrays -> python scalars)."""
+    if result is None:
+        return
+
+    def default(x):
+        if hasattr(x, "tolist"):
+            return x.tolist()
+        return str(x)
+
+    print(json.dumps(result, default=default, sort_keys=True))
+
+
+def _run(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.command in ("train", "eval"):
+        config = config_lib.load_config(args.config, overrides)
+        workdir = check_workdir(args.workdir)
+        if args.command == "train":
+            result = _impl("xformers_jax.train", "train_and_evaluate")(config, workdir)
+        else:
+            result = _impl("xformers_jax.train", "evaluate")(config, workdir)
+        _print_result(result)
+    elif args.command == "convert":
+        _impl("xformers_jax.hub", "convert_hf_to_orbax")(args.hf, args.out, head=args.head)
+    elif args.command == "export":
+        _impl("xformers_jax.hub", "export_orbax_to_hf")(args.checkpoint, args.hf_out)
+    elif args.command == "bench":
+        _impl("xformers_jax.bench", "main")(args.family, args.out)
+    return 0
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        msg = f"{e.strerror}: {e.filename}"
+    else:
+        msg = str(e) or type(e).__name__
+    return " ".join(msg.split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the CLI.
+
+    Args:
+        argv: the arguments without the program name; `None` reads `sys.argv[1:]`.
+
+    Returns:
+        The exit code: 0 on success, 2 on a usage or user error, 130 on Ctrl-C.
+    """
+    try:
+        args, overrides = parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed.
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    try:
+        return _run(args, overrides)
+    except (config_lib.UserError, *_USER_OS_ERRORS) as e:
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Data: sentencepiece tokenizers, text corpora, MLM collators and grain pipelines.
+
+Public API::
+
+    tok = SentencePieceTokenizer.train(texts, "workdir/spm", vocab_size=8000)   # or .load(path)
+    train_file, eval_file = default_corpus("workdir/data")      # bundled, no download
+    ds = mlm_dataset([train_file], tok, seq_len=128, batch_size=32, seed=0)
+    it = iter(ds); batch = next(it); state = it.get_state()     # JSON; it.set_state(state)
+"""
+
+from xformers_jax.data.collators import IGNORE_INDEX, mlm_mask
+from xformers_jax.data.corpus import (
+    DataError,
+    chatterbot_languages,
+    chatterbot_texts,
+    default_corpus,
+    read_lines,
+)
+from xformers_jax.data.pipeline import mlm_dataset, pack_sequences, tokens_per_batch
+from xformers_jax.data.tokenizer import SentencePieceTokenizer
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DataError",
+    "SentencePieceTokenizer",
+    "chatterbot_languages",
+    "chatterbot_texts",
+    "default_corpus",
+    "mlm_dataset",
+    "mlm_mask",
+    "pack_sequences",
+    "read_lines",
+    "tokens_per_batch",
+]

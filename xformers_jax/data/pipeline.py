@@ -1,0 +1,177 @@
+"""grain pipelines over text files for masked-LM pretraining, with exact resume.
+
+The corpora are small (a few MB), so every line is tokenised once up front and packed greedily
+into rows of `seq_len` ids (`<s> a </s> b </s> ... </s> <pad>...`). The rows are a random-access
+`grain.MapDataset`, which makes shuffling, sharding and resuming index arithmetic:
+
+    source(rows) -> shuffle(seed) -> repeat() -> random_map(mask) -> [shard::count] -> batch
+    -> to_iter_dataset()
+
+Masking runs before the shard slice, so the rng of an element is derived from its *global*
+index: each example is masked the same however many hosts read the data. The iterator state is
+`{"next_index": int}` (JSON), saved with every checkpoint; restoring it replays the same batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from xformers_jax.data.collators import mlm_mask
+from xformers_jax.data.corpus import DataError, read_lines
+
+# A prefetch buffer of a few batches hides host work behind the device step without holding
+# hundreds of batches (grain's default of 500) in memory.
+_DEFAULT_READ_OPTIONS = dict(num_threads=2, prefetch_buffer_size=8)
+
+
+def pack_sequences(
+    token_lists: Sequence[Sequence[int]], seq_len: int, *, bos_id: int, eos_id: int, pad_id: int
+) -> np.ndarray:
+    """Greedily packs token lists into `<s> a </s> b </s> ...` rows, right-padded.
+
+    Args:
+        token_lists: ids of each line, without specials; lines longer than `seq_len - 2` are
+            truncated to it, empty lines skipped.
+        seq_len: row length.
+        bos_id, eos_id, pad_id: the special ids.
+
+    Returns:
+        int32 `[rows, seq_len]`; every row starts with `bos_id` and each line ends with `eos_id`.
+    """
+    limit = seq_len - 2
+    rows: list[np.ndarray] = []
+    row = [bos_id]
+    for tokens in token_lists:
+        if not tokens:
+            continue
+        tokens = list(tokens[:limit])
+        if len(row) + len(tokens) + 1 > seq_len:
+            rows.append(np.asarray(row, dtype=np.int32))
+            row = [bos_id]
+        row.extend(tokens)
+        row.append(eos_id)
+    if len(row) > 1:
+        rows.append(np.asarray(row, dtype=np.int32))
+    packed = np.full((len(rows), seq_len), pad_id, dtype=np.int32)
+    for i, r in enumerate(rows):
+        packed[i, : r.size] = r
+    return packed
+
+
+def _mask_row(row: np.ndarray, rng: np.random.Generator, *, pad_id: int, **mask_kwargs) -> dict:
+    masked, labels = mlm_mask(row[None], rng, **mask_kwargs)
+    return {
+        "input_ids": masked[0],
+        "attention_mask": (row != pad_id).astype(np.int32),
+        "labels": labels[0],
+    }
+
+
+def _check_args(tokenizer, seq_len, batch_size, seed, shard_index, shard_count, vocab_size):
+    if seq_len < 4:
+        raise ValueError(f"seq_len: must be >= 4 (<s>, a token, </s> and room), got {seq_len}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed: must be in [0, 2**32), got {seed}")
+    if shard_count < 1 or not 0 <= shard_index < shard_count:
+        raise ValueError(
+            f"shard_index / shard_count: need 0 <= shard_index < shard_count, got "
+            f"{shard_index} / {shard_count}"
+        )
+    for name in ("encode_many", "mask_id", "special_ids", "pad_id", "bos_id", "eos_id"):
+        if not hasattr(tokenizer, name):
+            raise TypeError(f"tokenizer: expected a SentencePieceTokenizer, got {type(tokenizer)}")
+    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"vocab_size: the model's vocab ({vocab_size}) is smaller than the tokenizer's "
+            f"({tokenizer.vocab_size}, {getattr(tokenizer, 'path', tokenizer)}): they do not match"
+        )
+
+
+def mlm_dataset(
+    files: str | os.PathLike | Sequence[str | os.PathLike],
+    tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    mask_prob: float = 0.15,
+    train: bool = True,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    vocab_size: int | None = None,
+    read_options: grain.ReadOptions | None = None,
+) -> grain.IterDataset:
+    """Masked-LM batches from UTF-8 text files (one example per line).
+
+    Train: an infinite stream, reshuffled every epoch. Eval (`train=False`): one pass in file
+    order, masked deterministically, padded with empty rows (all `<pad>`, labels -100, so they
+    add nothing to weighted metrics) to a multiple of `shard_count * batch_size`: every host gets
+    the same number of full batches and the eval step compiles once.
+
+    Args:
+        files: text file path(s), read with `read_lines` (bad files raise `DataError`).
+        tokenizer: a `SentencePieceTokenizer`.
+        seq_len: tokens per row (`T`), specials included.
+        batch_size: rows per batch yielded by this shard (`B`): the per-host slice of the
+            global batch.
+        seed: shuffle and masking seed.
+        mask_prob: masked-LM selection probability (80/10/10 of selected).
+        train: training stream (shuffled, repeated) or a finite eval pass.
+        shard_index, shard_count: this host's slice of the global stream (`jax.process_index()`,
+            `jax.process_count()`): shards read disjoint rows.
+        vocab_size: the model's vocab size, if given checked against the tokenizer's.
+        read_options: grain thread / prefetch options (2 threads, 8 batches by default).
+
+    Returns:
+        A `grain.IterDataset`; `iter(ds)` yields dicts of int32 numpy arrays `input_ids`,
+        `attention_mask` and `labels` (-100 = not predicted), each `[B, T]`, and supports
+        `get_state()` / `set_state(state)` for exact resume.
+    """
+    _check_args(tokenizer, seq_len, batch_size, seed, shard_index, shard_count, vocab_size)
+    files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
+    if not files:
+        raise ValueError("files: no text files given")
+    lines = [line for path in files for line in read_lines(path)]
+    rows = pack_sequences(
+        tokenizer.encode_many(lines, add_special_tokens=False),
+        seq_len,
+        bos_id=tokenizer.bos_id,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+    )
+    if rows.shape[0] == 0:
+        raise DataError(f"{', '.join(map(str, files))}: no tokens after tokenisation")
+    if not train:
+        per_step = shard_count * batch_size
+        n_pad = -rows.shape[0] % per_step
+        rows = np.concatenate([rows, np.full((n_pad, seq_len), tokenizer.pad_id, np.int32)])
+
+    mask_fn = functools.partial(
+        _mask_row,
+        pad_id=tokenizer.pad_id,
+        mask_token_id=tokenizer.mask_id,
+        # Random replacements come from the tokenizer's ids, never from a model's padded rows.
+        vocab_size=tokenizer.vocab_size,
+        special_ids=tokenizer.special_ids,
+        mask_prob=mask_prob,
+    )
+    ds = grain.MapDataset.source(rows)
+    if train:
+        ds = ds.shuffle(seed=seed).repeat(None)
+    # A seed distinct from the shuffle's (same value would correlate the two permutations).
+    ds = ds.random_map(mask_fn, seed=(seed * 0x9E3779B1 + 1) % 2**32)
+    ds = ds[shard_index::shard_count]
+    ds = ds.batch(batch_size, drop_remainder=train)
+    return ds.to_iter_dataset(read_options or grain.ReadOptions(**_DEFAULT_READ_OPTIONS))
+
+
+def tokens_per_batch(batch: dict) -> int:
+    """Real (non-pad) tokens in a batch: `attention_mask.sum()`."""
+    return int(np.sum(batch["attention_mask"]))
