@@ -1,0 +1,69 @@
+"""XLM-RoBERTa-XL / XLM-R / XLM-V masked-LM pretraining.
+
+Presets (`:arg`): tiny (CPU, minutes; the default run), base, large, xlm-v-base, xl, xxl.
+
+  xformers-jax train --config configs/xlm_roberta/pretrain_mlm.py:tiny --workdir workdirs/xlmr_tiny
+  xformers-jax train --config configs/xlm_roberta/pretrain_mlm.py:xl --workdir gs://BUCKET/xlmr_xl \
+      --config.mesh.fsdp=16 --config.mesh.tensor=4 --config.data.train_files="['/data/cc100.txt']"
+"""
+
+from xformers_jax import config_lib
+
+# config preset -> (model preset, run sizes)
+RUNS = {
+    "tiny": dict(model="tiny", steps=300, batch_size=32, seq_len=64, lr=2e-3, warmup=30,
+                 vocab_size=8000, dtype="float32", remat="none", mesh=(-1, 1, 1), every=100),
+    "base": dict(model="xlm-roberta-base", steps=500_000, batch_size=2048, seq_len=512, lr=6e-4,
+                 warmup=10_000, vocab_size=250002, dtype="bfloat16", remat="none",
+                 mesh=(-1, 1, 1), every=5000),
+    "large": dict(model="xlm-roberta-large", steps=500_000, batch_size=8192, seq_len=512,
+                  lr=4e-4, warmup=24_000, vocab_size=250002, dtype="bfloat16", remat="dots",
+                  mesh=(-1, 4, 1), every=5000),
+    "xlm-v-base": dict(model="xlm-v-base", steps=1_500_000, batch_size=8192, seq_len=512,
+                       lr=6e-4, warmup=15_000, vocab_size=901629, dtype="bfloat16",
+                       remat="dots", mesh=(-1, 1, 4), every=5000),
+    "xl": dict(model="xl", steps=500_000, batch_size=2048, seq_len=512, lr=1e-4, warmup=10_000,
+               vocab_size=250880, dtype="bfloat16", remat="dots", mesh=(-1, 16, 4), every=2000),
+    "xxl": dict(model="xxl", steps=500_000, batch_size=2048, seq_len=512, lr=1e-4,
+                warmup=10_000, vocab_size=250880, dtype="bfloat16", remat="full",
+                mesh=(-1, 32, 8), every=2000),
+}  # fmt: skip
+
+
+def get_config(arg: str | None = None):
+    run = RUNS[config_lib.parse_arg(arg, RUNS, default="tiny")]
+    c = config_lib.base_config()
+    c.task = "mlm"
+
+    c.model.family = "xlm_roberta"
+    c.model.preset = run["model"]
+    c.model.vocab_size = run["vocab_size"]
+    c.model.dtype = run["dtype"]
+    c.model.param_dtype = "float32"
+    c.model.remat_policy = run["remat"]
+    c.model.hidden_dropout_prob = 0.1
+    c.model.attention_probs_dropout_prob = 0.1
+    c.model.max_position_embeddings = run["seq_len"] + 2 if run["model"] == "tiny" else 514
+
+    c.data.seq_len = run["seq_len"]
+    c.data.vocab_size = min(run["vocab_size"], 8000)  # sentencepiece trained on the corpus
+    c.data.mask_prob = 0.15
+
+    c.optim.name = "adamw"
+    c.optim.lr = run["lr"]
+    c.optim.warmup_steps = run["warmup"]
+    c.optim.schedule = "linear"
+    c.optim.weight_decay = 0.01
+    c.optim.b2 = 0.98
+    c.optim.clip_norm = 1.0
+
+    c.train.steps = run["steps"]
+    c.train.batch_size = run["batch_size"]
+    c.train.eval_every_steps = run["every"]
+    c.train.eval_steps = 8
+    c.checkpoint.every_steps = run["every"]
+    c.checkpoint.max_to_keep = 3
+    c.log.every_steps = 10
+
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = run["mesh"]
+    return c

@@ -1,0 +1,26 @@
+"""Family-agnostic building blocks; every param carries logical axis names."""
+
+from xformers_jax.layers.attention import (
+    DEFAULT_MASK_VALUE,
+    causal_mask,
+    dot_product_attention,
+    padding_mask,
+)
+from xformers_jax.layers.dense import DenseGeneral, param_init
+from xformers_jax.layers.embeddings import Embed
+from xformers_jax.layers.mlp import MLP, get_activation
+from xformers_jax.layers.norms import LayerNorm, RMSNorm
+
+__all__ = [
+    "DEFAULT_MASK_VALUE",
+    "MLP",
+    "DenseGeneral",
+    "Embed",
+    "LayerNorm",
+    "RMSNorm",
+    "causal_mask",
+    "dot_product_attention",
+    "get_activation",
+    "padding_mask",
+    "param_init",
+]

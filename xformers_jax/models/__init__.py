@@ -1,0 +1,90 @@
+"""The model registry: HF model_type -> family module, HF architecture name -> head module."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How the hub finds a family: its module, config class and HF architecture names.
+
+    `heads` maps an HF architecture name to the attribute name of our head module in `module`.
+    """
+
+    name: str
+    module: str
+    config_class: str
+    model_types: tuple[str, ...]
+    heads: dict[str, str]
+    default_head: str
+    task_heads: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def load(self) -> Any:
+        return importlib.import_module(self.module)
+
+    def config_cls(self) -> type:
+        return getattr(self.load(), self.config_class)
+
+    def head_module(self, architecture: str) -> type:
+        return getattr(self.load(), self.heads[architecture])
+
+
+FAMILIES: dict[str, Family] = {
+    "xlm_roberta": Family(
+        name="xlm_roberta",
+        module="xformers_jax.models.xlm_roberta",
+        config_class="XLMRobertaConfig",
+        model_types=("xlm-roberta-xl", "xlm-roberta"),
+        heads={
+            "XLMRobertaXLModel": "XLMRobertaModel",
+            "XLMRobertaModel": "XLMRobertaModel",
+            "XLMRobertaXLForMaskedLM": "XLMRobertaForMaskedLM",
+            "XLMRobertaForMaskedLM": "XLMRobertaForMaskedLM",
+        },
+        default_head="XLMRobertaModel",
+        task_heads={"mlm": "XLMRobertaForMaskedLM"},
+    ),
+}
+
+
+def family_for_model_type(model_type: str) -> Family:
+    """The family whose config.json `model_type` this is; a clear error when none is."""
+    for fam in FAMILIES.values():
+        if model_type in fam.model_types:
+            return fam
+    known = sorted(t for f in FAMILIES.values() for t in f.model_types)
+    raise ValueError(f"unknown model_type {model_type!r}; supported: {known}")
+
+
+def family_for_architecture(architecture: str) -> Family:
+    for fam in FAMILIES.values():
+        if architecture in fam.heads:
+            return fam
+    known = sorted(a for f in FAMILIES.values() for a in f.heads)
+    raise ValueError(f"unknown architecture {architecture!r}; supported: {known}")
+
+
+def build_model(model_cfg: Any, task: str) -> tuple[Any, Any, str]:
+    """(head module, frozen family config, HF architecture name) for `config.model` and a task.
+
+    `model_cfg` has `family` and `preset`; any other key overrides the preset's value.
+    """
+    model_cfg = dict(model_cfg)
+    family_name = model_cfg.pop("family")
+    preset = model_cfg.pop("preset")
+    if family_name not in FAMILIES:
+        raise ValueError(f"unknown model.family {family_name!r}; known: {sorted(FAMILIES)}")
+    fam = FAMILIES[family_name]
+    module = fam.load()
+    if preset not in module.PRESETS:
+        raise ValueError(
+            f"unknown model.preset {preset!r} for {family_name}; known: {sorted(module.PRESETS)}"
+        )
+    if task not in fam.task_heads:
+        raise ValueError(f"family {family_name} has no head for task {task!r}")
+    cfg = fam.config_cls().from_dict({**module.PRESETS[preset], **model_cfg})
+    head_name = fam.task_heads[task]
+    return getattr(module, head_name)(cfg), cfg, module.architecture_name(cfg, head_name)

@@ -1,0 +1,75 @@
+"""Pieces every family module shares: dtype names, remat policies, the layer scan, HF's losses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+# Named remat policies (`model.remat_policy` in configs). 'none' keeps every activation.
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_from_name(name: str | Any) -> Any:
+    """'bfloat16' -> jnp.bfloat16 (dtypes pass through)."""
+    if not isinstance(name, str):
+        return name
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; known: {sorted(_DTYPES)}") from None
+
+
+def scan_layers(
+    block: type[nn.Module],
+    num_layers: int,
+    remat_policy: str,
+    block_kwargs: dict[str, Any],
+    *,
+    name: str,
+    in_axes: tuple = (nn.broadcast, 0),
+) -> nn.Module:
+    """`num_layers` copies of `block` run by `nn.scan`, params stacked on a leading `layers` axis.
+
+    The block is called as `block(carry, *args) -> (carry, per_layer_outputs)`; `in_axes` says
+    which args are shared by all layers (`nn.broadcast`) and which are sliced per layer (0).
+    """
+    if REMAT_POLICIES[remat_policy] is not None:
+        block = nn.remat(block, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+    scanned = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=in_axes,
+        length=num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return scanned(**block_kwargs, name=name)
+
+
+def unstack(x: jax.Array | None) -> tuple | None:
+    """`[layers, ...]` stacked scan outputs -> a tuple of per-layer arrays (HF's layout)."""
+    return None if x is None else tuple(x[i] for i in range(x.shape[0]))
+
+
+def cross_entropy_with_ignore(
+    logits: jax.Array, labels: jax.Array, ignore_index: int = -100
+) -> jax.Array:
+    """Mean token cross-entropy over labels != ignore_index, in float32 (torch's CrossEntropyLoss).
+
+    `[..., vocab]` logits, `[...]` int labels -> scalar.
+    """
+    valid = labels != ignore_index
+    safe = jnp.where(valid, labels, 0)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
+    return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(jnp.sum(valid), 1)

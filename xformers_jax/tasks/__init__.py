@@ -1,0 +1,52 @@
+"""Training objectives. Each task module builds a `TaskSpec`; the trainer only sees that.
+
+A task owns what differs between objectives: which head it trains, its data pipeline, its loss and
+metrics. `loss_fn(params, batch, rng, *, model, deterministic) -> (loss, aux)` where `aux` holds
+*sums* (e.g. `loss_sum`, `weight`, `correct`) so metrics reduce exactly across steps and hosts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+TASKS: dict[str, str] = {
+    "mlm": "xformers_jax.tasks.mlm",
+}
+
+
+@dataclasses.dataclass
+class TaskSpec:
+    """Everything the trainer needs from an objective.
+
+    Attributes:
+      model: the Flax head module to train.
+      model_config: its frozen family config.
+      architecture: the transformers class name of that head (for HF export).
+      loss_fn: `(params, batch, rng, *, model, deterministic) -> (loss, aux_sums)`.
+      metrics: `aux_sums -> {name: value}` (e.g. loss and accuracy from sums).
+      train_data: `(shard_index, shard_count) -> iterable` of numpy batch dicts (per host), whose
+        iterator supports `get_state()` / `set_state()`.
+      eval_data: same, finite, deterministic.
+      init_batch: a per-host numpy batch with the training shapes (for `init` and shapes).
+      count_tokens: `batch -> int` real tokens in a host batch (for tokens/s).
+    """
+
+    model: Any
+    model_config: Any
+    architecture: str
+    loss_fn: Callable[..., tuple[Any, dict[str, Any]]]
+    metrics: Callable[[dict[str, Any]], dict[str, float]]
+    train_data: Callable[[int, int], Any]
+    eval_data: Callable[[int, int], Any]
+    init_batch: dict[str, Any]
+    count_tokens: Callable[[dict[str, Any]], int]
+
+
+def build_task(config: Any, workdir: str) -> TaskSpec:
+    """The `TaskSpec` for `config.task`; unknown names are a clear error."""
+    if config.task not in TASKS:
+        raise ValueError(f"unknown task {config.task!r}; known: {sorted(TASKS)}")
+    return importlib.import_module(TASKS[config.task]).build(config, workdir)

@@ -1,0 +1,415 @@
+"""The one trainer: every family and objective, any mesh, resumable, driven by a ConfigDict.
+
+`train_and_evaluate(config, workdir)` reads as the sections below: Mesh, Data, Model+Optimizer,
+Shard, Step, Checkpoint, Eval, Loop. Family/objective specifics come from `tasks/` through a
+`TaskSpec`; nothing here branches on the family.
+
+Resume order: a checkpoint in `<workdir>/checkpoints` > `config.init_from` (HF dir or Orbax
+params export) > from scratch. SIGTERM saves the current step and exits cleanly. A non-finite loss
+stops the run with an error naming the step and never overwrites the last good checkpoint (or, with
+`train.skip_nonfinite`, the update of that step is dropped and training goes on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from xformers_jax import checkpoint as ckpt_lib
+from xformers_jax import config_lib, optim, sharding, tasks
+from xformers_jax.metrics_writer import MetricWriter
+
+
+class NonFiniteLossError(config_lib.UserError, FloatingPointError):
+    """Raised when a training step produced a NaN/Inf loss."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    """`step` (scalar int32), `params`, `opt_state`, and `extra` (task state such as mems)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    extra: Any = flax.struct.field(default_factory=dict)
+
+
+def _global_norm(tree) -> jax.Array:
+    return optax.global_norm(tree)
+
+
+def make_train_step(task: tasks.TaskSpec, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, skip_nonfinite: bool):  # fmt: skip
+    """The pure step `(state, batch, rng) -> (state, metrics)` (jitted by the caller)."""
+
+    def step_fn(state: TrainState, batch: dict, rng: jax.Array):
+        step_rng = jax.random.fold_in(rng, state.step)
+        loss_of = lambda p: task.loss_fn(p, batch, step_rng, model=task.model, deterministic=False)  # noqa: E731
+        (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = _global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if skip_nonfinite:
+            # Drop the update of a bad step; the run goes on from the previous params.
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "param_norm": _global_norm(params),
+            "update_norm": _global_norm(updates),
+            "learning_rate": schedule(state.step),
+            "nonfinite": jnp.logical_not(finite).astype(jnp.int32),
+            **aux,
+        }
+        return new_state, metrics
+
+    return step_fn
+
+
+def make_eval_step(task: tasks.TaskSpec):
+    def eval_fn(params, batch):
+        _, aux = task.loss_fn(
+            params, batch, jax.random.key(0), model=task.model, deterministic=True
+        )
+        return aux
+
+    return eval_fn
+
+
+def _prepare_workdir(workdir: str) -> str:
+    workdir = os.path.abspath(workdir)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise config_lib.UserError(f"workdir {workdir} exists and is not a directory")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise config_lib.UserError(f"cannot create workdir {workdir}: {e.strerror}") from None
+    if not os.access(workdir, os.W_OK):
+        raise config_lib.UserError(f"workdir {workdir} is not writable")
+    return workdir
+
+
+def _to_global(batch: dict, mesh) -> dict:
+    """Host-local numpy batch -> global jax arrays sharded over data x fsdp."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
+        for k, v in batch.items()
+    }
+
+
+def _load_init_params(path: str, task: tasks.TaskSpec, abstract_params: Any) -> Any:
+    """Params from an HF dir (`config.json`) or a params-only Orbax export."""
+    if os.path.exists(os.path.join(path, "config.json")) and not os.path.isdir(
+        os.path.join(path, "params")
+    ):
+        from xformers_jax import hub
+
+        model = hub.from_pretrained(path, head=task.architecture)
+        return jax.tree.map(lambda a, s: jax.device_put(a, s.sharding), model.params,
+                            abstract_params)  # fmt: skip
+    return ckpt_lib.load_params(path, abstract_params)
+
+
+def _host_metrics(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
+    return [(s, {k: np.asarray(v) for k, v in m.items()}) for s, m in jax.device_get(pending)]
+
+
+@dataclasses.dataclass
+class Setup:
+    """The compiled pieces of a run: task, optimizer, mesh, abstract state and its shardings."""
+
+    task: tasks.TaskSpec
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    mesh: Any
+    rules: tuple
+    rng: jax.Array
+    abstract_state: TrainState
+    param_shardings: Any
+    state_shardings: Any
+    batch_shardings: dict[str, Any]
+    init_state: Any  # jitted rng -> TrainState, placed with state_shardings
+    train_step: Any  # jitted (state, batch, rng) -> (state, metrics)
+    eval_step: Any  # jitted (params, batch) -> aux sums
+
+    def to_global(self, batch: dict) -> dict:
+        return _to_global(batch, self.mesh)
+
+
+def setup(config, workdir: str, mesh=None) -> Setup:
+    """Mesh, task (data + model), optimizer, abstract state, shardings and jitted steps."""
+    # ------------------------------------------------------------------------------- Mesh
+    mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+    rules = sharding.rules_from_config(config.mesh)
+
+    # ------------------------------------------------------------------------------- Data
+    task = tasks.build_task(config, workdir)
+
+    # --------------------------------------------------------------- Model + Optimizer
+    tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
+    init_kwargs = {k: jnp.asarray(v) for k, v in task.init_batch.items() if k != "labels"}
+
+    def init_boxed(rng):
+        return task.model.init({"params": rng, "dropout": rng}, **init_kwargs)["params"]
+
+    def init_state(rng):
+        params = nn.meta.unbox(init_boxed(rng))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params))  # fmt: skip
+
+    # -------------------------------------------------------------------------------- Shard
+    rng = jax.random.key(config.train.seed)
+    with mesh, nn.logical_axis_rules(rules):
+        param_shardings = sharding.logical_shardings(jax.eval_shape(init_boxed, rng), mesh, rules)
+        abstract_state = jax.eval_shape(init_state, rng)
+        state_shardings = sharding.state_shardings(tx, abstract_state, param_shardings, mesh)
+
+    # --------------------------------------------------------------------------------- Step
+    rep = sharding.replicated(mesh)
+    batch_shardings = {k: sharding.batch_sharding(mesh, np.ndim(v))
+                       for k, v in task.init_batch.items()}  # fmt: skip
+    step_fn = make_train_step(task, tx, schedule, bool(config.train.skip_nonfinite))
+    return Setup(
+        task=task, tx=tx, schedule=schedule, mesh=mesh, rules=rules, rng=rng,
+        abstract_state=abstract_state, param_shardings=param_shardings,
+        state_shardings=state_shardings, batch_shardings=batch_shardings,
+        init_state=jax.jit(init_state, out_shardings=state_shardings),
+        train_step=jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, rep),
+                           out_shardings=(state_shardings, rep), donate_argnums=0),
+        eval_step=jax.jit(make_eval_step(task), in_shardings=(param_shardings, batch_shardings),
+                          out_shardings=rep),
+    )  # fmt: skip
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+    """Trains `config` in `workdir` (resuming if a checkpoint is there); returns final metrics."""
+    config_lib.validate(config)
+    workdir = _prepare_workdir(workdir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        config_lib.save_config(config, os.path.join(workdir, "config.json"))
+    s = setup(config, workdir)
+    task, mesh, rules, rng = s.task, s.mesh, s.rules, s.rng
+    abstract_state, state_shardings = s.abstract_state, s.state_shardings
+    p_train_step = s.train_step
+    train_iter = iter(task.train_data(jax.process_index(), jax.process_count()))
+
+    # --------------------------------------------------------------------------- Checkpoint
+    ckpt = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        every_steps=config.checkpoint.every_steps,
+        max_to_keep=config.checkpoint.max_to_keep,
+        async_save=config.checkpoint.async_save,
+    )
+    latest = ckpt.latest_step()
+    with mesh, nn.logical_axis_rules(rules):
+        if latest is not None:
+            abstract = ckpt_lib.abstract_with_shardings(abstract_state, state_shardings)
+            state, data_state = ckpt.restore(latest, abstract)
+            if data_state:
+                train_iter.set_state(data_state)
+            _log(is_main, f"Resuming from checkpoint at step {latest} in {ckpt.directory}")
+        else:
+            state = s.init_state(rng)
+            if config.init_from:
+                abstract_params = ckpt_lib.abstract_with_shardings(
+                    abstract_state.params, s.param_shardings
+                )
+                state = state.replace(
+                    params=_load_init_params(config.init_from, task, abstract_params)
+                )
+                _log(is_main, f"Initialised params from {config.init_from}")
+            else:
+                _log(is_main, "Starting from scratch")
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
+    _log(is_main, f"{task.architecture}: {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}")
+
+    # --------------------------------------------------------------------------------- Eval
+    def run_eval() -> dict[str, float]:
+        return _run_eval(s, state.params, config.train.eval_steps)
+
+    # --------------------------------------------------------------------------------- Loop
+    writer = MetricWriter(workdir, enabled=is_main, tensorboard=config.log.tensorboard)
+    total_steps = int(config.train.steps)
+    start_step = int(jax.device_get(state.step))
+    result: dict[str, Any] = {"start_step": start_step}
+    if start_step == 0 and not latest:
+        first_eval = run_eval()
+        writer.write_eval(0, first_eval)
+        result["first_eval"] = first_eval
+        _log(is_main, f"eval at step 0: {_fmt(first_eval)}")
+
+    preempted = _install_sigterm()
+    progress = writer.progress(start_step, total_steps, enabled=config.log.progress)
+    pending: list[tuple[int, dict]] = []
+    tokens, t0 = 0, time.perf_counter()
+    compiled_step, flops_per_step = None, None
+    step = start_step
+    try:
+        with mesh, nn.logical_axis_rules(rules):
+            while step < total_steps:
+                batch = next(train_iter)
+                tokens += task.count_tokens(batch)
+                gbatch = _to_global(batch, mesh)
+                if compiled_step is None:
+                    compiled_step = p_train_step.lower(state, gbatch, rng).compile()
+                    flops_per_step = _cost_flops(compiled_step)
+                    tokens, t0 = task.count_tokens(batch), time.perf_counter()
+                state, metrics = compiled_step(state, gbatch, rng)
+                step += 1
+                pending.append((step, metrics))
+                progress.update(1)
+                last = step == total_steps
+                save_now = ckpt.should_save(step) or last or preempted()
+                if step % config.log.every_steps == 0 or save_now:
+                    # Fetching the metrics waits for the dispatched steps: time after it.
+                    host = _check_finite(_host_metrics(pending), config.train.skip_nonfinite)
+                    dt = time.perf_counter() - t0
+                    summary = _summarise(host, task, tokens, dt, flops_per_step,
+                                         len(pending))  # fmt: skip
+                    writer.write_train(step, summary)
+                    progress.set_postfix(loss=f"{summary['loss']:.4f}",
+                                         tok_s=f"{summary['tokens_per_sec']:.0f}")  # fmt: skip
+                    pending, tokens, t0 = [], 0, time.perf_counter()
+                t_side = time.perf_counter()
+                if config.train.eval_every_steps and step % config.train.eval_every_steps == 0:
+                    if not last:
+                        writer.write_eval(step, run_eval())
+                if save_now:
+                    ckpt.save(step, state, train_iter.get_state())
+                t0 += time.perf_counter() - t_side  # eval and saving don't count as train time
+                if preempted():
+                    ckpt.wait()
+                    _log(is_main, f"SIGTERM: saved step {step}; exiting")
+                    result.update(step=step, preempted=True)
+                    return result
+    finally:
+        progress.close()
+        ckpt.close()
+        if preempted():
+            writer.close()
+
+    final_eval = run_eval()
+    writer.write_eval(step, final_eval)
+    writer.plot()
+    writer.close()
+    result.update(step=step, final_eval=final_eval)
+    _log(is_main, f"eval at step {step}: {_fmt(final_eval)}")
+    if "first_eval" in result and result["first_eval"]:
+        _log(
+            is_main,
+            f"eval loss: first {result['first_eval']['loss']:.4f} -> final "
+            f"{final_eval['loss']:.4f}",
+        )
+    return result
+
+
+def evaluate(config, workdir: str) -> dict[str, float]:
+    """Evaluates the latest checkpoint in `workdir` on the eval data; prints the metrics."""
+    config_lib.validate(config)
+    workdir = os.path.abspath(workdir)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise config_lib.UserError(f"no checkpoints in {workdir}")
+    s = setup(config, workdir)
+    ckpt = ckpt_lib.Checkpointer(ckpt_dir, every_steps=0, max_to_keep=10**6, async_save=False)
+    step = ckpt.latest_step()
+    if step is None:
+        raise config_lib.UserError(f"no complete checkpoint in {ckpt_dir}")
+    abstract = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
+    state, _ = ckpt.restore(step, abstract)
+    ckpt.close()
+    result = _run_eval(s, state.params, config.train.eval_steps)
+    _log(jax.process_index() == 0, f"eval at step {step}: {_fmt(result)}")
+    return result
+
+
+def _run_eval(s: Setup, params: Any, max_steps: int) -> dict[str, float]:
+    """Task metrics over up to `max_steps` eval batches (sums reduced, then finalised)."""
+    sums: dict[str, Any] = {}
+    eval_iter = iter(s.task.eval_data(jax.process_index(), jax.process_count()))
+    with s.mesh, nn.logical_axis_rules(s.rules):
+        for _ in range(max_steps):
+            try:
+                batch = next(eval_iter)
+            except StopIteration:
+                break
+            aux = s.eval_step(params, s.to_global(batch))
+            sums = aux if not sums else jax.tree.map(jnp.add, sums, aux)
+    return s.task.metrics(jax.device_get(sums)) if sums else {}
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def _log(enabled: bool, msg: str) -> None:
+    if enabled:
+        print(msg, flush=True)
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def _install_sigterm():
+    """SIGTERM sets a flag the loop polls; the loop then saves and returns."""
+    flag = {"hit": False}
+
+    def handler(signum, frame):
+        flag["hit"] = True
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. called from a test worker thread)
+        pass
+    return lambda: flag["hit"]
+
+
+def _check_finite(host: list[tuple[int, dict]], skip: bool) -> list[tuple[int, dict]]:
+    for step, m in host:
+        if int(m["nonfinite"]) and not skip:
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} (loss={float(m['loss'])}, grad_norm="
+                f"{float(m['grad_norm'])}); the last good checkpoint is kept"
+            )
+    return host
+
+
+def _summarise(host, task, tokens, dt, flops_per_step, n_steps) -> dict[str, float]:
+    """Averages the logged steps; task metrics from summed aux; throughput over the window."""
+    scalars = ("grad_norm", "param_norm", "update_norm", "learning_rate")
+    out = {k: float(np.mean([m[k] for _, m in host])) for k in scalars}
+    aux_keys = [k for k in host[-1][1] if k not in (*scalars, "loss", "nonfinite")]
+    sums = {k: sum(float(m[k]) for _, m in host) for k in aux_keys}
+    out.update(task.metrics(sums) if sums else {"loss": float(host[-1][1]["loss"])})
+    out["skipped_steps"] = float(sum(int(m["nonfinite"]) for _, m in host))
+    out["tokens_per_sec"] = tokens / max(dt, 1e-9)
+    out["steps_per_sec"] = n_steps / max(dt, 1e-9)
+    if flops_per_step:
+        out["tflops_per_sec"] = flops_per_step * n_steps / max(dt, 1e-9) / 1e12
+    return out
+
+
+def _cost_flops(compiled) -> float | None:
+    """FLOPs of one compiled step from XLA's cost analysis (None where unavailable)."""
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        flops = float(cost.get("flops", 0.0))
+        return flops if math.isfinite(flops) and flops > 0 else None
+    except Exception:  # cost analysis is best-effort metadata, never fatal
+        return None
