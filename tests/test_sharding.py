@@ -31,7 +31,7 @@ def _run_step(cfg, workdir, mesh, params, batch):
     s = train.setup(cfg, workdir, mesh=mesh)
     state = s.init_state(s.rng)
     state = state.replace(params=jax.device_put(params, s.param_shardings))
-    with mesh:
+    with sharding.use_mesh(mesh):
         state, metrics = s.train_step(state, s.to_global(batch), s.rng)
     return jax.device_get(metrics["loss"]), jax.device_get(state.params), state
 

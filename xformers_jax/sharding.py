@@ -7,7 +7,8 @@ replicated instead, so any preset runs on any mesh (e.g. a 250,002-row vocabular
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -162,3 +163,14 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Sequence | None = None) -> Iterator[Mesh]:
+    """Makes `mesh` the current mesh and `rules` the logical-axis rules (activation constraints
+    in model code resolve against both)."""
+    with (
+        jax.set_mesh(mesh),
+        nn.logical_axis_rules(tuple(DEFAULT_RULES if rules is None else rules)),
+    ):
+        yield mesh

@@ -173,7 +173,7 @@ def setup(config, workdir: str, mesh=None) -> Setup:
 
     # -------------------------------------------------------------------------------- Shard
     rng = jax.random.key(config.train.seed)
-    with mesh, nn.logical_axis_rules(rules):
+    with sharding.use_mesh(mesh, rules):
         param_shardings = sharding.logical_shardings(jax.eval_shape(init_boxed, rng), mesh, rules)
         abstract_state = jax.eval_shape(init_state, rng)
         state_shardings = sharding.state_shardings(tx, abstract_state, param_shardings, mesh)
@@ -216,7 +216,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         async_save=config.checkpoint.async_save,
     )
     latest = ckpt.latest_step()
-    with mesh, nn.logical_axis_rules(rules):
+    with sharding.use_mesh(mesh, rules):
         if latest is not None:
             abstract = ckpt_lib.abstract_with_shardings(abstract_state, state_shardings)
             state, data_state = ckpt.restore(latest, abstract)
@@ -260,7 +260,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     compiled_step, flops_per_step = None, None
     step = start_step
     try:
-        with mesh, nn.logical_axis_rules(rules):
+        with sharding.use_mesh(mesh, rules):
             while step < total_steps:
                 batch = next(train_iter)
                 tokens += task.count_tokens(batch)
@@ -342,7 +342,7 @@ def _run_eval(s: Setup, params: Any, max_steps: int) -> dict[str, float]:
     """Task metrics over up to `max_steps` eval batches (sums reduced, then finalised)."""
     sums: dict[str, Any] = {}
     eval_iter = iter(s.task.eval_data(jax.process_index(), jax.process_count()))
-    with s.mesh, nn.logical_axis_rules(s.rules):
+    with sharding.use_mesh(s.mesh, s.rules):
         for _ in range(max_steps):
             try:
                 batch = next(eval_iter)

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import yaml
 
+from xformers_jax.config_lib import UserError
+
 # One utterance in `_EVAL_BUCKETS` goes to eval: ~5% of the corpus.
 _EVAL_BUCKETS = 20
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file is missing, empty or not UTF-8 text; the message names the file (and line)."""
 
 

@@ -108,7 +108,8 @@ class XLMRobertaConfig:
 
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any]) -> XLMRobertaConfig:
-        kw = dict(hf)
+        """From a config.json dict; absent keys take transformers' defaults for its model_type."""
+        kw = {**_HF_DEFAULTS[hf.get("model_type", "xlm-roberta-xl")], **hf}
         if "id2label" in kw and "num_labels" not in kw:
             kw["num_labels"] = len(kw["id2label"])
         return cls.from_dict(kw)
@@ -122,6 +123,20 @@ class XLMRobertaConfig:
         d["use_cache"] = True
         return d
 
+
+# transformers' config-class defaults, which a hand-written config.json relies on.
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "xlm-roberta": dict(
+        vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+        intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2,
+        layer_norm_eps=1e-12,
+    ),
+    "xlm-roberta-xl": dict(
+        vocab_size=250880, hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
+        intermediate_size=10240, max_position_embeddings=514, type_vocab_size=1,
+        layer_norm_eps=1e-5,
+    ),
+}  # fmt: skip
 
 _BASE = dict(
     model_type="xlm-roberta",

@@ -1,0 +1,149 @@
+"""HF <-> ours checkpoint conversion, dispatched through the model registry.
+
+Each family has a module `xformers_jax.convert.<family name>` exposing
+
+  param_map(config, architecture) -> common.ParamMap     the name map
+  hf_to_params(state_dict, config, architecture, shapes=None) -> params
+  params_to_hf(params, config, architecture) -> state_dict
+  hf_architecture(config, architecture) -> str           (optional) HF's class name to save as
+  example_inputs(config, architecture) -> dict           (optional) kwargs that `init` the head
+
+so adding a family adds one file here and its `Family` entry in `models/__init__.py`. The functions
+below find that module from the config's `model_type`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from xformers_jax.convert.common import ConversionError, ParamMap, Rule, check_tree
+
+__all__ = [
+    "ConversionError",
+    "ParamMap",
+    "Rule",
+    "abstract_params",
+    "check_tree",
+    "converter",
+    "example_inputs",
+    "hf_architecture",
+    "hf_to_params",
+    "init_module",
+    "params_to_hf",
+]
+
+
+def converter(config: Any) -> ModuleType:
+    """The convert module of the config's family (found by its `model_type`)."""
+    from xformers_jax.models import family_for_model_type
+
+    family = family_for_model_type(config.model_type)
+    try:
+        return importlib.import_module(f"xformers_jax.convert.{family.name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"xformers_jax.convert.{family.name}":
+            raise ConversionError(f"no HF converter for the {family.name} family yet") from None
+        raise
+
+
+def init_module(config: Any, architecture: str) -> Any:
+    """Our (unbound) head module for an HF architecture name, built from `config`."""
+    from xformers_jax.models import family_for_model_type
+
+    family = family_for_model_type(config.model_type)
+    if architecture not in family.heads:
+        raise ValueError(
+            f"unknown architecture {architecture!r} for model_type {config.model_type!r}; "
+            f"supported: {sorted(family.heads)}"
+        )
+    return family.head_module(architecture)(config)
+
+
+def example_inputs(config: Any, architecture: str) -> dict[str, Any]:
+    """Smallest inputs that initialise the head (the family may override: images, decoders)."""
+    conv = converter(config)
+    if hasattr(conv, "example_inputs"):
+        return conv.example_inputs(config, architecture)
+    return {"input_ids": np.zeros((1, 2), np.int32)}
+
+
+def _trace(config: Any, architecture: str) -> Any:
+    import jax
+
+    module = init_module(config, architecture)
+    inputs = example_inputs(config, architecture)
+    return jax.eval_shape(lambda rng: module.init(rng, **inputs), jax.random.key(0))["params"]
+
+
+# Tracing a 3.5B-param init takes seconds; from_pretrained and save both need the shapes.
+_cached_trace = functools.lru_cache(maxsize=16)(_trace)
+
+
+def abstract_params(config: Any, architecture: str, boxed: bool = False) -> Any:
+    """Our params as `jax.ShapeDtypeStruct`s (no memory), from `jax.eval_shape` of the init.
+
+    Args:
+      config: a family config (frozen dataclass, so it is hashable and the trace is cached).
+      architecture: the HF class name of the head.
+      boxed: keep the `nn.LogicallyPartitioned` boxes (logical axis names, for shardings).
+
+    Returns:
+      The `params` collection as nested dicts.
+    """
+    import flax.linen as nn
+
+    try:
+        hash(config)
+    except TypeError:  # a config with dict fields: trace every time
+        tree = _trace(config, architecture)
+    else:
+        tree = _cached_trace(config, architecture)
+    return tree if boxed else nn.meta.unbox(tree)
+
+
+def hf_architecture(config: Any, architecture: str) -> str:
+    """The HF class name transformers expects for this head and config (what save writes)."""
+    from xformers_jax.models import family_for_model_type
+
+    conv = converter(config)
+    if hasattr(conv, "hf_architecture"):
+        return conv.hf_architecture(config, architecture)
+    family = family_for_model_type(config.model_type)
+    module = family.load()
+    if hasattr(module, "architecture_name") and architecture in family.heads:
+        # e.g. XLMRobertaForMaskedLM with an xlm-roberta-xl config -> XLMRobertaXLForMaskedLM.
+        return module.architecture_name(config, family.heads[architecture])
+    return architecture
+
+
+def hf_to_params(
+    state_dict: Mapping[str, np.ndarray],
+    config: Any,
+    architecture: str,
+    shapes: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """HF state dict (torch layouts) -> our params (nested dict of numpy arrays, scan layout).
+
+    Args:
+      state_dict: HF key -> array, e.g. from `safetensors.numpy.load_file`.
+      config: the family config.
+      architecture: the HF class name of the head.
+      shapes: our params' shapes (`abstract_params(config, architecture)` when None).
+
+    Raises:
+      ConversionError: missing / unexpected / mis-shaped tensors, each named.
+    """
+    return converter(config).hf_to_params(state_dict, config, architecture, shapes)
+
+
+def params_to_hf(
+    params: Mapping[str, Any], config: Any, architecture: str
+) -> dict[str, np.ndarray]:
+    """Our params -> HF state dict (HF names, torch Linear `[out, in]`, tied weights once)."""
+    return converter(config).params_to_hf(params, config, architecture)

@@ -1,0 +1,403 @@
+"""The machinery shared by every family's HF <-> ours name map.
+
+A family's convert module describes its checkpoint as a `ParamMap`: one `Rule` per param of ours,
+naming the HF tensor (with `{i}` standing for the layer index of params stacked on the `nn.scan`
+axis) and how the layout differs (a torch `Linear` weight is `[out, in]`, our kernels are
+`[*in_dims, *out_dims]`, e.g. `[embed, heads, head_dim]`). `hf_to_params` and `params_to_hf` here
+then do the renaming, the transposes and reshapes, the (un)stacking of layers, the `roberta.`-style
+prefix of head models, tied weights, and the checks: every missing, unexpected or mis-shaped tensor
+is reported by its HF name with both shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from xformers_jax.config_lib import UserError
+
+log = logging.getLogger(__name__)
+
+# How many names an error lists before it says "... and N more".
+_MAX_LISTED = 12
+
+
+class ConversionError(UserError, ValueError):
+    """A checkpoint that does not fit the model: missing, unexpected or mis-shaped tensors."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One param of ours and the HF tensor(s) it comes from.
+
+    Attributes:
+      path: our param path inside the `params` collection, e.g. `('model', 'layers', 'mlp', 'wi',
+        'kernel')`.
+      hf: the HF key, with `{i}` for the layer index when the param is stacked on the scan axis
+        (its leading `[num_layers]` dim is then built from one HF tensor per layer).
+      kind: `'copy'` (same shape), `'linear'` (torch Linear weight `[out, in]` <-> our kernel
+        `[*in_dims, *out_dims]`) or `'bias'` (flat `[out]` <-> our `[*out_dims]`).
+      n_in: for `'linear'`, how many leading dims of our (per-layer) kernel are inputs.
+      aliases: other HF keys that hold the same tensor (tied weights, old names). Accepted on load,
+        where they must equal the tensor found under `hf`; never written.
+      init: for params HF itself initialises fresh when a checkpoint lacks them (a pooler or a
+        classifier loaded from a pretraining checkpoint): `'normal'`, `'zeros'` or `'ones'`.
+        `None` makes a missing tensor an error.
+    """
+
+    path: tuple[str, ...]
+    hf: str
+    kind: str = "copy"
+    n_in: int = 1
+    aliases: tuple[str, ...] = ()
+    init: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("copy", "linear", "bias"):
+            raise ValueError(f"unknown rule kind {self.kind!r} for {self.hf}")
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.hf
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamMap:
+    """A family's whole name map for one architecture and config.
+
+    Attributes:
+      rules: one per param of ours.
+      num_layers: length of the scan axis (the range of `{i}`).
+      prefix: the prefix of the base model's keys in this architecture's checkpoints, e.g.
+        `'roberta.'` for HF head models, `''` for the bare base model.
+      base_prefix: the family's HF `base_model_prefix` plus a dot (`'roberta.'`), used to load a
+        bare-model checkpoint into a head model and the other way round, as transformers does.
+      ignore: regexes of HF keys dropped silently (non-persistent buffers some versions save).
+      unused: HF tensors our model has no use for, by key -> shape: dropped on load, written as
+        zeros on save so transformers loads the export without "newly initialised" warnings
+        (e.g. the absolute position table of a relative-position model).
+      init_std: the std of `'normal'` fresh inits (the config's `initializer_range`).
+    """
+
+    rules: tuple[Rule, ...]
+    num_layers: int
+    prefix: str = ""
+    base_prefix: str = ""
+    ignore: tuple[str, ...] = ()
+    unused: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    init_std: float = 0.02
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout transforms between one HF tensor and one (per-layer) param of ours.
+# --------------------------------------------------------------------------------------------------
+
+
+def hf_shape(rule: Rule, shape: Sequence[int]) -> tuple[int, ...]:
+    """The HF tensor shape that our (per-layer) param of `shape` corresponds to."""
+    shape = tuple(int(d) for d in shape)
+    if rule.kind == "linear":
+        return (math.prod(shape[rule.n_in :]), math.prod(shape[: rule.n_in]))
+    if rule.kind == "bias":
+        return (math.prod(shape),)
+    return shape
+
+
+def to_ours(rule: Rule, x: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """HF tensor -> our (per-layer) param of `shape`; a torch Linear `[out, in]` is transposed."""
+    if rule.kind == "linear":
+        x = x.T
+    return np.ascontiguousarray(x.reshape(tuple(shape)))
+
+
+def to_hf(rule: Rule, x: np.ndarray) -> np.ndarray:
+    """Our (per-layer) param -> the HF tensor (a kernel `[*in, *out]` -> Linear `[out, in]`)."""
+    x = np.asarray(x)
+    if rule.kind == "linear":
+        x = x.reshape(math.prod(x.shape[: rule.n_in]), -1).T
+    elif rule.kind == "bias":
+        x = x.reshape(-1)
+    return np.ascontiguousarray(x)
+
+
+def stack_layers(tensors: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-layer tensors -> one `[num_layers, ...]` array (the `nn.scan` param layout)."""
+    return np.stack(tensors, axis=0)
+
+
+def unstack_layers(x: np.ndarray) -> list[np.ndarray]:
+    """A `[num_layers, ...]` scanned param -> one array per layer."""
+    return [x[i] for i in range(x.shape[0])]
+
+
+# --------------------------------------------------------------------------------------------------
+# Nested-dict helpers.
+# --------------------------------------------------------------------------------------------------
+
+
+def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """`{'a': {'b': x}}` -> `{('a', 'b'): x}` (leaves are anything that is not a Mapping)."""
+    out: dict[tuple[str, ...], Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, (*prefix, str(k))))
+        else:
+            out[(*prefix, str(k))] = v
+    return out
+
+
+def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+    """The inverse of `flatten`."""
+    tree: dict[str, Any] = {}
+    for path, v in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return tree
+
+
+def path_str(path: Sequence[str]) -> str:
+    return "/".join(path)
+
+
+def _listing(names: Iterable[str]) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:_MAX_LISTED])
+    more = len(names) - _MAX_LISTED
+    return shown + (f", ... and {more} more" if more > 0 else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# Prefixes: HF head models keep the base model under `base_model_prefix`.
+# --------------------------------------------------------------------------------------------------
+
+
+def adapt_prefix(state_dict: Mapping[str, Any], pmap: ParamMap) -> dict[str, Any]:
+    """Renames keys so a bare-model checkpoint loads into a head model and vice versa.
+
+    transformers does the same: a head model (prefix `'roberta.'`) given a checkpoint without any
+    `roberta.` key takes it as the base model's weights; a bare model given a head checkpoint takes
+    the `roberta.*` tensors and drops the head's (logged, as transformers warns).
+    """
+    base = pmap.base_prefix
+    if not base:
+        return dict(state_dict)
+    has_base = any(k.startswith(base) for k in state_dict)
+    if pmap.prefix and not has_base:
+        head_roots = {r.hf.split(".", 1)[0] + "." for r in pmap.rules if not r.hf.startswith(base)}
+        return {
+            (k if any(k.startswith(h) for h in head_roots) else base + k): v
+            for k, v in state_dict.items()
+        }
+    if not pmap.prefix and has_base:
+        dropped = [k for k in state_dict if not k.startswith(base)]
+        if dropped:
+            log.info("base model: ignoring %d head tensors: %s", len(dropped), _listing(dropped))
+        return {k[len(base) :]: v for k, v in state_dict.items() if k.startswith(base)}
+    return dict(state_dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# The two directions.
+# --------------------------------------------------------------------------------------------------
+
+
+def _fresh(rule: Rule, shape: tuple[int, ...], std: float, rng: np.random.Generator) -> np.ndarray:
+    if rule.init == "normal":
+        return rng.normal(0.0, std, size=shape).astype(np.float32)
+    if rule.init == "ones":
+        return np.ones(shape, np.float32)
+    return np.zeros(shape, np.float32)
+
+
+def hf_to_params(
+    state_dict: Mapping[str, np.ndarray],
+    pmap: ParamMap,
+    shapes: Mapping[str, Any],
+    *,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """HF tensors -> our params (nested dict of numpy arrays, scan layout).
+
+    Args:
+      state_dict: HF key -> array (torch layout), as read from `model.safetensors`.
+      pmap: the family's map for this architecture and config.
+      shapes: our params' expected shapes: a nested dict whose leaves have `.shape` (e.g. the
+        unboxed `jax.eval_shape(module.init, ...)['params']`).
+      seed: for the fresh init of params marked `init` that the checkpoint lacks.
+
+    Returns:
+      Our params, nested dicts of numpy arrays in the checkpoint's dtype.
+
+    Raises:
+      ConversionError: naming every missing or unexpected HF key, or the first tensor whose shape
+        does not fit the config (with both shapes).
+    """
+    sd = adapt_prefix(state_dict, pmap)
+    ignore = [re.compile(p) for p in pmap.ignore]
+    unused_keys = set(k for k in sd if any(p.fullmatch(k) for p in ignore))
+    unused_keys |= set(pmap.unused) & set(sd)
+    expected = {path: tuple(leaf.shape) for path, leaf in flatten(shapes).items()}
+    rng = np.random.default_rng(seed)
+
+    params: dict[tuple[str, ...], np.ndarray] = {}
+    used: set[str] = set()
+    missing: list[str] = []
+    fresh: list[str] = []
+    for rule in pmap.rules:
+        if rule.path not in expected:
+            raise ConversionError(f"converter names {path_str(rule.path)}, which the model lacks")
+        shape = expected[rule.path]
+        per_layer = shape[1:] if rule.stacked else shape
+        layers = range(pmap.num_layers) if rule.stacked else [None]
+        if rule.stacked and shape[0] != pmap.num_layers:
+            raise ConversionError(
+                f"{path_str(rule.path)} has {shape[0]} layers, the config {pmap.num_layers}"
+            )
+        parts = []
+        for i in layers:
+            keys = [k.format(i=i) for k in (rule.hf, *rule.aliases)]
+            found = [k for k in keys if k in sd]
+            used.update(found)
+            if not found:
+                if rule.init is None:
+                    missing.append(keys[0])
+                else:
+                    fresh.append(keys[0])
+                    parts.append(_fresh(rule, per_layer, pmap.init_std, rng))
+                continue
+            x = _checked(sd, found, hf_shape(rule, per_layer), rule.path, shape)
+            parts.append(to_ours(rule, x, per_layer))
+        if len(parts) == len(layers):
+            params[rule.path] = stack_layers(parts) if rule.stacked else parts[0]
+
+    unexpected = sorted(set(sd) - used - unused_keys)
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensors: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensors: {_listing(unexpected)}")
+    if problems:
+        raise ConversionError("checkpoint does not match the model: " + "; ".join(problems))
+    uncovered = sorted(path_str(p) for p in set(expected) - set(params))
+    if uncovered:
+        raise ConversionError(f"no conversion rule for params {_listing(uncovered)}")
+    if fresh:
+        # transformers warns the same way: these are heads to be fine-tuned.
+        log.warning("not in the checkpoint, newly initialised: %s", _listing(fresh))
+    return unflatten(params)
+
+
+def _checked(
+    sd: Mapping[str, np.ndarray],
+    keys: Sequence[str],
+    want: tuple[int, ...],
+    path: tuple[str, ...],
+    full_shape: tuple[int, ...],
+) -> np.ndarray:
+    """The tensor under `keys[0]`, after checking its shape and that aliases hold the same data."""
+    x = np.asarray(sd[keys[0]])
+    for k in keys:
+        got = tuple(np.shape(sd[k]))
+        if got != want:
+            raise ConversionError(
+                f"HF tensor {k} has shape {got} but the config expects {want} "
+                f"(our param {path_str(path)}, shape {full_shape})"
+            )
+    for k in keys[1:]:
+        # Tied weights: we store one tensor, so both names must agree.
+        if not np.array_equal(x, np.asarray(sd[k])):
+            raise ConversionError(
+                f"HF tensors {keys[0]} and {k} differ, but this model ties them (untied "
+                "output weights are not supported)"
+            )
+    return x
+
+
+def params_to_hf(params: Mapping[str, Any], pmap: ParamMap) -> dict[str, np.ndarray]:
+    """Our params -> HF tensors (torch layout), keyed the way transformers saves them.
+
+    Tied aliases are not written (transformers' own `save_pretrained` drops them too); `unused`
+    HF tensors are written as zeros.
+
+    Args:
+      params: our params, nested dicts of arrays (numpy or jax, on host).
+      pmap: the family's map for this architecture and config.
+
+    Returns:
+      HF key -> numpy array.
+    """
+    flat = flatten(params)
+    out: dict[str, np.ndarray] = {}
+    for rule in pmap.rules:
+        if rule.path not in flat:
+            raise ConversionError(f"params lack {path_str(rule.path)}")
+        x = np.asarray(flat[rule.path])
+        if rule.stacked:
+            for i, layer in enumerate(unstack_layers(x)):
+                out[rule.hf.format(i=i)] = to_hf(rule, layer)
+        else:
+            out[rule.hf] = to_hf(rule, x)
+    extra = sorted(path_str(p) for p in set(flat) - {r.path for r in pmap.rules})
+    if extra:
+        raise ConversionError(f"params not in the HF format: {_listing(extra)}")
+    dtype = next(iter(out.values())).dtype if out else np.float32
+    for key, shape in pmap.unused.items():
+        out[key] = np.zeros(shape, dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared pieces of rule tables.
+# --------------------------------------------------------------------------------------------------
+
+
+def dense_rules(path: tuple[str, ...], hf: str, n_in: int = 1, **kw) -> list[Rule]:
+    """A torch `Linear` named `hf` (`hf.weight`, `hf.bias`) <-> our DenseGeneral at `path`."""
+    return [
+        Rule((*path, "kernel"), f"{hf}.weight", "linear", n_in=n_in, **kw),
+        Rule((*path, "bias"), f"{hf}.bias", "bias", **kw),
+    ]
+
+
+def norm_rules(path: tuple[str, ...], hf: str, **kw) -> list[Rule]:
+    """A torch `LayerNorm` (`weight`, `bias`) <-> our LayerNorm (`scale`, `bias`)."""
+    return [
+        Rule((*path, "scale"), f"{hf}.weight", **kw),
+        Rule((*path, "bias"), f"{hf}.bias", **kw),
+    ]
+
+
+def embed_rule(path: tuple[str, ...], hf: str, **kw) -> Rule:
+    """A torch `Embedding` (`weight`) <-> our Embed (`embedding`)."""
+    return Rule((*path, "embedding"), f"{hf}.weight", **kw)
+
+
+def check_tree(params: Mapping[str, Any], shapes: Mapping[str, Any]) -> None:
+    """Raises ConversionError unless `params` has exactly the paths and shapes of `shapes`.
+
+    Args:
+      params: nested dict of arrays.
+      shapes: nested dict whose leaves have `.shape` (e.g. `jax.eval_shape` of the init).
+    """
+    got, want = flatten(params), flatten(shapes)
+    missing = sorted(path_str(p) for p in set(want) - set(got))
+    extra = sorted(path_str(p) for p in set(got) - set(want))
+    if missing or extra:
+        raise ConversionError(
+            f"params do not match the model: missing {_listing(missing) or 'none'}; "
+            f"unexpected {_listing(extra) or 'none'}"
+        )
+    for p in sorted(want):
+        if tuple(np.shape(got[p])) != tuple(want[p].shape):
+            raise ConversionError(
+                f"param {path_str(p)} has shape {tuple(np.shape(got[p]))} but the model expects "
+                f"{tuple(want[p].shape)}"
+            )

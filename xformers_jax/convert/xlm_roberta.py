@@ -1,0 +1,122 @@
+"""HF <-> ours names for XLM-RoBERTa-XL (`xlm-roberta-xl`) and XLM-R / XLM-V (`xlm-roberta`).
+
+Both HF families keep the base model under `roberta.` in head models and at the top level in the
+bare model. Pre-LN XL blocks name their norms `attention.self_attn_layer_norm` and `LayerNorm` and
+end with `encoder.LayerNorm`; post-LN blocks name them `attention.output.LayerNorm` and
+`output.LayerNorm` and start with `embeddings.LayerNorm`. Our names are the same for both:
+`attention_norm`, `mlp_norm`, `final_norm` (pre-LN), `embeddings/norm` (post-LN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from xformers_jax.convert import common
+from xformers_jax.convert.common import Rule, dense_rules, embed_rule, norm_rules
+
+BASE_PREFIX = "roberta."
+
+_BASE_ARCHS = ("XLMRobertaModel", "XLMRobertaXLModel")
+
+# Non-persistent buffers that older transformers versions saved.
+_BUFFERS = (r"(roberta\.)?embeddings\.position_ids", r"(roberta\.)?embeddings\.token_type_ids")
+
+
+def param_map(config: Any, architecture: str) -> common.ParamMap:
+    """The name map of `architecture` (an HF class name) for `config` (an XLMRobertaConfig)."""
+    bare = architecture in _BASE_ARCHS
+    root: tuple[str, ...] = () if bare else ("model",)
+    p = "" if bare else BASE_PREFIX
+    rules = _base_rules(config, root, p, pooler=bare)
+    ignore = list(_BUFFERS)
+    if not bare:
+        # HF head models have no pooler; pretraining checkpoints often do (transformers ignores
+        # it too, via `_keys_to_ignore_on_load_unexpected`).
+        ignore.append(r"roberta\.pooler\..*")
+        rules += [
+            *dense_rules(("lm_head", "dense"), "lm_head.dense"),
+            *norm_rules(("lm_head", "norm"), "lm_head.layer_norm"),
+            # The decoder's bias is tied to lm_head.bias, its weight to the word embeddings.
+            Rule(("lm_head", "bias"), "lm_head.bias", aliases=("lm_head.decoder.bias",)),
+        ]
+        word = rules[0]
+        rules[0] = Rule(word.path, word.hf, aliases=("lm_head.decoder.weight",))
+    unused = {}
+    if config.position_embedding_type != "absolute":
+        # HF builds the absolute table even for relative models and never reads it.
+        shape = (config.max_position_embeddings, config.hidden_size)
+        unused[f"{p}embeddings.position_embeddings.weight"] = shape
+    return common.ParamMap(
+        rules=tuple(rules),
+        num_layers=config.num_hidden_layers,
+        prefix=p,
+        base_prefix=BASE_PREFIX,
+        ignore=tuple(ignore),
+        unused=unused,
+        init_std=config.initializer_range,
+    )
+
+
+def _base_rules(config: Any, root: tuple[str, ...], p: str, pooler: bool) -> list[Rule]:
+    """The base model's rules; the word embeddings come first (head models tie them)."""
+    emb, lay = (*root, "embeddings"), (*root, "layers")
+    layer = f"{p}encoder.layer.{{i}}"
+    rules = [
+        embed_rule((*emb, "word_embeddings"), f"{p}embeddings.word_embeddings"),
+        embed_rule((*emb, "token_type_embeddings"), f"{p}embeddings.token_type_embeddings"),
+    ]
+    if config.position_embedding_type == "absolute":
+        rules.append(
+            embed_rule((*emb, "position_embeddings"), f"{p}embeddings.position_embeddings")
+        )
+    else:
+        rules.append(
+            embed_rule(
+                (*lay, "attention", "distance_embedding"),
+                f"{layer}.attention.self.distance_embedding",
+            )
+        )
+    for name in ("query", "key", "value"):
+        rules += dense_rules((*lay, "attention", name), f"{layer}.attention.self.{name}")
+    rules += dense_rules((*lay, "attention", "out"), f"{layer}.attention.output.dense", n_in=2)
+    rules += dense_rules((*lay, "mlp", "wi"), f"{layer}.intermediate.dense")
+    rules += dense_rules((*lay, "mlp", "wo"), f"{layer}.output.dense")
+    if config.model_type == "xlm-roberta-xl":
+        rules += norm_rules((*lay, "attention_norm"), f"{layer}.attention.self_attn_layer_norm")
+        rules += norm_rules((*lay, "mlp_norm"), f"{layer}.LayerNorm")
+        rules += norm_rules((*root, "final_norm"), f"{p}encoder.LayerNorm")
+    else:
+        rules += norm_rules((*emb, "norm"), f"{p}embeddings.LayerNorm")
+        rules += norm_rules((*lay, "attention_norm"), f"{layer}.attention.output.LayerNorm")
+        rules += norm_rules((*lay, "mlp_norm"), f"{layer}.output.LayerNorm")
+    if pooler:
+        # Missing from checkpoints saved by head models: initialised fresh, as transformers does.
+        pool = (*root, "pooler", "dense")
+        rules += [
+            Rule((*pool, "kernel"), f"{p}pooler.dense.weight", "linear", init="normal"),
+            Rule((*pool, "bias"), f"{p}pooler.dense.bias", "bias", init="zeros"),
+        ]
+    return rules
+
+
+def hf_to_params(
+    state_dict: Mapping[str, np.ndarray],
+    config: Any,
+    architecture: str,
+    shapes: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """HF state dict -> our params (nested numpy dict). See `common.hf_to_params`."""
+    from xformers_jax.convert import abstract_params
+
+    shapes = abstract_params(config, architecture) if shapes is None else shapes
+    return common.hf_to_params(state_dict, param_map(config, architecture), shapes)
+
+
+def params_to_hf(
+    params: Mapping[str, Any], config: Any, architecture: str
+) -> dict[str, np.ndarray]:
+    """Our params -> HF state dict (torch layouts, HF names). See `common.params_to_hf`."""
+    return common.params_to_hf(params, param_map(config, architecture))
