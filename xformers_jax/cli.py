@@ -55,6 +55,17 @@ def _build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints, logs, metrics")
 
+    p = sub.add_parser(
+        "memory",
+        help="per-device params / optimizer / activation bytes of a config on a mesh",
+        description="Per-device memory of a training config on N devices (no memory used). "
+        "--compile adds XLA's activation figures; it needs N devices (on CPU: XLA_FLAGS="
+        "--xla_force_host_platform_device_count=N).",
+    )
+    p.add_argument("--config", required=True, metavar="FILE.py[:ARG]", help="config and preset")
+    p.add_argument("--devices", type=int, required=True, metavar="N", help="number of devices")
+    p.add_argument("--compile", action="store_true", help="compile the step for activations")
+
     p = sub.add_parser("convert", help="convert an HF checkpoint dir to an Orbax checkpoint")
     p.add_argument("--hf", required=True, metavar="HF_DIR", help="HF dir (config.json + weights)")
     p.add_argument("--out", required=True, metavar="ORBAX_DIR", help="output Orbax dir")
@@ -109,8 +120,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
         i += 1
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    if overrides and args.command not in ("train", "eval"):
-        parser.error(f"config overrides are only accepted by train and eval: {overrides[0]}")
+    if overrides and args.command not in ("train", "eval", "memory"):
+        parser.error(
+            f"config overrides are only accepted by train, eval and memory: {overrides[0]}"
+        )
     return args, overrides
 
 
@@ -174,11 +187,16 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.command in ("train", "eval"):
         config = config_lib.load_config(args.config, overrides)
         workdir = check_workdir(args.workdir)
+        _impl("xformers_jax.distributed", "initialize_from_env")()
         if args.command == "train":
             result = _impl("xformers_jax.train", "train_and_evaluate")(config, workdir)
         else:
             result = _impl("xformers_jax.train", "evaluate")(config, workdir)
         _print_result(result)
+    elif args.command == "memory":
+        config = config_lib.load_config(args.config, overrides)
+        memory = importlib.import_module("xformers_jax.memory")
+        print(memory.report(memory.estimate(config, args.devices, compile=args.compile)))
     elif args.command == "convert":
         _impl("xformers_jax.hub", "convert_hf_to_orbax")(args.hf, args.out, head=args.head)
     elif args.command == "export":

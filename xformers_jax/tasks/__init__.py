@@ -14,6 +14,11 @@ from typing import Any
 
 TASKS: dict[str, str] = {
     "mlm": "xformers_jax.tasks.mlm",
+    "plm": "xformers_jax.tasks.plm",
+    "classification": "xformers_jax.tasks.classification",
+    "token_classification": "xformers_jax.tasks.token_classification",
+    "qa": "xformers_jax.tasks.qa",
+    "multiple_choice": "xformers_jax.tasks.multiple_choice",
 }
 
 
@@ -49,4 +54,15 @@ def build_task(config: Any, workdir: str) -> TaskSpec:
     """The `TaskSpec` for `config.task`; unknown names are a clear error."""
     if config.task not in TASKS:
         raise ValueError(f"unknown task {config.task!r}; known: {sorted(TASKS)}")
-    return importlib.import_module(TASKS[config.task]).build(config, workdir)
+    build = importlib.import_module(TASKS[config.task]).build
+    import jax
+
+    if jax.process_count() == 1:
+        return build(config, workdir)
+    # Building may write shared files into the workdir (a trained tokenizer, the default corpus):
+    # the first host builds, the others then find and load what it wrote.
+    from jax.experimental import multihost_utils
+
+    spec = build(config, workdir) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("xformers_jax.tasks.build_task")
+    return spec if spec is not None else build(config, workdir)
