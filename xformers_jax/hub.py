@@ -67,6 +67,8 @@ class PretrainedModel:
       params: our param tree (plain arrays, no logical-partitioning boxes).
       architecture: the transformers class name, e.g. `'XLMRobertaXLForMaskedLM'`.
       mesh: the mesh the params are sharded over, or None (one device).
+      collections: variables outside `params` the module reads, e.g. BatchNorm running statistics
+        `{'batch_stats': ...}` (empty for most families); passed to `apply`, never updated.
     """
 
     def __init__(
@@ -77,8 +79,10 @@ class PretrainedModel:
         architecture: str,
         mesh: Any = None,
         rules: Sequence | None = None,
+        collections: Mapping[str, Any] | None = None,
     ):
         self.config = config
+        self.collections = dict(collections or {})
         self.module = module
         self.params = params
         self.architecture = architecture
@@ -125,7 +129,7 @@ class PretrainedModel:
             fn = self._fns[key] = self._jit(dict(static))
         rngs = None if dropout_rng is None else {"dropout": dropout_rng}
         if self.mesh is None:
-            return fn(self.params, arrays, rngs)
+            return fn(self.params, self.collections, arrays, rngs)
         import flax.linen as nn
         import jax
 
@@ -135,7 +139,7 @@ class PretrainedModel:
         # jax >= 0.7 spells the mesh context `jax.set_mesh`; older versions use the Mesh itself.
         mesh_context = jax.set_mesh(self.mesh) if hasattr(jax, "set_mesh") else self.mesh
         with mesh_context, nn.logical_axis_rules(rules):
-            return fn(self.params, arrays, rngs)
+            return fn(self.params, self.collections, arrays, rngs)
 
     def _bind_positional(self, args: tuple, kwargs: dict) -> dict:
         if not args:
@@ -158,8 +162,9 @@ class PretrainedModel:
 
         module = self.module
 
-        def run(params, arrays, rngs):
-            return module.apply({"params": params}, **arrays, **static, rngs=rngs)
+        def run(params, collections, arrays, rngs):
+            variables = {"params": params, **collections}
+            return module.apply(variables, **arrays, **static, rngs=rngs)
 
         return jax.jit(run)
 
@@ -473,13 +478,23 @@ def from_state_dict(
     shapes = convert.abstract_params(config, architecture)
     params = convert.hf_to_params(state_dict, config, architecture, shapes)
     convert.check_tree(params, shapes)
-    return _build(params, config, architecture, mesh, rules)
+    collections = convert.hf_to_collections(state_dict, config, architecture)
+    return _build(params, config, architecture, mesh, rules, collections)
 
 
-def _build(params: Any, config: Any, architecture: str, mesh: Any, rules: Any) -> PretrainedModel:
+def _build(
+    params: Any, config: Any, architecture: str, mesh: Any, rules: Any, collections: Any = None
+) -> PretrainedModel:
+    import jax
+    import jax.numpy as jnp
+
     params = place_params(params, config, architecture, mesh, rules)
+    # Non-param collections (BatchNorm statistics) are small: replicated / default device.
+    collections = jax.tree.map(jnp.asarray, dict(collections or {}))
     module = convert.init_module(config, architecture)
-    return PretrainedModel(config, module, params, architecture, mesh=mesh, rules=rules)
+    return PretrainedModel(
+        config, module, params, architecture, mesh=mesh, rules=rules, collections=collections
+    )
 
 
 def place_params(
@@ -567,6 +582,8 @@ def save_pretrained(
     path = os.path.abspath(os.fspath(path))
     params = jax.tree.map(_to_host, model.params)
     state = convert.params_to_hf(params, model.config, model.architecture)
+    collections = jax.tree.map(_to_host, getattr(model, "collections", {}))
+    state.update(convert.collections_to_hf(collections, model.config, model.architecture))
     # float32 whatever param_dtype was (jnp.issubdtype also knows ml_dtypes' bfloat16).
     state = {
         k: np.ascontiguousarray(v, np.float32 if jnp.issubdtype(v.dtype, jnp.floating) else None)
@@ -707,7 +724,9 @@ def load_orbax(checkpoint_dir: str | os.PathLike, step: int | None = None) -> Pr
         shapes = convert.abstract_params(config, architecture)
     convert.check_tree(params, shapes)
     module = convert.init_module(config, architecture)
-    return PretrainedModel(config, module, params, architecture)
+    # Exports hold params only: other collections (BatchNorm statistics) take their init values.
+    collections = convert.hf_to_collections({}, config, architecture)
+    return PretrainedModel(config, module, params, architecture, collections=collections)
 
 
 def export_orbax_to_hf(checkpoint_dir: str | os.PathLike, hf_out: str | os.PathLike) -> None:

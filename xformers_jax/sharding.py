@@ -128,6 +128,19 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence | None = 
     return jax.tree.map(one, abstract_boxed, is_leaf=_is_box)
 
 
+def shardings_for_axes(abstract: Any, axes: Any, mesh: Mesh, rules: Sequence | None = None) -> Any:
+    """NamedShardings of `abstract` arrays from a matching pytree of logical-name tuples."""
+    rules = DEFAULT_RULES if rules is None else tuple(rules)
+
+    def is_axes(x):
+        return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+    def one(names, a):
+        return NamedSharding(mesh, fit_spec(nn.logical_to_mesh_axes(names, rules), a.shape, mesh))
+
+    return jax.tree.map(one, axes, abstract, is_leaf=is_axes)
+
+
 def state_shardings(
     tx: optax.GradientTransformation,
     abstract_state: Any,

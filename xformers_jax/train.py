@@ -53,10 +53,17 @@ def make_train_step(task: tasks.TaskSpec, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, skip_nonfinite: bool):  # fmt: skip
     """The pure step `(state, batch, rng) -> (state, metrics)` (jitted by the caller)."""
 
+    carries = task.init_extra is not None
+
     def step_fn(state: TrainState, batch: dict, rng: jax.Array):
         step_rng = jax.random.fold_in(rng, state.step)
-        loss_of = lambda p: task.loss_fn(p, batch, step_rng, model=task.model, deterministic=False)  # noqa: E731
+        kw = {"extra": state.extra} if carries else {}
+        loss_of = lambda p: task.loss_fn(  # noqa: E731
+            p, batch, step_rng, model=task.model, deterministic=False, **kw
+        )
         (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        aux = dict(aux)
+        extra = jax.lax.stop_gradient(aux.pop("extra")) if carries else state.extra
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = _global_norm(grads)
@@ -65,7 +72,9 @@ def make_train_step(task: tasks.TaskSpec, tx: optax.GradientTransformation,
             # Drop the update of a bad step; the run goes on from the previous params.
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
             params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, extra=extra
+        )
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
@@ -81,11 +90,12 @@ def make_train_step(task: tasks.TaskSpec, tx: optax.GradientTransformation,
 
 
 def make_eval_step(task: tasks.TaskSpec):
+    kw = {"extra": None} if task.init_extra is not None else {}
+
     def eval_fn(params, batch):
-        _, aux = task.loss_fn(
-            params, batch, jax.random.key(0), model=task.model, deterministic=True
-        )
-        return aux
+        rng = jax.random.key(0)
+        _, aux = task.loss_fn(params, batch, rng, model=task.model, deterministic=True, **kw)
+        return {k: v for k, v in aux.items() if k != "extra"}
 
     return eval_fn
 
@@ -168,15 +178,23 @@ def setup(config, workdir: str, mesh=None) -> Setup:
 
     def init_state(rng):
         params = nn.meta.unbox(init_boxed(rng))
+        extra = jax.tree.map(jnp.asarray, task.init_extra()) if task.init_extra else {}
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params))  # fmt: skip
+                          opt_state=tx.init(params), extra=extra)  # fmt: skip
 
     # -------------------------------------------------------------------------------- Shard
     rng = jax.random.key(config.train.seed)
     with sharding.use_mesh(mesh, rules):
         param_shardings = sharding.logical_shardings(jax.eval_shape(init_boxed, rng), mesh, rules)
         abstract_state = jax.eval_shape(init_state, rng)
-        state_shardings = sharding.state_shardings(tx, abstract_state, param_shardings, mesh)
+        extra_shardings = None
+        if task.extra_axes is not None:
+            extra_shardings = sharding.shardings_for_axes(
+                abstract_state.extra, task.extra_axes, mesh, rules
+            )
+        state_shardings = sharding.state_shardings(
+            tx, abstract_state, param_shardings, mesh, extra_shardings
+        )
 
     # --------------------------------------------------------------------------------- Step
     rep = sharding.replicated(mesh)

@@ -7,6 +7,9 @@ Each family has a module `xformers_jax.convert.<family name>` exposing
   params_to_hf(params, config, architecture) -> state_dict
   hf_architecture(config, architecture) -> str           (optional) HF's class name to save as
   example_inputs(config, architecture) -> dict           (optional) kwargs that `init` the head
+  hf_to_collections(state_dict, config, architecture) -> {collection: tree}   (optional) variables
+  collections_to_hf(collections, config, architecture) -> state_dict          outside `params`,
+                                                          e.g. BatchNorm's `batch_stats`
 
 so adding a family adds one file here and its `Family` entry in `models/__init__.py`. The functions
 below find that module from the config's `model_type`.
@@ -30,9 +33,11 @@ __all__ = [
     "Rule",
     "abstract_params",
     "check_tree",
+    "collections_to_hf",
     "converter",
     "example_inputs",
     "hf_architecture",
+    "hf_to_collections",
     "hf_to_params",
     "init_module",
     "params_to_hf",
@@ -78,7 +83,8 @@ def _trace(config: Any, architecture: str) -> Any:
 
     module = init_module(config, architecture)
     inputs = example_inputs(config, architecture)
-    return jax.eval_shape(lambda rng: module.init(rng, **inputs), jax.random.key(0))["params"]
+    # Every collection (params, batch_stats, ...): abstract_params picks `params`.
+    return jax.eval_shape(lambda rng: module.init(rng, **inputs), jax.random.key(0))
 
 
 # Tracing a 3.5B-param init takes seconds; from_pretrained and save both need the shapes.
@@ -101,10 +107,31 @@ def abstract_params(config: Any, architecture: str, boxed: bool = False) -> Any:
     try:
         hash(config)
     except TypeError:  # a config with dict fields: trace every time
-        tree = _trace(config, architecture)
+        tree = _trace(config, architecture)["params"]
     else:
-        tree = _cached_trace(config, architecture)
+        tree = _cached_trace(config, architecture)["params"]
     return tree if boxed else nn.meta.unbox(tree)
+
+
+def hf_to_collections(
+    state_dict: Mapping[str, np.ndarray], config: Any, architecture: str
+) -> dict[str, Any]:
+    """Variables outside `params` (e.g. `{'batch_stats': ...}`) from HF tensors; `{}` for
+    families that have none. Missing tensors take the module's init values (logged)."""
+    conv = converter(config)
+    if not hasattr(conv, "hf_to_collections"):
+        return {}
+    return conv.hf_to_collections(state_dict, config, architecture)
+
+
+def collections_to_hf(
+    collections: Mapping[str, Any], config: Any, architecture: str
+) -> dict[str, np.ndarray]:
+    """The HF tensors of the variables outside `params` (e.g. BatchNorm running stats)."""
+    conv = converter(config)
+    if not collections or not hasattr(conv, "collections_to_hf"):
+        return {}
+    return conv.collections_to_hf(collections, config, architecture)
 
 
 def hf_architecture(config: Any, architecture: str) -> str:

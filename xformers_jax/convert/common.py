@@ -42,7 +42,9 @@ class Rule:
       hf: the HF key, with `{i}` for the layer index when the param is stacked on the scan axis
         (its leading `[num_layers]` dim is then built from one HF tensor per layer).
       kind: `'copy'` (same shape), `'linear'` (torch Linear weight `[out, in]` <-> our kernel
-        `[*in_dims, *out_dims]`) or `'bias'` (flat `[out]` <-> our `[*out_dims]`).
+        `[*in_dims, *out_dims]`), `'bias'` (flat `[out]` <-> our `[*out_dims]`), `'conv'`
+        (torch Conv2d `[out, in, kh, kw]` <-> our HWIO `[kh, kw, in, out]`) or
+        `'conv_transpose'` (torch ConvTranspose2d `[in, out, kh, kw]` <-> our HWIO).
       n_in: for `'linear'`, how many leading dims of our (per-layer) kernel are inputs.
       aliases: other HF keys that hold the same tensor (tied weights, old names). Accepted on load,
         where they must equal the tensor found under `hf`; never written.
@@ -59,7 +61,7 @@ class Rule:
     init: str | None = None
 
     def __post_init__(self):
-        if self.kind not in ("copy", "linear", "bias"):
+        if self.kind not in ("copy", "linear", "bias", "conv", "conv_transpose"):
             raise ValueError(f"unknown rule kind {self.kind!r} for {self.hf}")
 
     @property
@@ -106,13 +108,22 @@ def hf_shape(rule: Rule, shape: Sequence[int]) -> tuple[int, ...]:
         return (math.prod(shape[rule.n_in :]), math.prod(shape[: rule.n_in]))
     if rule.kind == "bias":
         return (math.prod(shape),)
+    if rule.kind in _CONV_TO_HF:
+        return tuple(shape[a] for a in _CONV_TO_HF[rule.kind])
     return shape
+
+
+# Axis permutations from our HWIO conv kernels to torch's layouts (and back, below).
+_CONV_TO_HF = {"conv": (3, 2, 0, 1), "conv_transpose": (2, 3, 0, 1)}
+_CONV_TO_OURS = {"conv": (2, 3, 1, 0), "conv_transpose": (2, 3, 0, 1)}
 
 
 def to_ours(rule: Rule, x: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """HF tensor -> our (per-layer) param of `shape`; a torch Linear `[out, in]` is transposed."""
     if rule.kind == "linear":
         x = x.T
+    elif rule.kind in _CONV_TO_OURS:
+        x = np.transpose(x, _CONV_TO_OURS[rule.kind])
     return np.ascontiguousarray(x.reshape(tuple(shape)))
 
 
@@ -123,6 +134,8 @@ def to_hf(rule: Rule, x: np.ndarray) -> np.ndarray:
         x = x.reshape(math.prod(x.shape[: rule.n_in]), -1).T
     elif rule.kind == "bias":
         x = x.reshape(-1)
+    elif rule.kind in _CONV_TO_HF:
+        x = np.transpose(x, _CONV_TO_HF[rule.kind])
     return np.ascontiguousarray(x)
 
 

@@ -33,19 +33,99 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
+    "xlnet": Family(
+        name="xlnet",
+        module="xformers_jax.models.xlnet",
+        config_class="XLNetConfig",
+        model_types=("xlnet",),
+        heads={
+            name: name
+            for name in (
+                "XLNetModel",
+                "XLNetLMHeadModel",
+                "XLNetForSequenceClassification",
+                "XLNetForTokenClassification",
+                "XLNetForMultipleChoice",
+                "XLNetForQuestionAnsweringSimple",
+                "XLNetForQuestionAnswering",
+            )
+        },
+        default_head="XLNetModel",
+        task_heads={"plm": "XLNetLMHeadModel"},
+    ),
+    "beit": Family(
+        name="beit",
+        module="xformers_jax.models.beit",
+        config_class="BeitConfig",
+        model_types=("beit",),
+        heads={
+            name: name
+            for name in (
+                "BeitModel",
+                "BeitForMaskedImageModeling",
+                "BeitForImageClassification",
+                "BeitForSemanticSegmentation",
+                "BeitBackbone",
+            )
+        },
+        default_head="BeitModel",
+        task_heads={
+            "mim": "BeitForMaskedImageModeling",
+            "image_classification": "BeitForImageClassification",
+            "segmentation": "BeitForSemanticSegmentation",
+        },
+    ),
     "xlm_roberta": Family(
         name="xlm_roberta",
         module="xformers_jax.models.xlm_roberta",
         config_class="XLMRobertaConfig",
         model_types=("xlm-roberta-xl", "xlm-roberta"),
         heads={
-            "XLMRobertaXLModel": "XLMRobertaModel",
-            "XLMRobertaModel": "XLMRobertaModel",
-            "XLMRobertaXLForMaskedLM": "XLMRobertaForMaskedLM",
-            "XLMRobertaForMaskedLM": "XLMRobertaForMaskedLM",
+            name.replace("XLMRoberta", prefix, 1): name
+            for prefix in ("XLMRobertaXL", "XLMRoberta")
+            for name in (
+                "XLMRobertaModel",
+                "XLMRobertaForMaskedLM",
+                "XLMRobertaForCausalLM",
+                "XLMRobertaForSequenceClassification",
+                "XLMRobertaForMultipleChoice",
+                "XLMRobertaForTokenClassification",
+                "XLMRobertaForQuestionAnswering",
+            )
         },
         default_head="XLMRobertaModel",
-        task_heads={"mlm": "XLMRobertaForMaskedLM"},
+        task_heads={
+            "mlm": "XLMRobertaForMaskedLM",
+            "clm": "XLMRobertaForCausalLM",
+            "classification": "XLMRobertaForSequenceClassification",
+            "token_classification": "XLMRobertaForTokenClassification",
+            "qa": "XLMRobertaForQuestionAnswering",
+            "multiple_choice": "XLMRobertaForMultipleChoice",
+        },
+    ),
+    "mt5": Family(
+        name="mt5",
+        module="xformers_jax.models.mt5",
+        config_class="MT5Config",
+        model_types=("mt5",),
+        heads={
+            name: name
+            for name in (
+                "MT5Model",
+                "MT5ForConditionalGeneration",
+                "MT5EncoderModel",
+                "MT5ForSequenceClassification",
+                "MT5ForTokenClassification",
+                "MT5ForQuestionAnswering",
+            )
+        },
+        default_head="MT5Model",
+        task_heads={
+            "span_corruption": "MT5ForConditionalGeneration",
+            "classification": "MT5ForSequenceClassification",
+            "token_classification": "MT5ForTokenClassification",
+            "qa": "MT5ForQuestionAnswering",
+        },
     ),
 }
 

@@ -19,6 +19,7 @@ TASKS: dict[str, str] = {
     "token_classification": "xformers_jax.tasks.token_classification",
     "qa": "xformers_jax.tasks.qa",
     "multiple_choice": "xformers_jax.tasks.multiple_choice",
+    "span_corruption": "xformers_jax.tasks.span_corruption",
 }
 
 
@@ -37,6 +38,12 @@ class TaskSpec:
       eval_data: same, finite, deterministic.
       init_batch: a per-host numpy batch with the training shapes (for `init` and shapes).
       count_tokens: `batch -> int` real tokens in a host batch (for tokens/s).
+      init_extra: for tasks that carry state across steps (XLNet's Transformer-XL mems): `() ->`
+        the initial state (global shapes). The trainer then passes `extra=` to `loss_fn`, which
+        returns the next state as `aux["extra"]` (no gradient flows through it); it is saved in
+        every checkpoint. Eval passes `extra=None`.
+      extra_axes: logical axis names of `init_extra()`'s leaves (a matching pytree of tuples),
+        e.g. `{"mems": ("layers", "act_batch", None, "act_embed")}`; replicated when None.
     """
 
     model: Any
@@ -48,6 +55,8 @@ class TaskSpec:
     eval_data: Callable[[int, int], Any]
     init_batch: dict[str, Any]
     count_tokens: Callable[[dict[str, Any]], int]
+    init_extra: Callable[[], Any] | None = None
+    extra_axes: Any = None
 
 
 def build_task(config: Any, workdir: str) -> TaskSpec:

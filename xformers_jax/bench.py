@@ -1,0 +1,280 @@
+"""`xformers-jax bench`: our jitted train step and forward vs transformers' PyTorch, in one run.
+
+For each family, the bench config (hidden 256, 4 layers, 4 heads, ffn 1024, vocab 32000, batch 8,
+seq 128 unless the family says otherwise) is built twice -- our Flax module and the transformers
+PyTorch model with the same config and batch -- and timed alternately (ours, theirs, ours, ...),
+median of N after warm-up. Reported: ms per train step (AdamW, float32) and per forward, the ratio
+ours / reference, model FLOPs per step (analytic, cross-checked with XLA's cost analysis), MFU
+against the matmul peak measured in the same run, and our compile time. Results go to
+`<out>/bench.json`, `<out>/bench.md` and `<out>/bench.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+BENCH = dict(hidden=256, layers=4, heads=4, ffn=1024, vocab=32000, batch=8, seq=128)
+
+
+@dataclasses.dataclass
+class Case:
+    """One family's bench: builders for both sides and the analytic FLOPs of a train step."""
+
+    family: str
+    build_ours: Callable[[], tuple[Any, Any, dict, Callable]]  # module, params, batch, loss_fn
+    build_torch: Callable[[], tuple[Any, dict]]  # model, batch (loss from model(**batch).loss)
+    flops_per_step: Callable[[], float]
+
+
+# ----------------------------------------------------------------------------- XLM-RoBERTa
+
+
+def _xlmr_config():
+    from xformers_jax.models.xlm_roberta import XLMRobertaConfig
+
+    b = BENCH
+    return XLMRobertaConfig(
+        model_type="xlm-roberta-xl", vocab_size=b["vocab"], hidden_size=b["hidden"],
+        num_hidden_layers=b["layers"], num_attention_heads=b["heads"],
+        intermediate_size=b["ffn"], max_position_embeddings=b["seq"] + 2,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+
+
+def _mlm_batch(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    b = BENCH
+    ids = rng.integers(4, b["vocab"], (b["batch"], b["seq"])).astype(np.int32)
+    labels = np.where(rng.random(ids.shape) < 0.15, ids, -100).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
+
+
+def _xlmr_ours():
+    from xformers_jax.models.xlm_roberta import XLMRobertaForMaskedLM
+
+    module = XLMRobertaForMaskedLM(_xlmr_config())
+    batch = _mlm_batch()
+    params = jax.jit(lambda r: module.init(r, batch["input_ids"][:1])["params"])(jax.random.key(0))
+
+    def loss_fn(p, b):
+        return module.apply({"params": p}, b["input_ids"], b["attention_mask"],
+                            labels=b["labels"]).loss  # fmt: skip
+
+    return module, params, batch, loss_fn
+
+
+def _xlmr_torch():
+    import torch
+    import transformers
+
+    cfg = _xlmr_config().to_hf_config()
+    model = transformers.XLMRobertaXLForMaskedLM(transformers.XLMRobertaXLConfig(**cfg))
+    batch = {k: torch.from_numpy(v.astype(np.int64)) for k, v in _mlm_batch().items()}
+    return model, batch
+
+
+def _encoder_flops(layers, hidden, ffn, seq, tokens, vocab) -> float:
+    """6 * (matmul params) * tokens for the blocks + attention scores/values + the LM head."""
+    per_token = layers * (4 * hidden * hidden + 2 * hidden * ffn) + hidden * hidden + hidden * vocab
+    attn = layers * 2 * 2 * seq * hidden  # q.k and p.v per token
+    return 3 * 2 * tokens * (per_token + attn)
+
+
+CASES: dict[str, Case] = {
+    "xlm_roberta": Case(
+        "xlm_roberta",
+        _xlmr_ours,
+        _xlmr_torch,
+        lambda: _encoder_flops(
+            BENCH["layers"],
+            BENCH["hidden"],
+            BENCH["ffn"],
+            BENCH["seq"],
+            BENCH["batch"] * BENCH["seq"],
+            BENCH["vocab"],
+        ),  # fmt: skip
+    ),
+}
+
+
+# ------------------------------------------------------------------------------ measuring
+
+
+def _median_ms(fn: Callable[[], Any], n: int) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def matmul_peak(n: int = 2048, reps: int = 10) -> dict[str, float]:
+    """Measured float32 matmul FLOP/s of this machine, for jax and torch (the MFU denominator)."""
+    import torch
+
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    mm(a).block_until_ready()
+    jax_ms = _median_ms(lambda: mm(a).block_until_ready(), reps)
+    t = torch.ones((n, n))
+    torch.mm(t, t)
+    torch_ms = _median_ms(lambda: torch.mm(t, t), reps)
+    flops = 2.0 * n**3
+    return {"jax_flops": flops / (jax_ms / 1e3), "torch_flops": flops / (torch_ms / 1e3)}
+
+
+def _bench_case(case: Case, n: int) -> dict[str, Any]:
+    import torch
+
+    module, params, batch, loss_fn = case.build_ours()
+    tx = optax.adamw(1e-4)
+    opt_state = tx.init(params)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+
+    def step(p, o, b):
+        loss, grads = jax.value_and_grad(loss_fn)(p, b)
+        updates, o = tx.update(grads, o, p)
+        return optax.apply_updates(p, updates), o, loss
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    fwd = jax.jit(loss_fn)
+    fwd(params, batch).block_until_ready()
+    state = {"p": params, "o": opt_state}
+
+    def ours_step():
+        state["p"], state["o"], loss = compiled(state["p"], state["o"], batch)
+        loss.block_until_ready()
+
+    ours_step()
+    tmodel, tbatch = case.build_torch()
+    topt = torch.optim.AdamW(tmodel.parameters(), lr=1e-4)
+
+    def torch_step():
+        topt.zero_grad(set_to_none=True)
+        tmodel(**tbatch).loss.backward()
+        topt.step()
+
+    def torch_fwd():
+        with torch.no_grad():
+            tmodel(**tbatch).loss.item()
+
+    torch_step()
+    ours_train, ref_train, ours_fwd, ref_fwd = [], [], [], []
+    for _ in range(n):  # alternate so machine noise hits both sides alike
+        ours_train.append(_median_ms(ours_step, 1))
+        ref_train.append(_median_ms(torch_step, 1))
+        ours_fwd.append(_median_ms(lambda: fwd(state["p"], batch).block_until_ready(), 1))
+        ref_fwd.append(_median_ms(torch_fwd, 1))
+    med = statistics.median
+    return {
+        "family": case.family,
+        "train_ms": med(ours_train),
+        "ref_train_ms": med(ref_train),
+        "train_ratio": med(ours_train) / med(ref_train),
+        "forward_ms": med(ours_fwd),
+        "ref_forward_ms": med(ref_fwd),
+        "forward_ratio": med(ours_fwd) / med(ref_fwd),
+        "flops_per_step": case.flops_per_step(),
+        "xla_flops_per_step": xla_flops,
+        "compile_s": compile_s,
+    }
+
+
+def run(families: list[str] | None = None, n: int = 10) -> dict[str, Any]:
+    """Benchmarks `families` (default: all); returns the JSON-able results."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    names = families or list(CASES)
+    unknown = [f for f in names if f not in CASES]
+    if unknown:
+        from xformers_jax.config_lib import UserError
+
+        raise UserError(f"unknown bench family {unknown[0]!r}; known: {sorted(CASES)}")
+    peak = matmul_peak()
+    rows = []
+    for name in names:
+        r = _bench_case(CASES[name], n)
+        r["mfu"] = r["flops_per_step"] / (r["train_ms"] / 1e3) / peak["jax_flops"]
+        r["ref_mfu"] = r["flops_per_step"] / (r["ref_train_ms"] / 1e3) / peak["torch_flops"]
+        rows.append(r)
+    return {
+        "device": jax.devices()[0].device_kind,
+        "backend": jax.default_backend(),
+        "threads": torch.get_num_threads(),
+        "bench_config": BENCH,
+        "peak": peak,
+        "results": rows,
+    }
+
+
+def markdown(res: dict[str, Any]) -> str:
+    peak = res["peak"]["jax_flops"] / 1e9
+    lines = [
+        f"Device: {res['device']} ({res['backend']}), {res['threads']} threads; measured matmul "
+        f"peak {peak:.1f} GFLOP/s (jax), {res['peak']['torch_flops'] / 1e9:.1f} (torch).",
+        "",
+        "| family | train ms (ours) | train ms (HF torch) | ratio | fwd ms (ours) | fwd ms (HF) "
+        "| ratio | GFLOP/step (analytic / XLA) | MFU ours | MFU HF | compile s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in res["results"]:
+        lines.append(
+            f"| {r['family']} | {r['train_ms']:.1f} | {r['ref_train_ms']:.1f} | "
+            f"{r['train_ratio']:.2f} | {r['forward_ms']:.1f} | {r['ref_forward_ms']:.1f} | "
+            f"{r['forward_ratio']:.2f} | {r['flops_per_step'] / 1e9:.1f} / "
+            f"{r['xla_flops_per_step'] / 1e9:.1f} | {r['mfu']:.0%} | {r['ref_mfu']:.0%} | "
+            f"{r['compile_s']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams = [r["family"] for r in res["results"]]
+    x = np.arange(len(fams))
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(fams)), 3.5), dpi=110)
+    ax.bar(x - 0.2, [r["train_ms"] for r in res["results"]], 0.4, label="ours (jax)")
+    ax.bar(x + 0.2, [r["ref_train_ms"] for r in res["results"]], 0.4, label="transformers (torch)")
+    ax.set_xticks(x, fams)
+    ax.set_ylabel("train step ms (lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(families: list[str] | None = None, out_dir: str | None = None, n: int = 10) -> dict:
+    """Runs the bench, prints the table and writes JSON / Markdown / PNG into `out_dir`."""
+    res = run(families, n)
+    table = markdown(res)
+    print(table)
+    out_dir = out_dir or "bench_out"
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    with open(os.path.join(out_dir, "bench.md"), "w") as f:
+        f.write(table)
+    plot(res, os.path.join(out_dir, "bench.png"))
+    return res
