@@ -1,0 +1,295 @@
+"""Autoregressive generation under `jax.jit`: greedy, sampling and beam search in `lax.while_loop`.
+
+A head that generates sets `can_generate = True` and has two methods (called through
+`module.apply(..., method=...)`):
+
+  init_decoding(input_ids, attention_mask, max_length) -> context
+      everything the steps need, every leaf batch-major `[batch, ...]`: for encoder-decoders the
+      encoder mask, a fixed-size self-attention K/V cache and the cross-attention K/V (computed
+      once here); a decoder-only head would prefill its prompt here.
+  decode_step(tokens [batch], index, context) -> (logits [batch, vocab] float32, context)
+      one position for every row; `index` is the position of `tokens`.
+
+Shapes never change inside the loop (the cache has `max_length` slots and each step writes one),
+so the whole generation compiles once per (batch, input length, settings). Beam search keeps the
+beams flattened into the batch (`[batch * num_beams, ...]`) and reorders the context with a gather.
+
+The search follows transformers' `generate` for encoder-decoders, so outputs match token for token:
+sequences start with `decoder_start_token_id`; finished rows are padded with `pad_token_id`; beam
+search is transformers' vectorised one (2 * num_beams candidates per step, length penalty
+`score / generated_len ** length_penalty`, `early_stopping` True / False / "never").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NEG_INF = -1.0e9  # transformers' "impossible" score in beam search
+
+
+# ==================================================================================================
+# Logits processors (pure functions of `[rows, vocab]` float32 logits).
+# ==================================================================================================
+
+
+def apply_min_length(logits, cur_len, min_length: int, eos_token_id: int):
+    """Forbids EOS while the sequence (start token included) is shorter than `min_length`."""
+    if min_length <= 0:
+        return logits
+    blocked = logits.at[:, eos_token_id].set(-jnp.inf)
+    return jnp.where(cur_len < min_length, blocked, logits)
+
+
+def warp_logits(logits, temperature: float, top_k: int, top_p: float):
+    """Temperature, then top-k, then top-p (nucleus) filtering, as transformers orders them."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k and top_k > 0:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        order = jnp.argsort(logits, axis=-1)  # ascending, as transformers' TopPLogitsWarper
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        remove_sorted = cum <= 1 - top_p
+        remove_sorted = remove_sorted.at[:, -1].set(False)  # always keep the best token
+        remove = jnp.zeros_like(remove_sorted).at[
+            jnp.arange(logits.shape[0])[:, None], order
+        ].set(remove_sorted)  # fmt: skip
+        logits = jnp.where(remove, -jnp.inf, logits)
+    return logits
+
+
+# ==================================================================================================
+# Greedy and sampling.
+# ==================================================================================================
+
+
+def _sample_loop(step, context, rng, *, batch, max_length, start, eos, pad, min_length, sample,
+                 temperature, top_k, top_p):  # fmt: skip
+    """Greedy (or sampled) decoding; returns `(sequences [b, max_length], lengths [b])`."""
+    seqs = jnp.full((batch, max_length), pad, jnp.int32).at[:, 0].set(start)
+    state = dict(seqs=seqs, done=jnp.zeros((batch,), bool), cur=jnp.int32(1), ctx=context,
+                 rng=rng, lengths=jnp.full((batch,), max_length, jnp.int32))  # fmt: skip
+
+    def cond(s):
+        return (s["cur"] < max_length) & ~jnp.all(s["done"])
+
+    def body(s):
+        cur = s["cur"]
+        logits, ctx = step(s["seqs"][:, cur - 1], cur - 1, s["ctx"])
+        logits = apply_min_length(logits, cur, min_length, eos)
+        rng, key = jax.random.split(s["rng"])
+        if sample:
+            logits = warp_logits(logits, temperature, top_k, top_p)
+            tokens = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+        else:
+            tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        tokens = jnp.where(s["done"], pad, tokens)
+        seqs = jax.lax.dynamic_update_slice_in_dim(s["seqs"], tokens[:, None], cur, axis=1)
+        now_done = ~s["done"] & (tokens == eos)
+        lengths = jnp.where(now_done, cur + 1, s["lengths"])
+        return dict(seqs=seqs, done=s["done"] | now_done, cur=cur + 1, ctx=ctx, rng=rng,
+                    lengths=lengths)  # fmt: skip
+
+    out = jax.lax.while_loop(cond, body, state)
+    return out["seqs"], jnp.minimum(out["lengths"], out["cur"])
+
+
+# ==================================================================================================
+# Beam search.
+# ==================================================================================================
+
+
+def _gather_beams(x, idx):
+    """`x` `[b, n, ...]`, `idx` `[b, k]` -> `[b, k, ...]`."""
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _beam_loop(step, context, *, batch, num_beams, max_length, start, eos, pad, min_length,
+               length_penalty, early_stopping, num_return_sequences):  # fmt: skip
+    """transformers' vectorised beam search; returns `(sequences, lengths)` of the best beams."""
+    k, b, big_k = num_beams, batch, 2 * num_beams
+    # The context arrives with one row per input; every beam starts from the same one.
+    context = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), context)
+    seqs = jnp.full((b, k, max_length), pad, jnp.int32).at[:, :, 0].set(start)
+    state = dict(
+        run_seqs=seqs, run_scores=jnp.zeros((b, k)).at[:, 1:].set(NEG_INF),
+        seqs=seqs, scores=jnp.full((b, k), NEG_INF), finished=jnp.zeros((b, k), bool),
+        unsatisfied=jnp.ones((b, 1), bool), any_open=jnp.bool_(True), cur=jnp.int32(1),
+        ctx=context,
+    )  # fmt: skip
+    top_mask = jnp.arange(big_k) < k
+
+    def cond(s):
+        return (s["cur"] < max_length) & s["any_open"]
+
+    def body(s):
+        cur = s["cur"]
+        logits, ctx = step(s["run_seqs"][:, :, cur - 1].reshape(b * k), cur - 1, s["ctx"])
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        logp = apply_min_length(logp, cur, min_length, eos)
+        vocab = logp.shape[-1]
+        logp = logp.reshape(b, k, vocab) + s["run_scores"][:, :, None]
+        top_lp, top_idx = jax.lax.top_k(logp.reshape(b, k * vocab), big_k)
+        parent, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
+        top_seqs = _gather_beams(s["run_seqs"], parent)
+        top_seqs = jax.lax.dynamic_update_slice_in_dim(top_seqs, token[:, :, None], cur, axis=2)
+        hits = (token == eos) | (cur + 1 >= max_length)
+
+        # The best num_beams candidates that have not stopped keep running.
+        run_lp = top_lp + hits * NEG_INF
+        next_idx = jax.lax.top_k(run_lp, k)[1]
+        run_seqs = _gather_beams(top_seqs, next_idx)
+        run_scores = _gather_beams(run_lp, next_idx)
+        flat_parent = (_gather_beams(parent, next_idx) + jnp.arange(b)[:, None] * k).reshape(-1)
+        ctx = jax.tree.map(lambda x: jnp.take(x, flat_parent, axis=0), ctx)
+
+        # Candidates among the top num_beams that stopped compete with the finished hypotheses.
+        just_done = hits & top_mask[None]
+        fin_lp = top_lp / (cur.astype(jnp.float32) ** length_penalty)
+        if early_stopping is True:
+            fin_lp = fin_lp + jnp.all(s["finished"], -1, keepdims=True) * NEG_INF
+        fin_lp = fin_lp + (~s["unsatisfied"]) * NEG_INF + (~just_done) * NEG_INF
+        merged_scores = jnp.concatenate([s["scores"], fin_lp], axis=1)
+        keep = jax.lax.top_k(merged_scores, k)[1]
+        seqs = _gather_beams(jnp.concatenate([s["seqs"], top_seqs], axis=1), keep)
+        scores = _gather_beams(merged_scores, keep)
+        finished = _gather_beams(jnp.concatenate([s["finished"], just_done], axis=1), keep)
+
+        # transformers' early-stop heuristic: can a running beam still beat the worst finished one?
+        cur = cur + 1
+        if early_stopping == "never" and length_penalty > 0.0:
+            best_len = jnp.asarray(max_length - 1, jnp.float32)
+        else:
+            best_len = (cur - 1).astype(jnp.float32)
+        best_running = run_scores[:, :1] / best_len**length_penalty
+        worst_done = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), NEG_INF)
+        unsatisfied = s["unsatisfied"] & jnp.any(best_running > worst_done, -1, keepdims=True)
+        open_beam = ~(jnp.all(finished) & (early_stopping is True))
+        any_open = jnp.any(unsatisfied) & open_beam & ~jnp.all(hits)
+        return dict(run_seqs=run_seqs, run_scores=run_scores, seqs=seqs, scores=scores,
+                    finished=finished, unsatisfied=unsatisfied, any_open=any_open, cur=cur,
+                    ctx=ctx)  # fmt: skip
+
+    out = jax.lax.while_loop(cond, body, state)
+    seqs = out["seqs"][:, :num_return_sequences].reshape(b * num_return_sequences, max_length)
+    is_eos = seqs[:, 1:] == eos
+    first = jnp.where(jnp.any(is_eos, 1), jnp.argmax(is_eos, 1) + 2, max_length)
+    # Positions after the EOS hold whatever the buffer had: make them padding.
+    seqs = jnp.where(jnp.arange(max_length)[None] < first[:, None], seqs, pad)
+    return seqs, first.astype(jnp.int32)
+
+
+# ==================================================================================================
+# Entry point.
+# ==================================================================================================
+
+
+def _compiled(model: Any, settings: tuple):
+    """One jitted generate per (model, settings), kept on the model; jax then caches one trace
+    per input shape, so repeated calls never retrace."""
+    fns = model.__dict__.setdefault("_generate_fns", {})
+    if settings not in fns:
+        fns[settings] = _build(model.module, settings)
+    return fns[settings]
+
+
+def _build(module: Any, settings: tuple):
+    opts = dict(settings)
+
+    def run(params, input_ids, attention_mask, rng):
+        variables = {"params": params}
+        context = module.apply(variables, input_ids, attention_mask, opts["max_length"],
+                               method="init_decoding")  # fmt: skip
+
+        def step(tokens, index, ctx):
+            return module.apply(variables, tokens, index, ctx, method="decode_step")
+
+        common = dict(batch=input_ids.shape[0], max_length=opts["max_length"],
+                      start=opts["start"], eos=opts["eos"], pad=opts["pad"],
+                      min_length=opts["min_length"])  # fmt: skip
+        if opts["num_beams"] > 1:
+            return _beam_loop(
+                step, context, num_beams=opts["num_beams"], length_penalty=opts["length_penalty"],
+                early_stopping=opts["early_stopping"],
+                num_return_sequences=opts["num_return_sequences"], **common,
+            )  # fmt: skip
+        return _sample_loop(step, context, rng, sample=opts["do_sample"],
+                            temperature=opts["temperature"], top_k=opts["top_k"],
+                            top_p=opts["top_p"], **common)  # fmt: skip
+
+    return jax.jit(run)
+
+
+def generate(
+    model: Any,
+    input_ids: Any,
+    attention_mask: Any = None,
+    *,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
+    min_length: int = 0,
+    min_new_tokens: int | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 50,
+    top_p: float = 1.0,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    num_return_sequences: int = 1,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    decoder_start_token_id: int | None = None,
+    prng_key: Any = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """Generates token ids for a `PretrainedModel` whose head can generate (see module docstring).
+
+    Arguments mirror transformers' `generate` (same names, same defaults: `max_length` 20 when
+    neither it nor `max_new_tokens` is given; `top_k` 50 only applies when sampling).
+
+    Args:
+      model: a `PretrainedModel` (e.g. `MT5ForConditionalGeneration`).
+      input_ids: `[batch, length]` encoder inputs.
+      attention_mask: `[batch, length]`, 1 = token, 0 = padding (default: all ones).
+      prng_key / seed: randomness for `do_sample=True`.
+
+    Returns:
+      `[batch * num_return_sequences, n]` int32 numpy array, starting with the decoder start
+      token, finished rows padded with `pad_token_id`, `n` the longest generated length.
+    """
+    cfg = model.config
+    ids = np.asarray(input_ids, np.int32)
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    if max_new_tokens is not None:
+        max_length = 1 + max_new_tokens
+    elif max_length is None:
+        max_length = 20
+    if min_new_tokens is not None:
+        min_length = 1 + min_new_tokens
+    if num_beams < 1 or not 1 <= num_return_sequences <= num_beams:
+        raise ValueError("need num_beams >= 1 and 1 <= num_return_sequences <= num_beams")
+    if do_sample and num_beams > 1:
+        raise NotImplementedError("beam sampling (do_sample with num_beams > 1) is not supported")
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    pick = lambda v, name: int(getattr(cfg, name) if v is None else v)  # noqa: E731
+    settings = dict(
+        max_length=int(max_length), min_length=int(min_length), num_beams=int(num_beams),
+        do_sample=bool(do_sample), temperature=float(temperature), top_k=int(top_k or 0),
+        top_p=float(top_p), length_penalty=float(length_penalty), early_stopping=early_stopping,
+        num_return_sequences=int(num_return_sequences), eos=pick(eos_token_id, "eos_token_id"),
+        pad=pick(pad_token_id, "pad_token_id"),
+        start=pick(decoder_start_token_id, "decoder_start_token_id"),
+    )  # fmt: skip
+    fn = _compiled(model, tuple(sorted(settings.items())))
+    rng = jax.random.key(seed) if prng_key is None else prng_key
+    seqs, lengths = fn(model.params, jnp.asarray(ids), jnp.asarray(mask), rng)
+    seqs, lengths = np.asarray(seqs), np.asarray(lengths)
+    return seqs[:, : int(lengths.max())]

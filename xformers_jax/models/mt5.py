@@ -1,0 +1,687 @@
+"""mT5: the T5 v1.1 encoder-decoder (RMSNorm, no biases, gated-GELU, bucketed relative positions).
+
+One bucketed relative-position table per stack, computed once before the layers and shared by all
+of them (transformers computes it in layer 0 and passes it on: the same thing). Scores are not
+scaled by `1/sqrt(d_kv)` (mesh-tf folds that into the query init). Layers are stacked with
+`nn.scan` (param axis `layers`). Norms, softmax, logits and losses are float32 whatever `dtype`.
+
+Besides the HF-style `__call__`s, `MT5ForConditionalGeneration` has the two hooks
+`xformers_jax.decoding` drives: `init_decoding` (encoder once, cross-attention K/V once, an empty
+fixed-size self-attention cache) and `decode_step` (one token for every row).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from xformers_jax.layers import (
+    MLP,
+    DenseGeneral,
+    Embed,
+    RMSNorm,
+    dot_product_attention,
+    param_init,
+)
+from xformers_jax.models import outputs
+from xformers_jax.models.common import (
+    REMAT_POLICIES,
+    cross_entropy_with_ignore,
+    dtype_from_name,
+    scan_layers,
+    unstack,
+)
+
+_ACT = ("act_batch", "act_length", "act_embed")
+_ACT_HEADS = ("act_batch", "act_length", "act_heads", "act_kv")
+
+
+@dataclasses.dataclass(frozen=True)
+class MT5Config:
+    """Hyper-parameters; field names are transformers' `MT5Config` names.
+
+    `dtype` (compute), `param_dtype` and `remat_policy` are ours and never written to config.json.
+    `num_decoder_layers=None` means as many as the encoder (as in transformers).
+    """
+
+    model_type: str = "mt5"
+    vocab_size: int = 250112
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 1024
+    num_layers: int = 8
+    num_decoder_layers: int | None = None
+    num_heads: int = 6
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout_rate: float = 0.1
+    classifier_dropout: float = 0.0
+    layer_norm_epsilon: float = 1e-6
+    initializer_factor: float = 1.0
+    feed_forward_proj: str = "gated-gelu"
+    tie_word_embeddings: bool = False
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+    num_labels: int = 2
+    problem_type: str | None = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        if self.num_decoder_layers is None:
+            object.__setattr__(self, "num_decoder_layers", self.num_layers)
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}"
+            )
+        parts = self.feed_forward_proj.split("-")
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
+            raise ValueError(
+                "feed_forward_proj must be '<act>' or 'gated-<act>', "
+                f"got {self.feed_forward_proj!r}"
+            )
+
+    @property
+    def is_gated(self) -> bool:
+        return self.feed_forward_proj.startswith("gated-")
+
+    @property
+    def activation(self) -> str:
+        # transformers maps "gated-gelu" to the tanh approximation (gelu_new), as mesh-tf did.
+        act = self.feed_forward_proj.split("-")[-1]
+        return "gelu_new" if self.feed_forward_proj == "gated-gelu" else act
+
+    @property
+    def hidden_size(self) -> int:
+        return self.d_model
+
+    def replace(self, **kw) -> MT5Config:
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MT5Config:
+        """Builds from a mapping, ignoring keys that are not fields (e.g. config.json extras)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any]) -> MT5Config:
+        kw = dict(hf)
+        if "id2label" in kw and "num_labels" not in kw:
+            kw["num_labels"] = len(kw["id2label"])
+        return cls.from_dict(kw)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        skip = {"dtype", "param_dtype", "remat_policy", "num_labels"}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+        d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+        d.update(is_encoder_decoder=True, use_cache=True, tokenizer_class="T5Tokenizer")
+        return d
+
+
+_MT5 = dict(vocab_size=250112, d_kv=64, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU-sized: the default run and the tests.
+    "tiny": dict(_MT5, vocab_size=8000, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4),
+    # google/mt5-{small,base,large,xl,xxl}.
+    "small": dict(_MT5, d_model=512, d_ff=1024, num_layers=8, num_heads=6),
+    "base": dict(_MT5, d_model=768, d_ff=2048, num_layers=12, num_heads=12),
+    "large": dict(_MT5, d_model=1024, d_ff=2816, num_layers=24, num_heads=16),
+    "xl": dict(_MT5, d_model=2048, d_ff=5120, num_layers=24, num_heads=32),
+    "xxl": dict(_MT5, d_model=4096, d_ff=10240, num_layers=24, num_heads=64),
+}
+
+
+def architecture_name(config: MT5Config, class_name: str) -> str:
+    """The transformers class name of head `class_name` (the same for every mT5 variant)."""
+    return class_name
+
+
+def _dtypes(cfg: MT5Config):
+    return dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+
+
+def _fan_in(cfg: MT5Config, in_axis, out_axis, extra: float = 1.0):
+    """mesh-tf's init: normal with std `factor * sqrt(extra / fan_in)` (no truncation)."""
+    return nn.initializers.variance_scaling(
+        cfg.initializer_factor**2 * extra, "fan_in", "normal", in_axis=in_axis, out_axis=out_axis
+    )
+
+
+def shift_right(labels: jax.Array, start_id: int, pad_id: int) -> jax.Array:
+    """Decoder inputs from labels: `[start, y_0, ..., y_{n-2}]`, -100 -> pad. `[b, n] -> [b, n]`."""
+    labels = jnp.asarray(labels)
+    shifted = jnp.concatenate(
+        [jnp.full(labels.shape[:-1] + (1,), start_id, labels.dtype), labels[..., :-1]], axis=-1
+    )
+    return jnp.where(shifted == -100, pad_id, shifted)
+
+
+def relative_position_bucket(
+    relative_position: jax.Array, bidirectional: bool, num_buckets: int, max_distance: int
+) -> jax.Array:
+    """T5's buckets of `key_pos - query_pos`: exact for small distances, log-spaced up to
+    `max_distance`, one bucket beyond. Bidirectional stacks give half the buckets to each sign;
+    causal ones map every future position to bucket 0. Int array -> same-shape int32 buckets.
+    """
+    buckets = jnp.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).astype(relative_position.dtype) * num_buckets
+        n = jnp.abs(relative_position)
+    else:
+        n = -jnp.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    # float32 log as in transformers: the bucket boundaries must match it exactly.
+    safe = jnp.maximum(n, 1).astype(jnp.float32)
+    large = max_exact + (
+        jnp.log(safe / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).astype(relative_position.dtype)
+    large = jnp.minimum(large, num_buckets - 1)
+    return (buckets + jnp.where(is_small, n, large)).astype(jnp.int32)
+
+
+class RelativePositionBias(nn.Module):
+    """The `[buckets, heads]` table -> an additive score bias `[1, heads, q, k]` (float32)."""
+
+    config: MT5Config
+    bidirectional: bool
+
+    @nn.compact
+    def __call__(self, q_positions: jax.Array, k_len: int) -> jax.Array:
+        cfg = self.config
+        rel = jnp.arange(k_len)[None, :] - q_positions[:, None]
+        buckets = relative_position_bucket(
+            rel, self.bidirectional, cfg.relative_attention_num_buckets,
+            cfg.relative_attention_max_distance,
+        )  # fmt: skip
+        init = nn.initializers.normal(cfg.initializer_factor * cfg.d_model**-0.5)
+        table = self.param(
+            "embedding", param_init(init, ("relpos", "heads")),
+            (cfg.relative_attention_num_buckets, cfg.num_heads), dtype_from_name(cfg.param_dtype),
+        )  # fmt: skip
+        values = jnp.take(jnp.asarray(table, jnp.float32), buckets, axis=0)  # [q, k, heads]
+        return jnp.transpose(values, (2, 0, 1))[None]
+
+
+class Attention(nn.Module):
+    """T5 attention: bias-free projections, no score scaling, optional precomputed K/V.
+
+    `[b, q, d_model]` queries over `[b, k, d_model]` keys -> `[b, q, d_model]` and probs.
+    """
+
+    config: MT5Config
+
+    def setup(self):
+        cfg = self.config
+        dtype, pdtype = _dtypes(cfg)
+        proj = lambda init: DenseGeneral(  # noqa: E731
+            (cfg.num_heads, cfg.d_kv), ("embed", "heads", "kv"), use_bias=False, dtype=dtype,
+            param_dtype=pdtype, kernel_init=init,
+        )  # fmt: skip
+        # mesh-tf folds 1/sqrt(d_kv) into the query init instead of scaling the scores.
+        self.q = proj(_fan_in(cfg, 0, (1, 2), 1.0 / cfg.d_kv))
+        self.k = proj(_fan_in(cfg, 0, (1, 2)))
+        self.v = proj(_fan_in(cfg, 0, (1, 2)))
+        self.o = DenseGeneral(cfg.d_model, ("heads", "kv", "embed"), axis=(-2, -1), use_bias=False,
+                              dtype=dtype, param_dtype=pdtype,
+                              kernel_init=_fan_in(cfg, (0, 1), 2))  # fmt: skip
+
+    def kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """`[b, k, d_model]` -> keys and values `[b, k, heads, d_kv]` (for caches)."""
+        k = nn.with_logical_constraint(self.k(x), _ACT_HEADS)
+        return k, nn.with_logical_constraint(self.v(x), _ACT_HEADS)
+
+    def __call__(self, x, kv_x, mask, bias, deterministic: bool, kv=None):
+        cfg = self.config
+        q = nn.with_logical_constraint(self.q(x), _ACT_HEADS)
+        k, v = self.kv(kv_x) if kv is None else kv
+        rng = None
+        if not deterministic and cfg.dropout_rate > 0:
+            rng = self.make_rng("dropout")
+        out, probs = dot_product_attention(
+            q, k, v, mask=mask, bias=bias, scale=1.0, dropout_rate=cfg.dropout_rate,
+            dropout_rng=rng, deterministic=deterministic, dtype=dtype_from_name(cfg.dtype),
+        )  # fmt: skip
+        return self.o(out), probs
+
+
+class Block(nn.Module):
+    """One pre-norm block: self-attention, (decoder) cross-attention, gated FFN; scanned.
+
+    `mode` picks what a call computes: `'full'` (a whole sequence), `'step'` (one token against
+    the fixed-size caches, which it returns updated) or `'cross_kv'` (only the cross-attention
+    K/V of the encoder output, for the cache).
+    """
+
+    config: MT5Config
+    is_decoder: bool
+    mode: str = "full"
+    deterministic: bool = True
+    output_hidden_states: bool = False
+    output_attentions: bool = False
+
+    @nn.compact
+    def __call__(self, x, mask, bias, enc, enc_mask, index, cache):
+        cfg = self.config
+        dtype, pdtype = _dtypes(cfg)
+        norm = lambda name: RMSNorm(cfg.layer_norm_epsilon, dtype, pdtype, name=name)  # noqa: E731
+        drop = lambda h: nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)  # noqa: E731
+        self_attn = Attention(cfg, name="self_attention")
+        cross_attn = Attention(cfg, name="cross_attention") if self.is_decoder else None
+        if self.mode == "cross_kv":
+            return x, cross_attn.kv(enc)
+
+        h = norm("self_attention_norm")(x)
+        kv = None
+        if self.mode == "step":
+            k, v = self_attn.kv(h)
+            # Write this step's K/V at `index` of the fixed-size cache: shapes never change, so
+            # the decoding loop compiles once.
+            k = jax.lax.dynamic_update_slice_in_dim(cache["self_k"], k.astype(dtype), index, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["self_v"], v.astype(dtype), index, 1)
+            kv = (k, v)
+        a, probs = self_attn(h, h, mask, bias, self.deterministic, kv=kv)
+        x = x + drop(a)
+        cross_probs = None
+        if self.is_decoder:
+            h = norm("cross_attention_norm")(x)
+            ckv = (cache["cross_k"], cache["cross_v"]) if self.mode == "step" else None
+            a, cross_probs = cross_attn(h, enc, enc_mask, None, self.deterministic, kv=ckv)
+            x = x + drop(a)
+        mlp = MLP(cfg.d_ff, cfg.activation, use_bias=False, gated=cfg.is_gated,
+                  dropout_rate=cfg.dropout_rate, dtype=dtype, param_dtype=pdtype,
+                  kernel_init=_fan_in(cfg, -2, -1), name="mlp")  # fmt: skip
+        x = x + drop(mlp(norm("mlp_norm")(x), deterministic=self.deterministic))
+        x = nn.with_logical_constraint(x, _ACT)
+        if self.mode == "step":
+            return x, dict(cache, self_k=kv[0], self_v=kv[1])
+        ys = (
+            x if self.output_hidden_states else None,
+            probs if self.output_attentions else None,
+            cross_probs if self.output_attentions else None,
+        )
+        return x, ys
+
+
+class Stack(nn.Module):
+    """The encoder or the decoder: shared relative-position bias, scanned blocks, final norm.
+
+    Takes embedded inputs `[b, n, d_model]`; see `Block` for `mode`.
+    """
+
+    config: MT5Config
+    is_decoder: bool
+
+    @nn.compact
+    def __call__(
+        self, x, attention_mask=None, enc=None, enc_mask=None, *, deterministic=True,
+        output_hidden_states=False, output_attentions=False, mode="full", index=None, cache=None,
+    ):  # fmt: skip
+        cfg = self.config
+        dtype, pdtype = _dtypes(cfg)
+        n_layers = cfg.num_decoder_layers if self.is_decoder else cfg.num_layers
+        relpos = RelativePositionBias(cfg, not self.is_decoder, name="relative_attention_bias")
+        kw = dict(config=cfg, is_decoder=self.is_decoder, mode=mode, deterministic=deterministic)
+        cross_mask = None if enc_mask is None else (enc_mask[:, None, None, :] > 0)
+        if mode != "full":
+            # Decoding: caches are batch-major `[b, layers, ...]` so beams reorder on axis 0.
+            scanned = nn.scan(
+                Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast,) * 5 + (1,), out_axes=1, length=n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(**kw, name="layers")  # fmt: skip
+            if mode == "cross_kv":
+                return scanned(x, None, None, enc, None, None, None)[1]
+            length = cache["self_k"].shape[2]
+            mask = (jnp.arange(length) <= index)[None, None, None, :]
+            bias = relpos(jnp.reshape(index, (1,)), length)
+            x, cache = scanned(x, mask, bias, None, cross_mask, index, cache)
+            return RMSNorm(cfg.layer_norm_epsilon, dtype, pdtype, name="final_norm")(x), cache
+
+        length = x.shape[1]
+        if attention_mask is None:
+            attention_mask = jnp.ones(x.shape[:2], jnp.int32)
+        mask = attention_mask[:, None, None, :] > 0
+        if self.is_decoder:
+            mask = mask & (jnp.arange(length)[None, :] <= jnp.arange(length)[:, None])[None, None]
+        bias = relpos(jnp.arange(length), length)
+        x = emb = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        kw.update(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        x, (hs, probs, cross) = scan_layers(
+            Block, n_layers, cfg.remat_policy, kw, name="layers", in_axes=(nn.broadcast,) * 6
+        )(x, mask, bias, enc, cross_mask, None, None)
+        x = RMSNorm(cfg.layer_norm_epsilon, dtype, pdtype, name="final_norm")(x)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        hidden_states = (emb, *unstack(hs)[:-1], x) if output_hidden_states else None
+        return x, hidden_states, unstack(probs), unstack(cross)
+
+
+def _shared(cfg: MT5Config) -> Embed:
+    dtype, pdtype = _dtypes(cfg)
+    init = nn.initializers.normal(cfg.initializer_factor)
+    return Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), dtype, pdtype, init)
+
+
+class MT5EncoderModel(nn.Module):
+    """The encoder alone (HF `MT5EncoderModel`): `[b, n]` ids -> `BaseModelOutput`."""
+
+    config: MT5Config
+
+    def setup(self):
+        self.shared = _shared(self.config)
+        self.encoder = Stack(self.config, is_decoder=False)
+
+    def __call__(
+        self, input_ids=None, attention_mask=None, inputs_embeds=None,
+        output_attentions: bool = False, output_hidden_states: bool = False,
+        deterministic: bool = True,
+    ) -> outputs.BaseModelOutput:  # fmt: skip
+        x = self.shared(input_ids) if inputs_embeds is None else inputs_embeds
+        x, hs, probs, _ = self.encoder(
+            x, attention_mask, deterministic=deterministic,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+        )  # fmt: skip
+        return outputs.BaseModelOutput(last_hidden_state=x, hidden_states=hs, attentions=probs)
+
+
+class MT5Model(nn.Module):
+    """Encoder + decoder over one shared embedding (HF `MT5Model`).
+
+    `input_ids` `[b, n]`, `decoder_input_ids` `[b, m]` -> `Seq2SeqModelOutput` with
+    `last_hidden_state` `[b, m, d_model]` and `encoder_last_hidden_state` `[b, n, d_model]`.
+    """
+
+    config: MT5Config
+
+    def setup(self):
+        self.shared = _shared(self.config)
+        self.encoder = Stack(self.config, is_decoder=False)
+        self.decoder = Stack(self.config, is_decoder=True)
+
+    def encode(self, input_ids, attention_mask=None, inputs_embeds=None, *, deterministic=True,
+               output_attentions=False, output_hidden_states=False):  # fmt: skip
+        """`[b, n]` ids -> (`[b, n, d_model]`, hidden states, attentions)."""
+        x = self.shared(input_ids) if inputs_embeds is None else inputs_embeds
+        x, hs, probs, _ = self.encoder(
+            x, attention_mask, deterministic=deterministic,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+        )  # fmt: skip
+        return x, hs, probs
+
+    def decode(self, decoder_input_ids, enc, enc_mask, decoder_attention_mask=None,
+               decoder_inputs_embeds=None, *, deterministic=True, output_attentions=False,
+               output_hidden_states=False):  # fmt: skip
+        """`[b, m]` ids over encoder states `[b, n, d_model]` -> (`[b, m, d_model]`, hs, attn,
+        cross attn)."""
+        x = self.shared(decoder_input_ids) if decoder_inputs_embeds is None else (
+            decoder_inputs_embeds
+        )  # fmt: skip
+        return self.decoder(
+            x, decoder_attention_mask, enc, enc_mask, deterministic=deterministic,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+        )  # fmt: skip
+
+    def __call__(
+        self, input_ids=None, attention_mask=None, decoder_input_ids=None,
+        decoder_attention_mask=None, inputs_embeds=None, decoder_inputs_embeds=None,
+        output_attentions: bool = False, output_hidden_states: bool = False,
+        deterministic: bool = True,
+    ) -> outputs.Seq2SeqModelOutput:  # fmt: skip
+        if attention_mask is None:
+            shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+            attention_mask = jnp.ones(shape, jnp.int32)
+        flags = dict(deterministic=deterministic, output_attentions=output_attentions,
+                     output_hidden_states=output_hidden_states)  # fmt: skip
+        enc, enc_hs, enc_attn = self.encode(input_ids, attention_mask, inputs_embeds, **flags)
+        x, hs, attn, cross = self.decode(
+            decoder_input_ids, enc, attention_mask, decoder_attention_mask, decoder_inputs_embeds,
+            **flags,
+        )  # fmt: skip
+        return outputs.Seq2SeqModelOutput(
+            last_hidden_state=x, decoder_hidden_states=hs, decoder_attentions=attn,
+            cross_attentions=cross, encoder_last_hidden_state=enc, encoder_hidden_states=enc_hs,
+            encoder_attentions=enc_attn,
+        )  # fmt: skip
+
+
+class MT5ForConditionalGeneration(nn.Module):
+    """mT5 with its LM head (HF `MT5ForConditionalGeneration`): logits `[b, m, vocab]` (float32).
+
+    `labels` `[b, m]` (-100 = ignore) gives HF's mean cross-entropy and, without
+    `decoder_input_ids`, the decoder inputs (labels shifted right). The head is untied unless
+    `tie_word_embeddings`, in which case the decoder output is scaled by `d_model ** -0.5` first.
+    """
+
+    config: MT5Config
+    can_generate = True
+
+    def setup(self):
+        cfg = self.config
+        self.model = MT5Model(cfg)
+        if not cfg.tie_word_embeddings:
+            dtype, pdtype = _dtypes(cfg)
+            self.lm_head = DenseGeneral(
+                cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=dtype,
+                param_dtype=pdtype, kernel_init=_fan_in(cfg, -2, -1),
+            )  # fmt: skip
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Decoder output `[..., d_model]` -> float32 logits `[..., vocab]`."""
+        cfg = self.config
+        if cfg.tie_word_embeddings:
+            logits = self.model.shared.attend(x * cfg.d_model**-0.5)
+        else:
+            logits = self.lm_head(x)
+        logits = nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+        return logits.astype(jnp.float32)
+
+    def __call__(
+        self, input_ids=None, attention_mask=None, decoder_input_ids=None,
+        decoder_attention_mask=None, inputs_embeds=None, decoder_inputs_embeds=None, labels=None,
+        output_attentions: bool = False, output_hidden_states: bool = False,
+        deterministic: bool = True,
+    ) -> outputs.Seq2SeqLMOutput:  # fmt: skip
+        cfg = self.config
+        if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
+            decoder_input_ids = shift_right(labels, cfg.decoder_start_token_id, cfg.pad_token_id)
+        out = self.model(
+            input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, inputs_embeds,
+            decoder_inputs_embeds, output_attentions, output_hidden_states, deterministic,
+        )  # fmt: skip
+        logits = self.logits(out.last_hidden_state)
+        loss = None if labels is None else cross_entropy_with_ignore(logits, labels)
+        return outputs.Seq2SeqLMOutput(loss=loss, logits=logits, **_seq2seq_fields(out))
+
+    # ---- generation hooks (see xformers_jax.decoding) -------------------------------------------
+
+    def init_decoding(self, input_ids, attention_mask, max_length: int) -> dict[str, Any]:
+        """Runs the encoder once and builds the decoding context.
+
+        Args:
+          input_ids / attention_mask: `[b, n]` encoder inputs.
+          max_length: decoder positions to cache (including the start token).
+
+        Returns:
+          A pytree whose every leaf is batch-major: `encoder_attention_mask` `[b, n]` and
+          `cache` with `self_k`/`self_v` `[b, layers, max_length, heads, d_kv]` (zeros) and
+          `cross_k`/`cross_v` `[b, layers, n, heads, d_kv]`.
+        """
+        cfg = self.config
+        enc, _, _ = self.model.encode(input_ids, attention_mask)
+        cross_k, cross_v = self.model.decoder(enc, enc=enc, mode="cross_kv")
+        b = input_ids.shape[0]
+        shape = (b, cfg.num_decoder_layers, max_length, cfg.num_heads, cfg.d_kv)
+        zeros = jnp.zeros(shape, dtype_from_name(cfg.dtype))
+        cache = dict(self_k=zeros, self_v=zeros, cross_k=cross_k, cross_v=cross_v)
+        return dict(encoder_attention_mask=attention_mask, cache=cache)
+
+    def decode_step(self, tokens, index, context):
+        """One decoder position for every row.
+
+        Args:
+          tokens: `[b]` the token at position `index`.
+          index: scalar int, the position (0 = the start token).
+          context: from `init_decoding` (or a previous step).
+
+        Returns:
+          `(logits [b, vocab] float32 for position index + 1, updated context)`.
+        """
+        x = self.model.shared(tokens[:, None])
+        x, cache = self.model.decoder(
+            x, enc_mask=context["encoder_attention_mask"], mode="step", index=index,
+            cache=context["cache"],
+        )  # fmt: skip
+        return self.logits(x)[:, 0], dict(context, cache=cache)
+
+
+def _seq2seq_fields(out: outputs.Seq2SeqModelOutput) -> dict[str, Any]:
+    return dict(
+        decoder_hidden_states=out.decoder_hidden_states, decoder_attentions=out.decoder_attentions,
+        cross_attentions=out.cross_attentions, encoder_last_hidden_state=(
+            out.encoder_last_hidden_state),
+        encoder_hidden_states=out.encoder_hidden_states,
+        encoder_attentions=out.encoder_attentions,
+    )  # fmt: skip
+
+
+def _dense(cfg: MT5Config, features: int, axes, name: str) -> DenseGeneral:
+    dtype, pdtype = _dtypes(cfg)
+    init = nn.initializers.normal(cfg.initializer_factor * cfg.d_model**-0.5)
+    return DenseGeneral(features, axes, dtype=dtype, param_dtype=pdtype, kernel_init=init,
+                        name=name)  # fmt: skip
+
+
+def _classification_loss(cfg: MT5Config, logits, labels):
+    """HF's `problem_type` rules: regression (MSE), single-label (CE) or multi-label (BCE)."""
+    problem = cfg.problem_type
+    if problem is None:
+        if cfg.num_labels == 1:
+            problem = "regression"
+        elif jnp.issubdtype(labels.dtype, jnp.integer):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    if problem == "regression":
+        return jnp.mean(jnp.square(jnp.squeeze(logits) - jnp.squeeze(labels.astype(jnp.float32))))
+    if problem == "single_label_classification":
+        return cross_entropy_with_ignore(logits.reshape(-1, cfg.num_labels), labels.reshape(-1))
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)))
+
+
+class MT5ForSequenceClassification(nn.Module):
+    """Classifies with the decoder state at the last EOS of `input_ids` (HF's rule).
+
+    Decoder inputs default to `input_ids` shifted right. Rows without an EOS use position 0.
+    Returns `Seq2SeqSequenceClassifierOutput` with `logits` `[b, num_labels]` (float32).
+    """
+
+    config: MT5Config
+
+    @nn.compact
+    def __call__(
+        self, input_ids=None, attention_mask=None, decoder_input_ids=None,
+        decoder_attention_mask=None, labels=None, output_attentions: bool = False,
+        output_hidden_states: bool = False, deterministic: bool = True,
+    ) -> outputs.Seq2SeqSequenceClassifierOutput:  # fmt: skip
+        cfg = self.config
+        if decoder_input_ids is None:
+            decoder_input_ids = shift_right(input_ids, cfg.decoder_start_token_id, cfg.pad_token_id)
+        out = MT5Model(cfg, name="model")(
+            input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, None, None,
+            output_attentions, output_hidden_states, deterministic,
+        )  # fmt: skip
+        n = input_ids.shape[1]
+        last_eos = n - 1 - jnp.argmax((input_ids == cfg.eos_token_id)[:, ::-1], axis=1)
+        last_eos = jnp.where(jnp.any(input_ids == cfg.eos_token_id, axis=1), last_eos, 0)
+        x = jnp.take_along_axis(out.last_hidden_state, last_eos[:, None, None], axis=1)[:, 0]
+        drop = nn.Dropout(cfg.classifier_dropout)
+        x = drop(x, deterministic=deterministic)
+        x = jnp.tanh(_dense(cfg, cfg.d_model, ("embed", "mlp"), "dense")(x))
+        x = drop(x, deterministic=deterministic)
+        logits = _dense(cfg, cfg.num_labels, ("mlp", "classes"), "out_proj")(x).astype(jnp.float32)
+        loss = None if labels is None else _classification_loss(cfg, logits, jnp.asarray(labels))
+        return outputs.Seq2SeqSequenceClassifierOutput(
+            loss=loss, logits=logits, **_seq2seq_fields(out)
+        )
+
+
+class MT5ForTokenClassification(nn.Module):
+    """Encoder + dropout + linear per token (HF `MT5ForTokenClassification`).
+
+    Returns `TokenClassifierOutput` with `logits` `[b, n, num_labels]`; `labels` (-100 = ignore).
+    """
+
+    config: MT5Config
+
+    @nn.compact
+    def __call__(
+        self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+        output_attentions: bool = False, output_hidden_states: bool = False,
+        deterministic: bool = True,
+    ) -> outputs.TokenClassifierOutput:  # fmt: skip
+        cfg = self.config
+        out = MT5EncoderModel(cfg, name="model")(
+            input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states,
+            deterministic,
+        )  # fmt: skip
+        x = nn.Dropout(cfg.classifier_dropout)(out.last_hidden_state, deterministic=deterministic)
+        logits = _dense(cfg, cfg.num_labels, ("embed", "classes"), "classifier")(x)
+        logits = logits.astype(jnp.float32)
+        loss = None if labels is None else cross_entropy_with_ignore(logits, jnp.asarray(labels))
+        return outputs.TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+        )
+
+
+class MT5ForQuestionAnswering(nn.Module):
+    """Span start/end logits `[b, m]` from the decoder states (HF `MT5ForQuestionAnswering`).
+
+    Decoder inputs default to `input_ids` shifted right. `start_positions` / `end_positions`
+    `[b]` give HF's loss (positions outside `[0, m)` are ignored).
+    """
+
+    config: MT5Config
+
+    @nn.compact
+    def __call__(
+        self, input_ids=None, attention_mask=None, decoder_input_ids=None,
+        decoder_attention_mask=None, start_positions=None, end_positions=None,
+        output_attentions: bool = False, output_hidden_states: bool = False,
+        deterministic: bool = True,
+    ) -> outputs.Seq2SeqQuestionAnsweringModelOutput:  # fmt: skip
+        cfg = self.config
+        if decoder_input_ids is None:
+            decoder_input_ids = shift_right(input_ids, cfg.decoder_start_token_id, cfg.pad_token_id)
+        out = MT5Model(cfg, name="model")(
+            input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, None, None,
+            output_attentions, output_hidden_states, deterministic,
+        )  # fmt: skip
+        logits = _dense(cfg, cfg.num_labels, ("embed", "classes"), "qa_outputs")(
+            out.last_hidden_state
+        ).astype(jnp.float32)  # fmt: skip
+        start, end = logits[..., 0], logits[..., 1]
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            m = start.shape[1]
+            # HF clamps to [0, m] and ignores m: out-of-range positions add no loss.
+            sp = jnp.clip(jnp.asarray(start_positions).reshape(-1), 0, m)
+            ep = jnp.clip(jnp.asarray(end_positions).reshape(-1), 0, m)
+            loss = (
+                cross_entropy_with_ignore(start, sp, ignore_index=m)
+                + cross_entropy_with_ignore(end, ep, ignore_index=m)
+            ) / 2
+        return outputs.Seq2SeqQuestionAnsweringModelOutput(
+            loss=loss, start_logits=start, end_logits=end, **_seq2seq_fields(out)
+        )
