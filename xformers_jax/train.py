@@ -121,17 +121,23 @@ def _to_global(batch: dict, mesh) -> dict:
     }
 
 
-def _load_init_params(path: str, task: tasks.TaskSpec, abstract_params: Any) -> Any:
-    """Params from an HF dir (`config.json`) or a params-only Orbax export."""
-    if os.path.exists(os.path.join(path, "config.json")) and not os.path.isdir(
-        os.path.join(path, "params")
-    ):
-        from xformers_jax import hub
+def _load_init_params(path: str, s: Setup) -> Any:
+    """The task head's params from an HF dir, a params-only Orbax export or a trainer workdir.
 
-        model = hub.from_pretrained(path, head=task.architecture)
-        return jax.tree.map(lambda a, s: jax.device_put(a, s.sharding), model.params,
-                            abstract_params)  # fmt: skip
-    return ckpt_lib.load_params(path, abstract_params)
+    Everything goes through the HF name map into the *task's* config and head, so a pretraining
+    checkpoint initialises a fine-tuning head as transformers does: the shared body is loaded,
+    missing head params are initialised fresh and other heads' tensors are dropped.
+    """
+    from xformers_jax import convert, hub
+
+    hf_files = (hub.SAFE_WEIGHTS, hub.SAFE_INDEX, hub.TORCH_WEIGHTS, hub.TORCH_INDEX)
+    if any(os.path.isfile(os.path.join(path, f)) for f in hf_files):
+        state_dict = hub.load_state_dict(path)
+    else:
+        src = hub.load_orbax(path)
+        state_dict = convert.params_to_hf(src.params, src.config, src.architecture)
+    model = hub.from_state_dict(state_dict, s.task.model_config, s.task.architecture)
+    return jax.device_put(model.params, s.param_shardings)
 
 
 def _host_metrics(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
@@ -234,25 +240,21 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         async_save=config.checkpoint.async_save,
     )
     latest = ckpt.latest_step()
-    with sharding.use_mesh(mesh, rules):
-        if latest is not None:
+    if latest is not None:
+        with sharding.use_mesh(mesh, rules):
             abstract = ckpt_lib.abstract_with_shardings(abstract_state, state_shardings)
             state, data_state = ckpt.restore(latest, abstract)
-            if data_state:
-                train_iter.set_state(data_state)
-            _log(is_main, f"Resuming from checkpoint at step {latest} in {ckpt.directory}")
-        else:
+        if data_state:
+            train_iter.set_state(data_state)
+        _log(is_main, f"Resuming from checkpoint at step {latest} in {ckpt.directory}")
+    else:
+        with sharding.use_mesh(mesh, rules):
             state = s.init_state(rng)
-            if config.init_from:
-                abstract_params = ckpt_lib.abstract_with_shardings(
-                    abstract_state.params, s.param_shardings
-                )
-                state = state.replace(
-                    params=_load_init_params(config.init_from, task, abstract_params)
-                )
-                _log(is_main, f"Initialised params from {config.init_from}")
-            else:
-                _log(is_main, "Starting from scratch")
+        if config.init_from:
+            state = state.replace(params=_load_init_params(config.init_from, s))
+            _log(is_main, f"Initialised params from {config.init_from}")
+        else:
+            _log(is_main, "Starting from scratch")
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
     _log(is_main, f"{task.architecture}: {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}")
 

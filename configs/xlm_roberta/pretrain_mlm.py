@@ -7,26 +7,34 @@ Presets (`:arg`): tiny (CPU, minutes; the default run), base, large, xlm-v-base,
       --config.mesh.fsdp=16 --config.mesh.tensor=4 --config.data.train_files="['/data/cc100.txt']"
 """
 
+import ml_collections
+
 from xformers_jax import config_lib
 
 # config preset -> (model preset, run sizes)
 RUNS = {
     "tiny": dict(model="tiny", steps=300, batch_size=32, seq_len=64, lr=2e-3, warmup=30,
-                 vocab_size=8000, dtype="float32", remat="none", mesh=(-1, 1, 1), every=100),
+                 vocab_size=8000, dtype="float32", remat="none", mesh=(-1, 1, 1), every=100,
+                 max_pred=0, vocab_chunk=0),
     "base": dict(model="xlm-roberta-base", steps=500_000, batch_size=2048, seq_len=512, lr=6e-4,
                  warmup=10_000, vocab_size=250002, dtype="bfloat16", remat="none",
-                 mesh=(-1, 1, 1), every=5000),
+                 mesh=(-1, 1, 1), every=5000,
+                 max_pred=80, vocab_chunk=0),
     "large": dict(model="xlm-roberta-large", steps=500_000, batch_size=8192, seq_len=512,
                   lr=4e-4, warmup=24_000, vocab_size=250002, dtype="bfloat16", remat="dots",
-                  mesh=(-1, 4, 1), every=5000),
+                  mesh=(-1, 4, 1), every=5000,
+                  max_pred=80, vocab_chunk=0),
     "xlm-v-base": dict(model="xlm-v-base", steps=1_500_000, batch_size=8192, seq_len=512,
                        lr=6e-4, warmup=15_000, vocab_size=901629, dtype="bfloat16",
-                       remat="dots", mesh=(-1, 1, 4), every=5000),
+                       remat="dots", mesh=(-1, 1, 4), every=5000,
+                       max_pred=80, vocab_chunk=32768),
     "xl": dict(model="xl", steps=500_000, batch_size=2048, seq_len=512, lr=1e-4, warmup=10_000,
-               vocab_size=250880, dtype="bfloat16", remat="dots", mesh=(-1, 16, 4), every=2000),
+               vocab_size=250880, dtype="bfloat16", remat="dots", mesh=(-1, 16, 4), every=2000,
+               max_pred=80, vocab_chunk=32768),
     "xxl": dict(model="xxl", steps=500_000, batch_size=2048, seq_len=512, lr=1e-4,
                 warmup=10_000, vocab_size=250880, dtype="bfloat16", remat="full",
-                mesh=(-1, 32, 8), every=2000),
+                mesh=(-1, 32, 8), every=2000,
+                max_pred=80, vocab_chunk=32768),
 }  # fmt: skip
 
 
@@ -48,6 +56,11 @@ def get_config(arg: str | None = None):
     c.data.seq_len = run["seq_len"]
     c.data.vocab_size = min(run["vocab_size"], 8000)  # sentencepiece trained on the corpus
     c.data.mask_prob = 0.15
+    # Large vocabularies: LM head only at (at most this many) masked positions per row; 0 = all
+    # positions. And the cross-entropy chunked over the vocabulary (0 = full logits).
+    c.data.max_predictions = run["max_pred"]
+    c.loss = ml_collections.ConfigDict()
+    c.loss.vocab_chunk_size = run["vocab_chunk"]
 
     c.optim.name = "adamw"
     c.optim.lr = run["lr"]

@@ -33,12 +33,14 @@ def test_eval_shape_full_presets(preset, expected):
 @pytest.mark.parametrize("pos", ["absolute", "relative_key", "relative_key_query"])
 def test_tiny_shapes(model_type, pos):
     cfg = xr.XLMRobertaConfig(**{**xr.PRESETS["tiny"], "model_type": model_type,
-                                 "position_embedding_type": pos, "num_hidden_layers": 2})  # fmt: skip
+                                 "position_embedding_type": pos, "num_hidden_layers": 2,
+                                 "vocab_size": 500, "hidden_size": 64})  # fmt: skip
     ids = jnp.array([[0, 5, 6, 7, 2, 1], [0, 8, 9, 2, 1, 1]])
     model = xr.XLMRobertaForMaskedLM(cfg)
-    v = model.init(jax.random.key(0), ids)
-    out = model.apply(v, ids, (ids != 1).astype(jnp.int32), output_hidden_states=True,
-                      output_attentions=True)  # fmt: skip
+    v = jax.jit(model.init)(jax.random.key(0), ids)
+    apply = jax.jit(lambda v, i, m: model.apply(v, i, m, output_hidden_states=True,
+                                                output_attentions=True))  # fmt: skip
+    out = apply(v, ids, (ids != 1).astype(jnp.int32))
     assert out.logits.shape == (2, 6, cfg.vocab_size)
     assert len(out.hidden_states) == 3 and out.hidden_states[0].shape == (2, 6, cfg.hidden_size)
     assert len(out.attentions) == 2 and out.attentions[0].shape == (2, 4, 6, 6)

@@ -25,25 +25,70 @@ _BASE_ARCHS = ("XLMRobertaModel", "XLMRobertaXLModel")
 _BUFFERS = (r"(roberta\.)?embeddings\.position_ids", r"(roberta\.)?embeddings\.token_type_ids")
 
 
-def param_map(config: Any, architecture: str) -> common.ParamMap:
-    """The name map of `architecture` (an HF class name) for `config` (an XLMRobertaConfig)."""
-    bare = architecture in _BASE_ARCHS
-    root: tuple[str, ...] = () if bare else ("model",)
-    p = "" if bare else BASE_PREFIX
-    rules = _base_rules(config, root, p, pooler=bare)
-    ignore = list(_BUFFERS)
-    if not bare:
-        # HF head models have no pooler; pretraining checkpoints often do (transformers ignores
-        # it too, via `_keys_to_ignore_on_load_unexpected`).
-        ignore.append(r"roberta\.pooler\..*")
-        rules += [
+def head_kind(architecture: str) -> str:
+    """`'XLMRobertaXLForQuestionAnswering'` -> `'ForQuestionAnswering'` (`'Model'` for the base)."""
+    for prefix in ("XLMRobertaXL", "XLMRoberta"):
+        if architecture.startswith(prefix):
+            return architecture[len(prefix) :]
+    raise ValueError(f"not an XLM-RoBERTa architecture: {architecture!r}")
+
+
+# Head-model tensors by head kind. Classifier-style heads are initialised fresh when a checkpoint
+# lacks them (fine-tuning from a pretraining checkpoint), as transformers does; LM heads are not.
+def _head_rules(kind: str) -> list[Rule]:
+    fresh = dict(init="normal")
+    zero = dict(init="zeros")
+
+    def linear(path: tuple[str, ...], hf: str) -> list[Rule]:
+        return [
+            Rule((*path, "kernel"), f"{hf}.weight", "linear", **fresh),
+            Rule((*path, "bias"), f"{hf}.bias", "bias", **zero),
+        ]
+
+    if kind in ("ForMaskedLM", "ForCausalLM"):
+        return [
             *dense_rules(("lm_head", "dense"), "lm_head.dense"),
             *norm_rules(("lm_head", "norm"), "lm_head.layer_norm"),
             # The decoder's bias is tied to lm_head.bias, its weight to the word embeddings.
             Rule(("lm_head", "bias"), "lm_head.bias", aliases=("lm_head.decoder.bias",)),
         ]
-        word = rules[0]
-        rules[0] = Rule(word.path, word.hf, aliases=("lm_head.decoder.weight",))
+    if kind == "ForSequenceClassification":
+        return [
+            *linear(("classifier", "dense"), "classifier.dense"),
+            *linear(("classifier", "out_proj"), "classifier.out_proj"),
+        ]
+    if kind in ("ForMultipleChoice", "ForTokenClassification"):
+        return linear(("classifier",), "classifier")
+    if kind == "ForQuestionAnswering":
+        return linear(("qa_outputs",), "qa_outputs")
+    raise ValueError(f"unknown XLM-RoBERTa head {kind!r}")
+
+
+# Tensors of *other* heads in a checkpoint (an MLM checkpoint loaded for fine-tuning): dropped, as
+# transformers drops unexpected keys. A head's own tensors are matched by its rules first.
+_OTHER_HEADS = r"(lm_head|classifier|qa_outputs)\..*"
+
+
+def param_map(config: Any, architecture: str) -> common.ParamMap:
+    """The name map of `architecture` (an HF class name) for `config` (an XLMRobertaConfig)."""
+    kind = head_kind(architecture)
+    bare = kind == "Model"
+    root: tuple[str, ...] = () if bare else ("model",)
+    p = "" if bare else BASE_PREFIX
+    # Only the bare model and multiple choice (which classifies the pooled <s>) have a pooler.
+    pooler = kind in ("Model", "ForMultipleChoice")
+    rules = _base_rules(config, root, p, pooler=pooler)
+    ignore = list(_BUFFERS)
+    if not bare:
+        if not pooler:
+            # HF head models have no pooler; pretraining checkpoints often do (transformers
+            # ignores it too, via `_keys_to_ignore_on_load_unexpected`).
+            ignore.append(r"roberta\.pooler\..*")
+        ignore.append(_OTHER_HEADS)
+        rules += _head_rules(kind)
+        if kind in ("ForMaskedLM", "ForCausalLM"):
+            word = rules[0]
+            rules[0] = Rule(word.path, word.hf, aliases=("lm_head.decoder.weight",))
     unused = {}
     if config.position_embedding_type != "absolute":
         # HF builds the absolute table even for relative models and never reads it.
@@ -58,6 +103,12 @@ def param_map(config: Any, architecture: str) -> common.ParamMap:
         unused=unused,
         init_std=config.initializer_range,
     )
+
+
+def example_inputs(config: Any, architecture: str) -> dict[str, Any]:
+    """Smallest inputs that `init` the head (multiple choice wants `[batch, choices, length]`)."""
+    shape = (1, 1, 2) if head_kind(architecture) == "ForMultipleChoice" else (1, 2)
+    return {"input_ids": np.zeros(shape, np.int32)}
 
 
 def _base_rules(config: Any, root: tuple[str, ...], p: str, pooler: bool) -> list[Rule]:

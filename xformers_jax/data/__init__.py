@@ -17,6 +17,11 @@ from xformers_jax.data.corpus import (
     read_lines,
 )
 from xformers_jax.data.pipeline import mlm_dataset, pack_sequences, tokens_per_batch
+from xformers_jax.data.span_corruption import (
+    random_spans_helper,
+    random_spans_noise_mask,
+    span_corruption_dataset,
+)
 from xformers_jax.data.tokenizer import SentencePieceTokenizer
 
 __all__ = [
@@ -30,5 +35,8 @@ __all__ = [
     "mlm_mask",
     "pack_sequences",
     "read_lines",
+    "random_spans_helper",
+    "random_spans_noise_mask",
+    "span_corruption_dataset",
     "tokens_per_batch",
 ]

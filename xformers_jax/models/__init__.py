@@ -103,6 +103,31 @@ FAMILIES: dict[str, Family] = {
             "multiple_choice": "XLMRobertaForMultipleChoice",
         },
     ),
+    "yoso": Family(
+        name="yoso",
+        module="xformers_jax.models.yoso",
+        config_class="YosoConfig",
+        model_types=("yoso",),
+        heads={
+            name: name
+            for name in (
+                "YosoModel",
+                "YosoForMaskedLM",
+                "YosoForSequenceClassification",
+                "YosoForMultipleChoice",
+                "YosoForTokenClassification",
+                "YosoForQuestionAnswering",
+            )
+        },
+        default_head="YosoModel",
+        task_heads={
+            "mlm": "YosoForMaskedLM",
+            "classification": "YosoForSequenceClassification",
+            "token_classification": "YosoForTokenClassification",
+            "qa": "YosoForQuestionAnswering",
+            "multiple_choice": "YosoForMultipleChoice",
+        },
+    ),
     "mt5": Family(
         name="mt5",
         module="xformers_jax.models.mt5",

@@ -25,6 +25,7 @@ from xformers_jax.layers import (
     get_activation,
     padding_mask,
 )
+from xformers_jax.layers.losses import chunked_cross_entropy, gather_positions
 from xformers_jax.models import outputs
 from xformers_jax.models.common import (
     REMAT_POLICIES,
@@ -432,12 +433,16 @@ class Pooler(nn.Module):
 
 
 class LMHead(nn.Module):
-    """dense -> gelu -> LayerNorm -> tied decoder (+ bias). `[..., hidden] -> [..., vocab]`."""
+    """dense -> gelu -> LayerNorm -> tied decoder (+ bias). `[..., hidden] -> [..., vocab]`.
+
+    With `chunk_size > 0` and `labels`, the decoder is never applied as a whole: returns
+    `chunked_cross_entropy`'s `(token losses, predictions)` instead of logits.
+    """
 
     config: XLMRobertaConfig
 
     @nn.compact
-    def __call__(self, x, embedding: jax.Array):
+    def __call__(self, x, embedding: jax.Array, labels=None, chunk_size: int = 0):
         cfg = self.config
         dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
         x = DenseGeneral(
@@ -450,6 +455,10 @@ class LMHead(nn.Module):
             "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
             (cfg.vocab_size,), pdtype,
         )  # fmt: skip
+        if chunk_size > 0 and labels is not None:
+            return chunked_cross_entropy(
+                x, jnp.asarray(embedding, dtype), bias, labels, chunk_size=chunk_size
+            )
         logits = jnp.einsum("...d,vd->...v", x, jnp.asarray(embedding, dtype))
         logits = logits + jnp.asarray(bias, dtype)
         return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
@@ -459,6 +468,15 @@ class XLMRobertaForMaskedLM(nn.Module):
     """Masked LM head over the tied word embeddings (HF `XLMRobertaXLForMaskedLM` /
     `XLMRobertaForMaskedLM`). Returns `MaskedLMOutput` with `logits` `[batch, length, vocab]`;
     `labels` (`-100` = ignore) gives HF's mean cross-entropy as `loss`.
+
+    Two options for large vocabularies (ours, not HF's):
+
+    * `masked_positions` `[batch, P]` int (`-1` = padding): the LM head runs only on the hidden
+      states gathered at those positions (gather first, then project); `logits` are then
+      `[batch, P, vocab]` and `labels` must be given per position, `[batch, P]`.
+    * `vocab_chunk_size > 0` with `labels`: the loss comes from `chunked_cross_entropy`, no
+      logits at all; returns `ChunkedLMOutput` (`loss`, per-token `token_losses`, argmax
+      `predictions`).
     """
 
     config: XLMRobertaConfig
@@ -476,13 +494,29 @@ class XLMRobertaForMaskedLM(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         deterministic: bool = True,
-    ) -> outputs.MaskedLMOutput:
+        masked_positions=None,
+        vocab_chunk_size: int = 0,
+    ) -> outputs.MaskedLMOutput | outputs.ChunkedLMOutput:
         base = XLMRobertaModel(self.config, add_pooling_layer=False, name="model")
         out = base(
             input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
             output_attentions, output_hidden_states, deterministic,
         )  # fmt: skip
-        logits = LMHead(self.config, name="lm_head")(out.last_hidden_state, word_embeddings(base))
+        x = out.last_hidden_state
+        if masked_positions is not None:
+            x = gather_positions(x, masked_positions)
+            if labels is not None:
+                labels = jnp.where(masked_positions >= 0, labels, -100)
+        head = LMHead(self.config, name="lm_head")
+        if vocab_chunk_size > 0 and labels is not None:
+            losses, predictions = head(x, word_embeddings(base), labels, vocab_chunk_size)
+            valid = labels != -100
+            loss = jnp.sum(losses) / jnp.maximum(jnp.sum(valid), 1)
+            return outputs.ChunkedLMOutput(
+                loss=loss, token_losses=losses, predictions=predictions,
+                hidden_states=out.hidden_states, attentions=out.attentions,
+            )  # fmt: skip
+        logits = head(x, word_embeddings(base))
         loss = None if labels is None else cross_entropy_with_ignore(logits, labels)
         return outputs.MaskedLMOutput(
             loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
@@ -503,3 +537,40 @@ XLMRobertaXLForMaskedLM = XLMRobertaForMaskedLM
 def architecture_name(config: XLMRobertaConfig, class_name: str) -> str:
     """The transformers class name of head `class_name` for this variant (XL or not)."""
     return class_name.replace("XLMRoberta", "XLMRobertaXL", 1) if config.pre_ln else class_name
+
+
+# The task heads live in their own file (this one stays the base model + MLM); re-exported here so
+# the registry and users find every head in this module. Imported last: they build on the above.
+from xformers_jax.models.xlm_roberta_heads import (  # noqa: E402
+    XLMRobertaForCausalLM,
+    XLMRobertaForMultipleChoice,
+    XLMRobertaForQuestionAnswering,
+    XLMRobertaForSequenceClassification,
+    XLMRobertaForTokenClassification,
+    XLMRobertaXLForCausalLM,
+    XLMRobertaXLForMultipleChoice,
+    XLMRobertaXLForQuestionAnswering,
+    XLMRobertaXLForSequenceClassification,
+    XLMRobertaXLForTokenClassification,
+)
+
+__all__ = [
+    "PRESETS",
+    "XLMRobertaConfig",
+    "XLMRobertaForCausalLM",
+    "XLMRobertaForMaskedLM",
+    "XLMRobertaForMultipleChoice",
+    "XLMRobertaForQuestionAnswering",
+    "XLMRobertaForSequenceClassification",
+    "XLMRobertaForTokenClassification",
+    "XLMRobertaModel",
+    "XLMRobertaXLForCausalLM",
+    "XLMRobertaXLForMaskedLM",
+    "XLMRobertaXLForMultipleChoice",
+    "XLMRobertaXLForQuestionAnswering",
+    "XLMRobertaXLForSequenceClassification",
+    "XLMRobertaXLForTokenClassification",
+    "XLMRobertaXLModel",
+    "architecture_name",
+    "position_ids_from_input_ids",
+]

@@ -20,6 +20,8 @@ TASKS: dict[str, str] = {
     "qa": "xformers_jax.tasks.qa",
     "multiple_choice": "xformers_jax.tasks.multiple_choice",
     "span_corruption": "xformers_jax.tasks.span_corruption",
+    "mim": "xformers_jax.tasks.mim",
+    "image_classification": "xformers_jax.tasks.image_classification",
 }
 
 

@@ -1,7 +1,14 @@
-"""Masked language modelling: the RoBERTa objective (15% of tokens, 80/10/10), mean token loss."""
+"""Masked language modelling: the RoBERTa objective (15% of tokens, 80/10/10), mean token loss.
+
+Two switches for large vocabularies (XLM-V 900k, XL 250k), both off by default:
+`data.max_predictions > 0` runs the LM head only on the masked positions (gathered in the loss
+function from the labels), and `loss.vocab_chunk_size > 0` computes the cross-entropy chunked
+over the vocabulary, never materialising logits. Both give the same loss as the full path.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -14,29 +21,69 @@ from xformers_jax import models
 from xformers_jax.tasks import TaskSpec
 
 
-def loss_fn(params, batch, rng, *, model, deterministic: bool = False):
+def masked_positions(labels: jax.Array, max_predictions: int) -> jax.Array:
+    """The first `max_predictions` labelled positions of each row, `-1`-padded.
+
+    `[batch, length]` labels (`-100` = not predicted) -> `[batch, max_predictions]` int32. Rows
+    with more labelled tokens drop the excess (BERT's `max_predictions_per_seq`); with 15%
+    masking, `max_predictions ~ 0.2 * length` keeps nearly all of them.
+    """
+    find = lambda row: jnp.nonzero(row != -100, size=max_predictions, fill_value=-1)[0]  # noqa: E731
+    return jax.vmap(find)(labels).astype(jnp.int32)
+
+
+def loss_fn(
+    params,
+    batch,
+    rng,
+    *,
+    model,
+    deterministic: bool = False,
+    max_predictions: int = 0,
+    vocab_chunk_size: int = 0,
+):
     """Cross-entropy at the masked positions (`labels != -100`).
 
     Args:
       batch: `input_ids`, `attention_mask`, `labels`, each `[batch, length]` int32.
+      max_predictions: > 0: gather the hidden states of at most this many masked positions per
+        row before the LM head (logits `[batch, max_predictions, vocab]` instead of
+        `[batch, length, vocab]`).
+      vocab_chunk_size: > 0: no logits at all; the loss is a cross-entropy chunked over the
+        vocabulary (`layers.losses.chunked_cross_entropy`).
 
     Returns:
       `(mean loss, {'loss_sum', 'weight', 'correct'})`, sums over the masked tokens.
     """
+    labels = batch["labels"]
+    extra = {}
+    if max_predictions > 0:
+        positions = masked_positions(labels, max_predictions)
+        labels = jnp.where(positions >= 0, jnp.take_along_axis(labels, jnp.maximum(positions, 0),
+                                                               axis=1), -100)  # fmt: skip
+        extra["masked_positions"] = positions
+    if vocab_chunk_size > 0:
+        extra.update(labels=labels, vocab_chunk_size=vocab_chunk_size)
     out = model.apply(
         {"params": params},
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         deterministic=deterministic,
-        rngs={"dropout": rng},
+        # `lsh`: the hash functions of YOSO's sampled attention (other families ignore it).
+        rngs={"dropout": rng, "lsh": jax.random.fold_in(rng, 1)},
+        **extra,
     )
-    labels = batch["labels"]
     valid = labels != -100
-    logits = out.logits.astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+    if vocab_chunk_size > 0:
+        losses, predictions = out.token_losses, out.predictions
+    else:
+        logits = out.logits.astype(jnp.float32)
+        safe = jnp.where(valid, labels, 0)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+        predictions = jnp.argmax(logits, -1)
     weight = jnp.sum(valid)
     loss_sum = jnp.sum(jnp.where(valid, losses, 0.0))
-    correct = jnp.sum(jnp.where(valid, jnp.argmax(logits, -1) == labels, False))
+    correct = jnp.sum(jnp.where(valid, predictions == labels, False))
     aux = {"loss_sum": loss_sum, "weight": weight.astype(jnp.float32), "correct": correct}
     return loss_sum / jnp.maximum(weight, 1), aux
 
@@ -112,7 +159,11 @@ def build(config, workdir: str) -> TaskSpec:
         model=module,
         model_config=model_cfg,
         architecture=arch,
-        loss_fn=loss_fn,
+        loss_fn=functools.partial(
+            loss_fn,
+            max_predictions=int(config.data.get("max_predictions", 0)),
+            vocab_chunk_size=int(config.get("loss", {}).get("vocab_chunk_size", 0)),
+        ),
         metrics=metrics,
         train_data=train_data,
         eval_data=eval_data,
