@@ -119,8 +119,10 @@ def test_sigkill_during_saves_never_leaves_a_partial_checkpoint(corpus, tmp_path
             "--config.checkpoint.max_to_keep=2"]  # fmt: skip
     resumed_from = []
     for _ in range(20):
-        proc = subprocess.Popen(_cli(tmp_path, corpus, *args), env=_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            _cli(tmp_path, corpus, *args), env=_env(), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
         start = _steps_logged(tmp_path)
         _wait_for(lambda s=start: _steps_logged(tmp_path) > s, proc)
         time.sleep(rng.uniform(0.0, 1.0))

@@ -1,9 +1,10 @@
 """Multi-host start-up: `jax.distributed.initialize` from the environment, before any jax use.
 
 Set by `launch/*` scripts:
-  JAX_COORDINATOR_ADDRESS=host:port JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i   explicit (local, SLURM)
-  XFJ_DISTRIBUTED=auto                                                    jax's own cluster detection
-                                                                          (Cloud TPU pods, SLURM)
+  JAX_COORDINATOR_ADDRESS=host:port JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i
+      explicit (local processes, SLURM)
+  XFJ_DISTRIBUTED=auto
+      jax's own cluster detection (Cloud TPU pods, SLURM)
 Nothing set: a single process (the default). CPU processes talk over gloo.
 """
 

@@ -121,7 +121,10 @@ def param_map(config: Any, architecture: str) -> common.ParamMap:
         if not config.use_mean_pooling:
             rules += norm_rules((*root, "layernorm"), f"{p}layernorm")
         if config.use_mean_pooling and architecture in ("BeitModel", "BeitForImageClassification"):
-            rules += norm_rules((*root, "pooler_layernorm"), f"{p}pooler.layernorm")
+            # Absent from pretraining (MIM) checkpoints: fresh, as transformers initialises it.
+            pool = (*root, "pooler_layernorm")
+            rules += [Rule((*pool, "scale"), f"{p}pooler.layernorm.weight", init="ones"),
+                      Rule((*pool, "bias"), f"{p}pooler.layernorm.bias", init="zeros")]  # fmt: skip
     if architecture == "BeitForMaskedImageModeling":
         rules += norm_rules(("layernorm",), "layernorm")
         rules += dense_rules(("lm_head",), "lm_head")
@@ -135,12 +138,16 @@ def param_map(config: Any, architecture: str) -> common.ParamMap:
         rules += _segmentation_rules(config)
     elif architecture == "BeitBackbone" and config.add_fpn:
         rules += _fpn_rules(())
+    ignore = _IGNORE
+    if architecture == "BeitForImageClassification":
+        # A MIM checkpoint's head (top-level `layernorm`, `lm_head`) is dropped, as transformers.
+        ignore = (*ignore, r"layernorm\..*", r"lm_head\..*")
     return common.ParamMap(
         rules=tuple(rules),
         num_layers=config.num_hidden_layers,
         prefix=p,
         base_prefix=BASE_PREFIX if architecture != "BeitBackbone" else "",
-        ignore=_IGNORE,
+        ignore=ignore,
         init_std=config.initializer_range,
     )
 

@@ -1,0 +1,58 @@
+"""BEiT image classification fine-tuning (task `image_classification`) on scikit-learn's digits.
+
+Presets (`:arg`): tiny (32 px, patch 8; CPU, the default), base and large (patch 16, 224 px),
+base-384 and large-384. `init_from`: an HF dir or an Orbax params export of
+`BeitForImageClassification` with 10 labels; from a MIM run, export one first:
+
+  xformers-jax train --config configs/beit/pretrain_mim.py:tiny --workdir workdirs/beit_mim
+  python -c "from xformers_jax.tasks.image_classification import export_for_finetuning as e; \
+      e('workdirs/beit_mim', 'workdirs/beit_mim/cls_init')"
+  xformers-jax train --config configs/beit/finetune_classification.py:tiny \
+      --workdir workdirs/beit_cls --config.init_from=workdirs/beit_mim/cls_init
+"""
+
+from xformers_jax import config_lib
+
+# config preset -> (model preset, image size, run sizes)
+RUNS = {
+    "tiny": dict(model="tiny", image_size=32, steps=300, batch_size=32, lr=2e-3, warmup=20,
+                 dtype="float32", every=100, layer_decay=1.0),
+    "base": dict(model="base", image_size=224, steps=20_000, batch_size=1024, lr=4e-3,
+                 warmup=1000, dtype="bfloat16", every=2000, layer_decay=0.65),
+    "base-384": dict(model="base-384", image_size=384, steps=20_000, batch_size=512,
+                     lr=2e-3, warmup=1000, dtype="bfloat16", every=2000, layer_decay=0.65),
+    "large": dict(model="large", image_size=224, steps=20_000, batch_size=1024, lr=2e-3,
+                  warmup=1000, dtype="bfloat16", every=2000, layer_decay=0.75),
+    "large-384": dict(model="large-384", image_size=384, steps=20_000, batch_size=512,
+                      lr=1e-3, warmup=1000, dtype="bfloat16", every=2000, layer_decay=0.75),
+}  # fmt: skip
+
+
+def get_config(arg: str | None = None):
+    run = RUNS[config_lib.parse_arg(arg, RUNS, default="tiny")]
+    c = config_lib.base_config()
+    c.task = "image_classification"
+
+    c.model.family = "beit"
+    c.model.preset = run["model"]
+    c.model.image_size = run["image_size"]
+    c.model.num_labels = 10
+    c.model.dtype = run["dtype"]
+    c.model.param_dtype = "float32"
+
+    c.optim.name = "adamw"
+    c.optim.lr = run["lr"]
+    c.optim.warmup_steps = run["warmup"]
+    c.optim.schedule = "cosine"
+    c.optim.weight_decay = 0.05
+    c.optim.b2 = 0.999
+    c.optim.layer_decay = run["layer_decay"]
+
+    c.train.steps = run["steps"]
+    c.train.batch_size = run["batch_size"]
+    c.train.eval_every_steps = run["every"]
+    c.train.eval_steps = 100
+    c.checkpoint.every_steps = run["every"]
+    c.checkpoint.max_to_keep = 2
+    c.log.every_steps = 10
+    return c

@@ -1,0 +1,265 @@
+"""Image datasets that install with scikit-learn, and grain pipelines for MIM and classification.
+
+Sources (no download): `load_digits` (1797 8x8 grey digits, 10 classes; split 80/20 by a fixed
+permutation) and `load_sample_images` (two 427x640 photos, seen through random crops). Images
+are kept small (uint8) and rendered per example: resized bicubically to `image_size`, grey
+replicated to 3 channels, rescaled and normalised as `BeitImageProcessor` (mean = std = 0.5), so a
+224 / 384 px run never holds the upscaled dataset in memory.
+
+Pipelines, as `pipeline.mlm_dataset`:
+
+    source(items) -> shuffle(seed) -> repeat() -> random_map(render + example) -> [shard::count]
+    -> batch -> to_iter_dataset()
+
+The per-example rng (photo crops, MIM masks) derives from the *global* element index, so examples
+do not depend on the host count, and the iterator state (`get_state` / `set_state`) resumes
+exactly. Eval pipelines are one pass, padded with empty examples (zero pixels, labels ignored) to
+a multiple of `shard_count * batch_size`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+from xformers_jax.data.image_processing import BeitImageProcessor
+from xformers_jax.data.masking import MaskingGenerator
+
+SOURCES = ("digits", "sample_images")
+_DIGITS, _PHOTO, _PAD = 0, 1, -1
+_DEFAULT_READ_OPTIONS = dict(num_threads=2, prefetch_buffer_size=8)
+
+
+def check_images(images: np.ndarray, what: str = "images") -> np.ndarray:
+    """`[n, H, W]` grey or `[n, H, W, 3]` RGB -> uint8-compatible `[n, H, W, 3]`.
+
+    Raises:
+      ValueError: any other layout or channel count (the message names the shape).
+    """
+    x = np.asarray(images)
+    if x.ndim == 3:
+        return np.repeat(x[..., None], 3, axis=-1)
+    if x.ndim == 4 and x.shape[-1] == 1:
+        return np.repeat(x, 3, axis=-1)
+    if x.ndim == 4 and x.shape[-1] == 3:
+        return x
+    raise ValueError(
+        f"{what} has shape {x.shape}; expected [n, height, width] grey or [n, height, width, 3] "
+        "RGB (channels last)"
+    )
+
+
+@dataclasses.dataclass
+class ImageSet:
+    """The raw images of one split and how to render them.
+
+    Attributes:
+      digits: uint8 `[n, h, w, 3]` (the digits, or any labelled small images).
+      labels: int32 `[n]` class ids of `digits`.
+      photos: uint8 HWC images seen through `num_crops` random crops per pass.
+      num_crops: crops of the photos per pass (0 = photos unused).
+      image_size: the rendered side.
+    """
+
+    digits: np.ndarray
+    labels: np.ndarray
+    photos: Sequence[np.ndarray] = ()
+    num_crops: int = 0
+    image_size: int = 32
+
+    def __post_init__(self):
+        self.digits = check_images(self.digits, "digits").astype(np.uint8)
+        self.labels = np.asarray(self.labels, np.int32)
+        if len(self.labels) != len(self.digits):
+            raise ValueError(f"{len(self.labels)} labels for {len(self.digits)} images")
+        self.photos = [check_images(p[None], "photo")[0].astype(np.uint8) for p in self.photos]
+        if self.num_crops and not self.photos:
+            raise ValueError("num_crops > 0 needs photos")
+        self._processor = BeitImageProcessor(
+            size=self.image_size, do_center_crop=False, resample=Image.Resampling.BICUBIC
+        )
+
+    def items(self) -> np.ndarray:
+        """int32 `[m, 2]` (source, index) rows: every digit, then `num_crops` photo crops."""
+        digits = np.stack([np.full(len(self.digits), _DIGITS), np.arange(len(self.digits))], 1)
+        crops = np.stack([np.full(self.num_crops, _PHOTO), np.arange(self.num_crops)], 1)
+        return np.concatenate([digits, crops]).astype(np.int32)
+
+    def render(self, item: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One item -> float32 `[3, image_size, image_size]`, normalised (zeros for padding)."""
+        source, index = int(item[0]), int(item[1])
+        if source == _PAD:
+            return np.zeros((3, self.image_size, self.image_size), np.float32)
+        if source == _DIGITS:
+            return self._processor.preprocess_image(self.digits[index])
+        photo = self.photos[index % len(self.photos)]
+        h, w = photo.shape[:2]
+        side = int(rng.uniform(0.25, 0.75) * min(h, w))
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = photo[top : top + side, left : left + side]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        return self._processor.preprocess_image(np.ascontiguousarray(crop))
+
+    def label(self, item: np.ndarray) -> int:
+        """The class of a digit item; -1 for photos and padding (no class)."""
+        return int(self.labels[item[1]]) if int(item[0]) == _DIGITS else -1
+
+    def render_many(self, count: int, seed: int) -> np.ndarray:
+        """The first `count` items rendered with fixed rngs: `[count, 3, S, S]` float32."""
+        items = self.items()[:count]
+        return np.stack([self.render(it, np.random.default_rng([seed, i]))
+                         for i, it in enumerate(items)])  # fmt: skip
+
+
+@functools.cache
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    # Digits are 0..16 intensities: scale to uint8 like any other image.
+    return np.round(d.images * (255 / 16)).astype(np.uint8), d.target.astype(np.int32)
+
+
+@functools.cache
+def _photos() -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_sample_images
+
+    return tuple(np.asarray(x, np.uint8) for x in load_sample_images().images)
+
+
+def default_images(
+    split: str, image_size: int, sources: Sequence[str] = ("digits",), num_crops: int = 256
+) -> ImageSet:
+    """The bundled images of `split` (`'train'` 80% of the digits, `'eval'` 20%).
+
+    Args:
+      image_size: the rendered side.
+      sources: any of `'digits'`, `'sample_images'`.
+      num_crops: photo crops per pass (train; eval uses a quarter, fixed crops).
+    """
+    unknown = set(sources) - set(SOURCES)
+    if unknown or not sources:
+        raise ValueError(f"data sources {list(sources)}: each must be one of {SOURCES}")
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    images, labels = _digits()
+    order = np.random.default_rng(0).permutation(len(images))
+    cut = int(0.8 * len(images))
+    idx = order[:cut] if split == "train" else order[cut:]
+    if "digits" not in sources:
+        idx = idx[:0]
+    photos = _photos() if "sample_images" in sources else ()
+    crops = (num_crops if split == "train" else max(num_crops // 4, 1)) if photos else 0
+    return ImageSet(images[idx], labels[idx], photos, crops, image_size)
+
+
+def _pipeline(
+    images: ImageSet,
+    example: Callable[[np.ndarray, np.ndarray, np.random.Generator], dict],
+    *,
+    batch_size: int,
+    seed: int,
+    train: bool,
+    shard_index: int,
+    shard_count: int,
+    read_options: grain.ReadOptions | None,
+) -> grain.IterDataset:
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    if shard_count < 1 or not 0 <= shard_index < shard_count:
+        raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index} / {shard_count}")
+    items = images.items()
+    if len(items) == 0:
+        raise ValueError("the image set is empty")
+    if not train:
+        n_pad = -len(items) % (shard_count * batch_size)
+        items = np.concatenate([items, np.tile([[_PAD, 0]], (n_pad, 1)).astype(np.int32)])
+
+    def make(item: np.ndarray, rng: np.random.Generator) -> dict:
+        return example(item, images.render(item, rng), rng)
+
+    ds = grain.MapDataset.source(items)
+    if train:
+        ds = ds.shuffle(seed=seed).repeat(None)
+    # A seed distinct from the shuffle's (the same value would correlate the two).
+    ds = ds.random_map(make, seed=(seed * 0x9E3779B1 + 1) % 2**32)
+    ds = ds[shard_index::shard_count]
+    ds = ds.batch(batch_size, drop_remainder=train)
+    return ds.to_iter_dataset(read_options or grain.ReadOptions(**_DEFAULT_READ_OPTIONS))
+
+
+def mim_dataset(
+    images: ImageSet,
+    tokenizer,
+    masking: MaskingGenerator,
+    *,
+    batch_size: int,
+    seed: int,
+    train: bool = True,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    read_options: grain.ReadOptions | None = None,
+) -> grain.IterDataset:
+    """Masked-image-modelling batches.
+
+    Args:
+      images: the split's `ImageSet`.
+      tokenizer: a `VisualTokenizer` (targets of the masked patches).
+      masking: the blockwise `MaskingGenerator` of the patch grid.
+      batch_size: examples per batch of this shard (`B`).
+      seed: shuffle, crop and mask seed.
+      train: an infinite shuffled stream, or one padded pass.
+      shard_index, shard_count: this host's slice of the global stream.
+
+    Returns:
+      A `grain.IterDataset` of dicts: `pixel_values` float32 `[B, 3, S, S]`, `bool_masked_pos`
+      bool `[B, n]` and `labels` int32 `[B, n]` (token ids where masked, -100 elsewhere).
+    """
+    n = masking.num_patches
+
+    def example(item, pixels, rng):
+        if int(item[0]) == _PAD:
+            return {"pixel_values": pixels, "bool_masked_pos": np.zeros(n, bool),
+                    "labels": np.full(n, -100, np.int32)}  # fmt: skip
+        mask = masking(rng).reshape(-1)
+        ids = tokenizer.tokenize(pixels[None])[0]
+        if ids.shape != (n,):
+            raise ValueError(f"tokenizer gave ids of shape {ids.shape} for {n} patches")
+        labels = np.where(mask, ids, -100).astype(np.int32)
+        return {"pixel_values": pixels, "bool_masked_pos": mask, "labels": labels}
+
+    return _pipeline(images, example, batch_size=batch_size, seed=seed, train=train,
+                     shard_index=shard_index, shard_count=shard_count,
+                     read_options=read_options)  # fmt: skip
+
+
+def classification_dataset(
+    images: ImageSet,
+    *,
+    batch_size: int,
+    seed: int,
+    train: bool = True,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    read_options: grain.ReadOptions | None = None,
+) -> grain.IterDataset:
+    """Labelled batches: `pixel_values` float32 `[B, 3, S, S]`, `labels` int32 `[B]` (-1 = pad).
+
+    Photos have no class: use an `ImageSet` without crops. Arguments as `mim_dataset`.
+    """
+    if images.num_crops:
+        raise ValueError("classification needs labelled images: num_crops must be 0")
+
+    def example(item, pixels, rng):
+        del rng
+        return {"pixel_values": pixels, "labels": np.int32(images.label(item))}
+
+    return _pipeline(images, example, batch_size=batch_size, seed=seed, train=train,
+                     shard_index=shard_index, shard_count=shard_count,
+                     read_options=read_options)  # fmt: skip
