@@ -11,9 +11,11 @@ is stable. The four tasks:
   and padding).
 * QA (`span_qa`): the question is an utterance, the context holds it among 2-3 utterances of
   other languages; the answer is its span in the context. `start_positions`, `end_positions`.
-* multiple choice (`reply_choice`): a prompt and 4 candidate continuations (the true next
-  utterance of its dialog, in the prompt's language, and 3 utterances of other languages, the
-  true one at a random slot). `labels` `[n]`.
+* multiple choice (`reply_choice`): a prompt and 4 candidate continuations: the true next
+  utterance of its dialog and 3 decoys of random vocabulary tokens with the lengths of real
+  utterances of other languages, the true one at a random slot. `labels` `[n]`. (Decoys made of
+  real utterances of other languages make a task a tiny model cannot learn in a few hundred
+  steps; random-token decoys keep the multiple-choice plumbing testable in a few steps.)
 """
 
 from __future__ import annotations
@@ -128,13 +130,16 @@ def reply_choice(tok, seq_len: int, train: bool, n: int = 400) -> dict[str, np.n
     pools = [[tok.encode(t, add_special_tokens=False)[:cut] for t in chatterbot_texts([lang])
               if _is_eval(t) != train] for lang in LANGUAGES]  # fmt: skip
     rows, labels = [], []
+    low = tok.unk_id + 1  # decoys never use the <s> <pad> </s> <unk> ids
     for _ in range(n):
         li = int(rng.integers(len(LANGUAGES)))
         pool = pools[li]
         i = int(rng.integers(len(pool) - 1))
-        # Distractors from the other languages: a reply continues its prompt's language.
+        # Decoys: random ordinary tokens, as long as utterances of the other languages.
         others = [x for x in range(len(LANGUAGES)) if x != li]
-        cands = [pools[o][rng.integers(len(pools[o]))] for o in rng.choice(others, NUM_CHOICES - 1)]
+        picks = rng.choice(others, NUM_CHOICES - 1)
+        lengths = [len(pools[o][rng.integers(len(pools[o]))]) for o in picks]
+        cands = [list(rng.integers(low, tok.vocab_size, max(n_, 1))) for n_ in lengths]
         slot = int(rng.integers(NUM_CHOICES))
         cands.insert(slot, pool[i + 1])
         rows += [_pair(tok, pool[i], c, seq_len) for c in cands]
