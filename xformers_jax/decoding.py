@@ -10,6 +10,12 @@ A head that generates sets `can_generate = True` and has two methods (called thr
   decode_step(tokens [batch], index, context) -> (logits [batch, vocab] float32, context)
       one position for every row; `index` is the position of `tokens`.
 
+A decoder-only head also sets `decoder_only = True`: `init_decoding` then prefills its cache with
+the whole prompt, sequences start with the prompt (left-padded rows as transformers expects them),
+the first step re-runs the last prompt token at `index = prompt_len - 1`, and `max_length`,
+`min_length` and the length penalty count as transformers' do (prompt included in the lengths,
+penalty over generated tokens only).
+
 Shapes never change inside the loop (the cache has `max_length` slots and each step writes one),
 so the whole generation compiles once per (batch, input length, settings). Beam search keeps the
 beams flattened into the batch (`[batch * num_beams, ...]`) and reorders the context with a gather.
@@ -69,11 +75,11 @@ def warp_logits(logits, temperature: float, top_k: int, top_p: float):
 # ==================================================================================================
 
 
-def _sample_loop(step, context, rng, *, batch, max_length, start, eos, pad, min_length, sample,
-                 temperature, top_k, top_p):  # fmt: skip
-    """Greedy (or sampled) decoding; returns `(sequences [b, max_length], lengths [b])`."""
-    seqs = jnp.full((batch, max_length), pad, jnp.int32).at[:, 0].set(start)
-    state = dict(seqs=seqs, done=jnp.zeros((batch,), bool), cur=jnp.int32(1), ctx=context,
+def _sample_loop(step, context, rng, *, batch, max_length, seqs, prompt_len, eos, pad, min_length,
+                 sample, temperature, top_k, top_p):  # fmt: skip
+    """Greedy (or sampled) decoding from the `[b, max_length]` buffer `seqs`, whose first
+    `prompt_len` tokens are given; returns `(sequences [b, max_length], lengths [b])`."""
+    state = dict(seqs=seqs, done=jnp.zeros((batch,), bool), cur=jnp.int32(prompt_len), ctx=context,
                  rng=rng, lengths=jnp.full((batch,), max_length, jnp.int32))  # fmt: skip
 
     def cond(s):
@@ -110,17 +116,18 @@ def _gather_beams(x, idx):
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _beam_loop(step, context, *, batch, num_beams, max_length, start, eos, pad, min_length,
-               length_penalty, early_stopping, num_return_sequences):  # fmt: skip
-    """transformers' vectorised beam search; returns `(sequences, lengths)` of the best beams."""
+def _beam_loop(step, context, *, batch, num_beams, max_length, seqs, prompt_len, eos, pad,
+               min_length, length_penalty, early_stopping, num_return_sequences):  # fmt: skip
+    """transformers' vectorised beam search from the `[b, max_length]` buffer `seqs` (first
+    `prompt_len` tokens given); returns `(sequences, lengths)` of the best beams."""
     k, b, big_k = num_beams, batch, 2 * num_beams
     # The context arrives with one row per input; every beam starts from the same one.
     context = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), context)
-    seqs = jnp.full((b, k, max_length), pad, jnp.int32).at[:, :, 0].set(start)
+    seqs = jnp.repeat(seqs[:, None], k, axis=1)
     state = dict(
         run_seqs=seqs, run_scores=jnp.zeros((b, k)).at[:, 1:].set(NEG_INF),
         seqs=seqs, scores=jnp.full((b, k), NEG_INF), finished=jnp.zeros((b, k), bool),
-        unsatisfied=jnp.ones((b, 1), bool), any_open=jnp.bool_(True), cur=jnp.int32(1),
+        unsatisfied=jnp.ones((b, 1), bool), any_open=jnp.bool_(True), cur=jnp.int32(prompt_len),
         ctx=context,
     )  # fmt: skip
     top_mask = jnp.arange(big_k) < k
@@ -151,7 +158,8 @@ def _beam_loop(step, context, *, batch, num_beams, max_length, start, eos, pad, 
 
         # Candidates among the top num_beams that stopped compete with the finished hypotheses.
         just_done = hits & top_mask[None]
-        fin_lp = top_lp / (cur.astype(jnp.float32) ** length_penalty)
+        # transformers normalises by the generated length (`cur_len + 1 - decoder_prompt_len`).
+        fin_lp = top_lp / ((cur + 1 - prompt_len).astype(jnp.float32) ** length_penalty)
         if early_stopping is True:
             fin_lp = fin_lp + jnp.all(s["finished"], -1, keepdims=True) * NEG_INF
         fin_lp = fin_lp + (~s["unsatisfied"]) * NEG_INF + (~just_done) * NEG_INF
@@ -164,9 +172,9 @@ def _beam_loop(step, context, *, batch, num_beams, max_length, start, eos, pad, 
         # transformers' early-stop heuristic: can a running beam still beat the worst finished one?
         cur = cur + 1
         if early_stopping == "never" and length_penalty > 0.0:
-            best_len = jnp.asarray(max_length - 1, jnp.float32)
+            best_len = jnp.asarray(max_length - prompt_len, jnp.float32)
         else:
-            best_len = (cur - 1).astype(jnp.float32)
+            best_len = (cur - prompt_len).astype(jnp.float32)
         best_running = run_scores[:, :1] / best_len**length_penalty
         worst_done = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), NEG_INF)
         unsatisfied = s["unsatisfied"] & jnp.any(best_running > worst_done, -1, keepdims=True)
@@ -178,8 +186,8 @@ def _beam_loop(step, context, *, batch, num_beams, max_length, start, eos, pad, 
 
     out = jax.lax.while_loop(cond, body, state)
     seqs = out["seqs"][:, :num_return_sequences].reshape(b * num_return_sequences, max_length)
-    is_eos = seqs[:, 1:] == eos
-    first = jnp.where(jnp.any(is_eos, 1), jnp.argmax(is_eos, 1) + 2, max_length)
+    is_eos = seqs[:, prompt_len:] == eos  # an EOS inside a prompt ends nothing
+    first = jnp.where(jnp.any(is_eos, 1), jnp.argmax(is_eos, 1) + prompt_len + 1, max_length)
     # Positions after the EOS hold whatever the buffer had: make them padding.
     seqs = jnp.where(jnp.arange(max_length)[None] < first[:, None], seqs, pad)
     return seqs, first.astype(jnp.int32)
@@ -210,9 +218,17 @@ def _build(module: Any, settings: tuple):
         def step(tokens, index, ctx):
             return module.apply(variables, tokens, index, ctx, method="decode_step")
 
-        common = dict(batch=input_ids.shape[0], max_length=opts["max_length"],
-                      start=opts["start"], eos=opts["eos"], pad=opts["pad"],
-                      min_length=opts["min_length"])  # fmt: skip
+        batch, max_length = input_ids.shape[0], opts["max_length"]
+        if opts["decoder_only"]:
+            # The prompt is the start of every sequence; the head's prefill cached it.
+            prompt_len = input_ids.shape[1]
+            seqs = jnp.full((batch, max_length), opts["pad"], jnp.int32)
+            seqs = seqs.at[:, :prompt_len].set(input_ids.astype(jnp.int32))
+        else:
+            prompt_len = 1
+            seqs = jnp.full((batch, max_length), opts["pad"], jnp.int32).at[:, 0].set(opts["start"])
+        common = dict(batch=batch, max_length=max_length, seqs=seqs, prompt_len=prompt_len,
+                      eos=opts["eos"], pad=opts["pad"], min_length=opts["min_length"])  # fmt: skip
         if opts["num_beams"] > 1:
             return _beam_loop(
                 step, context, num_beams=opts["num_beams"], length_penalty=opts["length_penalty"],
@@ -262,17 +278,23 @@ def generate(
 
     Returns:
       `[batch * num_return_sequences, n]` int32 numpy array, starting with the decoder start
-      token, finished rows padded with `pad_token_id`, `n` the longest generated length.
+      token (the prompt for `decoder_only` heads), finished rows padded with `pad_token_id`, `n`
+      the longest generated length.
     """
     cfg = model.config
     ids = np.asarray(input_ids, np.int32)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    decoder_only = bool(getattr(type(model.module), "decoder_only", False))
+    # Lengths count the prompt for decoder-only heads, the start token for encoder-decoders.
+    prompt_len = ids.shape[1] if decoder_only else 1
     if max_new_tokens is not None:
-        max_length = 1 + max_new_tokens
+        max_length = prompt_len + max_new_tokens
     elif max_length is None:
         max_length = 20
+    if max_length <= prompt_len:
+        raise ValueError(f"max_length {max_length} leaves no room after {prompt_len} prompt tokens")
     if min_new_tokens is not None:
-        min_length = 1 + min_new_tokens
+        min_length = prompt_len + min_new_tokens
     if num_beams < 1 or not 1 <= num_return_sequences <= num_beams:
         raise ValueError("need num_beams >= 1 and 1 <= num_return_sequences <= num_beams")
     if do_sample and num_beams > 1:
@@ -286,7 +308,8 @@ def generate(
         top_p=float(top_p), length_penalty=float(length_penalty), early_stopping=early_stopping,
         num_return_sequences=int(num_return_sequences), eos=pick(eos_token_id, "eos_token_id"),
         pad=pick(pad_token_id, "pad_token_id"),
-        start=pick(decoder_start_token_id, "decoder_start_token_id"),
+        start=-1 if decoder_only else pick(decoder_start_token_id, "decoder_start_token_id"),
+        decoder_only=decoder_only,
     )  # fmt: skip
     fn = _compiled(model, tuple(sorted(settings.items())))
     rng = jax.random.key(seed) if prng_key is None else prng_key

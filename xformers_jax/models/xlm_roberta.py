@@ -229,13 +229,18 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention with absolute or BERT-style relative (key / key-query) scores.
 
     `[batch, length, embed] -> [batch, length, embed]`, plus `[batch, heads, q, k]` probs.
+
+    Decoding: with `cache` (`k`, `v` `[batch, max_length, heads, head_dim]`) the queries sit at
+    positions `index ..` of the sequence; their K/V are written there, attention runs over every
+    cache slot (`mask` `[batch, 1, length, max_length]` hides the unwritten ones) and the updated
+    cache is returned third.
     """
 
     config: XLMRobertaConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, mask, head_mask=None):
+    def __call__(self, x, mask, head_mask=None, index=None, cache=None):
         cfg = self.config
         dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
         init = nn.initializers.normal(cfg.initializer_range)
@@ -248,12 +253,19 @@ class SelfAttention(nn.Module):
         q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_kv"))
         k = nn.with_logical_constraint(k, ("act_batch", "act_length", "act_heads", "act_kv"))
         v = nn.with_logical_constraint(v, ("act_batch", "act_length", "act_heads", "act_kv"))
+        q_pos = jnp.arange(x.shape[1])
+        if cache is not None:
+            # Fixed-size cache: shapes never change while decoding, so one step compiles once.
+            dt = cache["k"].dtype
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(dt), index, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(dt), index, 1)
+            # Relative distances are between sequence slots (HF: `key_length - 1` for the query).
+            q_pos = q_pos + index
 
         bias = None
         if cfg.position_embedding_type != "absolute":
             n = cfg.max_position_embeddings
-            length = x.shape[1]
-            dist = jnp.arange(length)[:, None] - jnp.arange(length)[None, :] + (n - 1)
+            dist = q_pos[:, None] - jnp.arange(k.shape[1])[None, :] + (n - 1)
             table = Embed(2 * n - 1, hd, ("relpos", "kv"), dtype, pdtype, init,
                           name="distance_embedding")  # fmt: skip
             rel = table(dist)  # [q, k, head_dim]
@@ -273,13 +285,16 @@ class SelfAttention(nn.Module):
             cfg.hidden_size, ("heads", "kv", "embed"), axis=(-2, -1), dtype=dtype,
             param_dtype=pdtype, kernel_init=init, name="out",
         )(out)  # fmt: skip
+        if cache is not None:
+            return out, probs, dict(k=k, v=v)
         return out, probs
 
 
 class Layer(nn.Module):
     """One transformer block, pre-LN (XL) or post-LN (XLM-R); scanned over `layers`.
 
-    Call signature fits `nn.scan`: `(x, (mask, head_mask)) -> (x, (x, probs))`.
+    Call signature fits `nn.scan`: `(x, (mask, head_mask)) -> (x, (x, probs))`; when decoding,
+    `(x, (mask, head_mask, index, cache)) -> (x, cache)` (see `SelfAttention`).
     """
 
     config: XLMRobertaConfig
@@ -288,7 +303,7 @@ class Layer(nn.Module):
     output_attentions: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, head_mask):
+    def __call__(self, x, mask, head_mask, index=None, cache=None):
         cfg = self.config
         dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
         norm = lambda name: LayerNorm(
@@ -300,15 +315,18 @@ class Layer(nn.Module):
             cfg.intermediate_size, cfg.hidden_act, dtype=dtype, param_dtype=pdtype,
             kernel_init=nn.initializers.normal(cfg.initializer_range), name="mlp",
         )  # fmt: skip
+        new_cache = None
         if cfg.pre_ln:
-            a, probs = attn(norm("attention_norm")(x), mask, head_mask)
+            a, probs, *new_cache = attn(norm("attention_norm")(x), mask, head_mask, index, cache)
             x = x + drop(a)
             x = x + drop(mlp(norm("mlp_norm")(x)))
         else:
-            a, probs = attn(x, mask, head_mask)
+            a, probs, *new_cache = attn(x, mask, head_mask, index, cache)
             x = norm("attention_norm")(x + drop(a))
             x = norm("mlp_norm")(x + drop(mlp(x)))
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+        if cache is not None:
+            return x, new_cache[0]
         ys = (
             x if self.output_hidden_states else None,
             probs if self.output_attentions else None,
@@ -322,6 +340,10 @@ class XLMRobertaModel(nn.Module):
     Inputs `[batch, length]` ids; returns `BaseModelOutput` with `last_hidden_state`
     `[batch, length, hidden]`, `pooler_output` `[batch, hidden]` (when `add_pooling_layer`),
     and per-layer `hidden_states` / `attentions` tuples when asked.
+
+    Decoding (`cache` given, `k`/`v` `[batch, layers, max_length, heads, head_dim]`): `input_ids`
+    `[batch, n]` sit at sequence slots `cache_index ..`, `attention_mask` is the key mask over all
+    `max_length` slots, `position_ids` must be given; `past_key_values` is the updated cache.
     """
 
     config: XLMRobertaConfig
@@ -339,10 +361,14 @@ class XLMRobertaModel(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         deterministic: bool = True,
+        cache=None,
+        cache_index=None,
     ) -> outputs.BaseModelOutput:
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if cache is not None:
+            return self._decode(input_ids, attention_mask, position_ids, cache, cache_index)
         shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
         batch, length = shape
         if position_ids is None:
@@ -399,6 +425,27 @@ class XLMRobertaModel(nn.Module):
             hidden_states=hidden_states,
             attentions=unstack(probs),
         )
+
+    @nn.nowrap
+    def _decode(self, input_ids, attention_mask, position_ids, cache, index):
+        """The cached path of `__call__` (called from inside it, so submodule names are shared)."""
+        cfg = self.config
+        n, max_length = input_ids.shape[1], cache["k"].shape[2]
+        mask = padding_mask(jnp.ones_like(input_ids), attention_mask)
+        mask = mask & causal_mask(n, max_length, index)
+        x = Embeddings(cfg, True, name="embeddings")(
+            input_ids, jnp.zeros_like(input_ids), position_ids
+        )
+        # Caches are batch-major `[b, layers, ...]` so that beam search reorders them on axis 0.
+        x, cache = nn.scan(
+            Layer, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 1), out_axes=1,
+            length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+        )(config=cfg, name="layers")(x, mask, None, index, cache)  # fmt: skip
+        if cfg.pre_ln:
+            dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+            x = LayerNorm(cfg.layer_norm_eps, dtype=dtype, param_dtype=pdtype, name="final_norm")(x)
+        return outputs.BaseModelOutput(last_hidden_state=x, past_key_values=cache)
 
 
 def _layer_head_mask(head_mask, cfg: XLMRobertaConfig):

@@ -106,27 +106,93 @@ class XLMRobertaForCausalLM(nn.Module):
     checkpoint's config.json carries it). Returns `CausalLMOutput` with `logits`
     `[batch, length, vocab]`; `labels` `[batch, length]` (unshifted, `-100` = ignore) give
     HF's shifted mean cross-entropy.
+
+    Generation (`xformers_jax.decoding`, through `init_decoding` / `decode_step`) uses a
+    fixed-size K/V cache (`cache` / `cache_index`, see `XLMRobertaModel`) and position ids as
+    transformers' `generate` makes them, which differ between the variants:
+
+    * XL: from the ids (`create_position_ids_from_input_ids`), so padding (and a generated pad
+      token) keeps `padding_idx` and real tokens count up from `padding_idx + 1`;
+    * XLM-R: transformers' generic rule from the attention mask, `cumsum(mask) - 1` (padding
+      gets 1), i.e. positions start at 0, not at `padding_idx + 1` as in a plain forward pass.
     """
 
     config: XLMRobertaConfig
     can_generate = True
+    decoder_only = True
 
     @nn.compact
     def __call__(
         self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
         head_mask=None, inputs_embeds=None, labels=None, output_attentions: bool = False,
-        output_hidden_states: bool = False, deterministic: bool = True,
+        output_hidden_states: bool = False, deterministic: bool = True, cache=None,
+        cache_index=None,
     ) -> outputs.CausalLMOutput:  # fmt: skip
         base = XLMRobertaModel(self.config, add_pooling_layer=False, name="model")
         out = base(
             input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
-            output_attentions, output_hidden_states, deterministic,
+            output_attentions, output_hidden_states, deterministic, cache=cache,
+            cache_index=cache_index,
         )  # fmt: skip
         logits = LMHead(self.config, name="lm_head")(out.last_hidden_state, word_embeddings(base))
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return outputs.CausalLMOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
+            past_key_values=out.past_key_values,
+        )  # fmt: skip
+
+    def init_decoding(self, input_ids, attention_mask, max_length: int) -> dict[str, Any]:
+        """Prefills the cache with the (left-padded) prompt.
+
+        Args:
+          input_ids / attention_mask: `[b, p]` prompt, padding on the left as transformers wants.
+          max_length: sequence slots to cache (prompt included).
+
+        Returns:
+          Batch-major context: `cache` (`k`, `v` `[b, layers, max_length, heads, head_dim]`),
+          `attention_mask` `[b, max_length]` (prompt mask, then ones as transformers extends it)
+          and `count` `[b]`, the position counter before the last prompt token (which the first
+          `decode_step` runs again).
+        """
+        cfg = self.config
+        b, p = input_ids.shape
+        shape = (b, cfg.num_hidden_layers, max_length, cfg.num_attention_heads, cfg.head_dim)
+        zeros = jnp.zeros(shape, dtype_from_name(cfg.dtype))
+        mask = jnp.ones((b, max_length), jnp.int32).at[:, :p].set(attention_mask.astype(jnp.int32))
+        if cfg.pre_ln:
+            real = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+            positions = jnp.cumsum(real, axis=1) * real + cfg.pad_token_id
+        else:
+            real = attention_mask.astype(jnp.int32)
+            positions = jnp.where(real > 0, jnp.cumsum(real, axis=1) - 1, 1)
+        out = self(input_ids, mask, position_ids=positions, cache=dict(k=zeros, v=zeros),
+                   cache_index=0)  # fmt: skip
+        count = jnp.sum(real[:, :-1], axis=1)
+        return dict(cache=out.past_key_values, attention_mask=mask, count=count)
+
+    def decode_step(self, tokens, index, context):
+        """One position for every row.
+
+        Args:
+          tokens: `[b]` the token at sequence slot `index`.
+          index: scalar int slot.
+          context: from `init_decoding` (or a previous step).
+
+        Returns:
+          `(logits [b, vocab] float32 for slot index + 1, updated context)`.
+        """
+        cfg = self.config
+        mask, count = context["attention_mask"], context["count"]
+        if cfg.pre_ln:
+            real = (tokens != cfg.pad_token_id).astype(jnp.int32)
+            positions = (count + real) * real + cfg.pad_token_id
+        else:
+            real = jax.lax.dynamic_index_in_dim(mask, index, 1, keepdims=False)
+            positions = jnp.where(real > 0, count, 1)
+        out = self(tokens[:, None], mask, position_ids=positions[:, None],
+                   cache=context["cache"], cache_index=index)  # fmt: skip
+        logits = out.logits[:, 0].astype(jnp.float32)
+        return logits, dict(cache=out.past_key_values, attention_mask=mask, count=count + real)
 
 
 class ClassificationHead(nn.Module):

@@ -568,10 +568,20 @@ class LMBias(nn.Module):
 
 class XLNetLMHeadModel(nn.Module):
     """Tied LM head (HF `XLNetLMHeadModel`): `logits` `[b, num_predict or l, vocab]`; `labels`
-    (`-100` = ignore) give the mean cross-entropy. `generate` uses the permutation trick."""
+    (`-100` = ignore) give the mean cross-entropy. `generate` uses the permutation trick.
+
+    Generation (`init_decoding` / `decode_step`, driven by `xformers_jax.decoding`) keeps the
+    sequence in a fixed `[b, max_length]` token buffer: each step puts transformers' dummy token
+    after the last one, hides it and every later slot from all queries with `perm_mask`, and
+    predicts it through a one-hot `target_mapping`. Shapes never change, so the step compiles
+    once; it recomputes the whole buffer each step, which equals transformers' `generate` with
+    `use_mems=False` (its `use_mems=True` path re-uses bidirectionally computed mems, not done
+    here). As in transformers, the prompt's `attention_mask` is ignored: pass unpadded prompts.
+    """
 
     config: XLNetConfig
     can_generate = True
+    decoder_only = True
 
     @nn.compact
     def __call__(
@@ -591,6 +601,42 @@ class XLNetLMHeadModel(nn.Module):
         logits = nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
         loss = None if labels is None else cross_entropy_with_ignore(logits, labels)
         return outputs.XLNetLMHeadModelOutput(loss=loss, logits=logits, **_extras(out))
+
+    def init_decoding(self, input_ids, attention_mask, max_length: int) -> dict[str, Any]:
+        """The token buffer `tokens` `[b, max_length]` holding the prompt (zeros after it).
+
+        `attention_mask` is ignored, as transformers' `prepare_inputs_for_generation` drops it.
+        """
+        del attention_mask
+        b, p = input_ids.shape
+        buf = jnp.zeros((b, max_length), jnp.int32).at[:, :p].set(input_ids.astype(jnp.int32))
+        return dict(tokens=buf)
+
+    def decode_step(self, tokens, index, context):
+        """Predicts slot `index + 1` from slots `0..index` (the permutation trick, fixed shapes).
+
+        Args:
+          tokens: `[b]` the token at slot `index`.
+          index: scalar int slot (at most `max_length - 2`, so the dummy slot exists).
+          context: `tokens` `[b, max_length]` from `init_decoding` or a previous step.
+
+        Returns:
+          `(logits [b, vocab] float32, updated context)`.
+        """
+        buf = jax.lax.dynamic_update_slice_in_dim(
+            context["tokens"], tokens[:, None].astype(jnp.int32), index, 1
+        )
+        b, length = buf.shape
+        slots = jnp.arange(length)
+        # transformers' dummy (token 0) sits right after the last token; later slots hold stale
+        # or no tokens: every query is blind to both, so they act as if absent.
+        ids = jnp.where(slots[None] == index + 1, 0, buf)
+        hidden = (slots > index).astype(jnp.float32)
+        perm_mask = jnp.broadcast_to(hidden[None, None], (b, length, length))
+        target = jnp.broadcast_to((slots == index + 1).astype(jnp.float32)[None, None],
+                                  (b, 1, length))  # fmt: skip
+        out = self(ids, perm_mask=perm_mask, target_mapping=target, use_mems=False)
+        return out.logits[:, 0].astype(jnp.float32), dict(tokens=buf)
 
 
 class SequenceSummary(nn.Module):
