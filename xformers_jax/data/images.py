@@ -29,6 +29,7 @@ from PIL import Image
 
 from xformers_jax.data.image_processing import BeitImageProcessor
 from xformers_jax.data.masking import MaskingGenerator
+from xformers_jax.models.common import InputError
 
 SOURCES = ("digits", "sample_images")
 _DIGITS, _PHOTO, _PAD = 0, 1, -1
@@ -48,7 +49,7 @@ def check_images(images: np.ndarray, what: str = "images") -> np.ndarray:
         return np.repeat(x, 3, axis=-1)
     if x.ndim == 4 and x.shape[-1] == 3:
         return x
-    raise ValueError(
+    raise InputError(
         f"{what} has shape {x.shape}; expected [n, height, width] grey or [n, height, width, 3] "
         "RGB (channels last)"
     )

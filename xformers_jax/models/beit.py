@@ -32,6 +32,7 @@ from xformers_jax.layers.dense import param_init
 from xformers_jax.models import outputs
 from xformers_jax.models.common import (
     REMAT_POLICIES,
+    InputError,
     cross_entropy_with_ignore,
     dtype_from_name,
     scan_layers,
@@ -347,7 +348,7 @@ class Embeddings(nn.Module):
         dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
         init = nn.initializers.normal(cfg.initializer_range)
         if pixel_values.shape[1] != cfg.num_channels:
-            raise ValueError(
+            raise InputError(
                 f"pixel_values has {pixel_values.shape[1]} channels, the config "
                 f"{cfg.num_channels} (layout is [batch, channels, height, width])"
             )

@@ -9,6 +9,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from xformers_jax.config_lib import UserError
+
+
+class InputError(UserError, ValueError):
+    """Inputs a model cannot take (e.g. longer than its position table); the message says why."""
+
+
 # Named remat policies (`model.remat_policy` in configs). 'none' keeps every activation.
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,

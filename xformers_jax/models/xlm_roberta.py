@@ -29,6 +29,7 @@ from xformers_jax.layers.losses import chunked_cross_entropy, gather_positions
 from xformers_jax.models import outputs
 from xformers_jax.models.common import (
     REMAT_POLICIES,
+    InputError,
     cross_entropy_with_ignore,
     dtype_from_name,
     scan_layers,
@@ -381,7 +382,7 @@ class XLMRobertaModel(nn.Module):
         if cfg.position_embedding_type == "absolute" and length + cfg.pad_token_id >= (
             cfg.max_position_embeddings
         ):
-            raise ValueError(
+            raise InputError(
                 f"sequence length {length} exceeds the position table: at most "
                 f"{cfg.max_position_embeddings - cfg.pad_token_id - 1} tokens"
             )

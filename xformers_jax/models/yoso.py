@@ -44,6 +44,7 @@ from xformers_jax.models import outputs
 from xformers_jax.models import xlm_roberta as _xlm_roberta  # noqa: F401
 from xformers_jax.models.common import (
     REMAT_POLICIES,
+    InputError,
     cross_entropy_with_ignore,
     dtype_from_name,
     scan_layers,
@@ -363,7 +364,7 @@ class YosoModel(nn.Module):
         shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
         batch, length = shape
         if length > cfg.max_position_embeddings:
-            raise ValueError(
+            raise InputError(
                 f"sequence length {length} exceeds max_position_embeddings "
                 f"{cfg.max_position_embeddings}"
             )
