@@ -37,7 +37,7 @@ class Case:
     flops_per_step: Callable[[], float]
 
 
-# ----------------------------------------------------------------------------- XLM-RoBERTa
+# --------------------------------------------------------------------------------- families
 
 
 def _xlmr_config():
@@ -91,6 +91,129 @@ def _encoder_flops(layers, hidden, ffn, seq, tokens, vocab) -> float:
     return 3 * 2 * tokens * (per_token + attn)
 
 
+def _text_case(family: str, make_cfg, ours_cls: str, torch_cls: str, torch_cfg_cls: str,
+               batch_fn, extra_flops: float = 0.0) -> Case:  # fmt: skip
+    """A text family's case: same config, same batch, HF's loss on both sides."""
+
+    def ours():
+        import importlib
+
+        module = getattr(importlib.import_module(f"xformers_jax.models.{family}"), ours_cls)(
+            make_cfg()
+        )
+        batch = batch_fn()
+        init_kw = {k: v[:1] for k, v in batch.items()}  # labels too: MT5 derives decoder inputs
+        params = jax.jit(lambda r: module.init(r, **init_kw)["params"])(jax.random.key(0))
+        return module, params, batch, lambda p, b: module.apply({"params": p}, **b).loss
+
+    def reference():
+        import torch
+        import transformers
+
+        cfg = getattr(transformers, torch_cfg_cls)(**make_cfg().to_hf_config())
+        model = getattr(transformers, torch_cls)(cfg)
+        tb = {}
+        for k, v in batch_fn().items():
+            t = torch.from_numpy(v)
+            tb[k] = t.long() if v.dtype.kind in "iu" else t
+        return model, tb
+
+    b = BENCH
+    tokens = b["batch"] * b["seq"]
+    return Case(
+        family, ours, reference,
+        lambda: _encoder_flops(b["layers"], b["hidden"], b["ffn"], b["seq"], tokens,
+                               b["vocab"]) + extra_flops,
+    )  # fmt: skip
+
+
+def _xlnet_config():
+    from xformers_jax.models.xlnet import XLNetConfig
+
+    b = BENCH
+    return XLNetConfig(vocab_size=b["vocab"], d_model=b["hidden"], n_layer=b["layers"],
+                       n_head=b["heads"], d_inner=b["ffn"], dropout=0.0, mem_len=None)  # fmt: skip
+
+
+def _lm_batch() -> dict[str, np.ndarray]:
+    """Causal/permutation LM style: labels are the inputs (XLNet's plain LM loss)."""
+    ids = _mlm_batch()["input_ids"]
+    return {"input_ids": ids, "labels": ids.copy()}
+
+
+def _yoso_config():
+    from xformers_jax.models.yoso import YosoConfig
+
+    b = BENCH
+    return YosoConfig(
+        vocab_size=b["vocab"], hidden_size=b["hidden"], num_hidden_layers=b["layers"],
+        num_attention_heads=b["heads"], intermediate_size=b["ffn"],
+        max_position_embeddings=b["seq"], hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, use_expectation=True,
+    )  # fmt: skip
+
+
+def _mt5_config():
+    from xformers_jax.models.mt5 import MT5Config
+
+    b = BENCH
+    return MT5Config(vocab_size=b["vocab"], d_model=b["hidden"], d_kv=b["hidden"] // b["heads"],
+                     d_ff=b["ffn"], num_layers=b["layers"], num_heads=b["heads"],
+                     dropout_rate=0.0)  # fmt: skip
+
+
+def _seq2seq_batch() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    b = BENCH
+    ids = rng.integers(2, b["vocab"], (b["batch"], b["seq"])).astype(np.int32)
+    labels = rng.integers(2, b["vocab"], (b["batch"], BENCH_DECODER_LEN)).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
+
+
+BENCH_DECODER_LEN = 32
+BEIT = dict(image_size=224, patch_size=16, num_labels=10)
+
+
+def _beit_config():
+    from xformers_jax.models.beit import BeitConfig
+
+    b = BENCH
+    return BeitConfig(
+        image_size=BEIT["image_size"], patch_size=BEIT["patch_size"], hidden_size=b["hidden"],
+        num_hidden_layers=b["layers"], num_attention_heads=b["heads"],
+        intermediate_size=b["ffn"], num_labels=BEIT["num_labels"], hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, drop_path_rate=0.0, use_relative_position_bias=True,
+    )  # fmt: skip
+
+
+def _image_batch() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    n, size = BENCH["batch"], BEIT["image_size"]
+    return {
+        "pixel_values": rng.standard_normal((n, 3, size, size)).astype(np.float32),
+        "labels": rng.integers(0, BEIT["num_labels"], (n,)).astype(np.int32),
+    }
+
+
+def _mt5_flops() -> float:
+    b = BENCH
+    h, f, L = b["hidden"], b["ffn"], b["layers"]
+    enc_t, dec_t = b["batch"] * b["seq"], b["batch"] * BENCH_DECODER_LEN
+    gated = 3 * h * f  # wi_0, wi_1, wo
+    enc = enc_t * (L * (4 * h * h + gated) + L * 2 * 2 * b["seq"] * h)
+    dec = dec_t * (L * (8 * h * h + gated) + L * 2 * 2 * (BENCH_DECODER_LEN + b["seq"]) * h)
+    return 3 * 2 * (enc + dec + dec_t * h * b["vocab"])
+
+
+def _beit_flops() -> float:
+    b = BENCH
+    n_tok = (BEIT["image_size"] // BEIT["patch_size"]) ** 2 + 1
+    h = b["hidden"]
+    patch = 3 * BEIT["patch_size"] ** 2 * h
+    per_token = b["layers"] * (4 * h * h + 2 * h * b["ffn"] + 2 * 2 * n_tok * h) + patch
+    return 3 * 2 * b["batch"] * n_tok * per_token
+
+
 CASES: dict[str, Case] = {
     "xlm_roberta": Case(
         "xlm_roberta",
@@ -105,6 +228,34 @@ CASES: dict[str, Case] = {
             BENCH["vocab"],
         ),  # fmt: skip
     ),
+    "xlnet": _text_case(
+        "xlnet", _xlnet_config, "XLNetLMHeadModel", "XLNetLMHeadModel", "XLNetConfig", _lm_batch
+    ),  # fmt: skip
+    "yoso": _text_case(
+        "yoso", _yoso_config, "YosoForMaskedLM", "YosoForMaskedLM", "YosoConfig", _mlm_batch
+    ),  # fmt: skip
+    "mt5": dataclasses.replace(
+        _text_case(
+            "mt5",
+            _mt5_config,
+            "MT5ForConditionalGeneration",
+            "MT5ForConditionalGeneration",
+            "MT5Config",
+            _seq2seq_batch,
+        ),
+        flops_per_step=_mt5_flops,
+    ),  # fmt: skip
+    "beit": dataclasses.replace(
+        _text_case(
+            "beit",
+            _beit_config,
+            "BeitForImageClassification",
+            "BeitForImageClassification",
+            "BeitConfig",
+            _image_batch,
+        ),
+        flops_per_step=_beit_flops,
+    ),  # fmt: skip
 }
 
 
