@@ -294,7 +294,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 pending.append((step, metrics))
                 progress.update(1)
                 last = step == total_steps
-                save_now = ckpt.should_save(step) or last or preempted()
+                stop = preempted()  # read once: the signal may arrive at any moment
+                save_now = ckpt.should_save(step) or last or stop
                 if step % config.log.every_steps == 0 or save_now:
                     # Fetching the metrics waits for the dispatched steps: time after it.
                     host = _check_finite(_host_metrics(pending), config.train.skip_nonfinite)
@@ -312,16 +313,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 if save_now:
                     ckpt.save(step, state, train_iter.get_state())
                 t0 += time.perf_counter() - t_side  # eval and saving don't count as train time
-                if preempted():
+                if stop:
                     ckpt.wait()
+                    writer.close()
                     _log(is_main, f"SIGTERM: saved step {step}; exiting")
                     result.update(step=step, preempted=True)
                     return result
     finally:
         progress.close()
         ckpt.close()
-        if preempted():
-            writer.close()
 
     final_eval = run_eval()
     writer.write_eval(step, final_eval)
@@ -386,7 +386,11 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 
 def _install_sigterm():
-    """SIGTERM sets a flag the loop polls; the loop then saves and returns."""
+    """SIGTERM sets a flag the loop polls; the loop then saves and returns.
+
+    With several hosts the flag is agreed on every step (any host signalled -> all stop at the
+    same step), since the save that follows is collective.
+    """
     flag = {"hit": False}
 
     def handler(signum, frame):
@@ -396,7 +400,15 @@ def _install_sigterm():
         signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread (e.g. called from a test worker thread)
         pass
-    return lambda: flag["hit"]
+    if jax.process_count() == 1:
+        return lambda: flag["hit"]
+    from jax.experimental import multihost_utils
+
+    def agreed() -> bool:
+        hit = multihost_utils.process_allgather(np.int32(flag["hit"]))
+        return bool(np.max(hit))
+
+    return agreed
 
 
 def _check_finite(host: list[tuple[int, dict]], skip: bool) -> list[tuple[int, dict]]:
