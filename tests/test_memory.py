@@ -31,3 +31,20 @@ def test_compile_without_devices_is_a_clear_error():
     cfg = config_lib.load_config(TINY_CONFIG)
     with pytest.raises(config_lib.UserError, match="XLA_FLAGS"):
         memory.estimate(cfg, 64, compile=True)
+
+
+@pytest.mark.parametrize(
+    "spec,devices",
+    [
+        ("configs/xlm_roberta/pretrain_mlm.py:xxl", 256),
+        ("configs/mt5/pretrain_span.py:xxl", 256),
+        ("configs/xlnet/pretrain_plm.py:large", 8),
+        ("configs/beit/pretrain_mim.py:large", 8),
+        ("configs/yoso/pretrain_mlm.py:base", 8),
+    ],
+)
+def test_largest_preset_of_every_family(spec, devices):
+    cfg = config_lib.load_config(spec)
+    r = memory.estimate(cfg, devices)
+    assert r["params"] > 1e8 and 0 < r["param_bytes"] <= 4 * r["params"]
+    assert r["per_device_state_bytes"] == r["param_bytes"] + r["opt_bytes"]

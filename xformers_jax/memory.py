@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec
 
-from xformers_jax import models, optim, sharding, tasks
+from xformers_jax import convert, models, optim, sharding, tasks
 from xformers_jax.config_lib import UserError
 
 
@@ -31,6 +31,11 @@ def _example_batch(config) -> dict[str, np.ndarray]:
     mod = importlib.import_module(tasks.TASKS[config.task])
     if hasattr(mod, "example_batch"):
         return mod.example_batch(config)
+    if config.task != "mlm":
+        raise UserError(
+            f"memory --compile needs the batch shapes of task {config.task!r}; it supports mlm "
+            "and tasks whose module defines example_batch(config)"
+        )
     shape = (config.train.batch_size, config.data.seq_len)
     z = np.zeros(shape, np.int32)
     return {"input_ids": z, "attention_mask": z + 1, "labels": z}
@@ -68,11 +73,8 @@ def estimate(config, num_devices: int, compile: bool = False) -> dict[str, Any]:
     sizes = dict(zip(sharding.MESH_AXES, shape))
     rules = sharding.rules_from_config(config.mesh)
     module, model_cfg, arch = models.build_model(config.model, task=config.task)
-    batch = _example_batch(config)
-    init_kwargs = {k: jnp.asarray(v[:1]) for k, v in batch.items() if k != "labels"}
-    rng = jax.random.key(0)
-    boxed = jax.eval_shape(lambda r: module.init({"params": r, "dropout": r}, **init_kwargs), rng)
-    boxed = boxed["params"]
+    # The family's own smallest init inputs (token ids, images, decoder ids): no task data.
+    boxed = convert.abstract_params(model_cfg, arch, boxed=True)
     params = nn.meta.unbox(boxed)
     specs = _specs(boxed, sizes, rules)
     tx, _ = optim.make_optimizer(config.optim, config.train.steps)
@@ -102,6 +104,7 @@ def estimate(config, num_devices: int, compile: bool = False) -> dict[str, Any]:
         "per_device_state_bytes": param_bytes + opt_bytes,
     }
     if compile:
+        batch = _example_batch(config)
         out.update(_compiled(config, module, batch, params, boxed, tx, num_devices, rules))
     return out
 
@@ -116,7 +119,8 @@ def _compiled(config, module, batch, params, boxed, tx, num_devices, rules) -> d
         )
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:num_devices])
     mod = importlib.import_module(tasks.TASKS[config.task])
-    spec = types.SimpleNamespace(model=module, loss_fn=mod.loss_fn, init_extra=None)
+    loss = mod.make_loss_fn(config) if hasattr(mod, "make_loss_fn") else mod.loss_fn
+    spec = types.SimpleNamespace(model=module, loss_fn=loss, init_extra=None)
     schedule = optim.make_schedule(config.optim.schedule, config.optim.lr,
                                    config.optim.warmup_steps, config.train.steps,
                                    config.optim.end_lr_factor)  # fmt: skip

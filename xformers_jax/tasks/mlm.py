@@ -126,6 +126,15 @@ def eval_files(config, workdir: str) -> list[str]:
     return [default_corpus(os.path.join(workdir, "corpus"))[1]]
 
 
+def make_loss_fn(config):
+    """`loss_fn` with this config's masked-only / vocab-chunked options (what the trainer runs)."""
+    return functools.partial(
+        loss_fn,
+        max_predictions=int(config.data.get("max_predictions", 0)),
+        vocab_chunk_size=int(config.get("loss", {}).get("vocab_chunk_size", 0)),
+    )
+
+
 def build(config, workdir: str) -> TaskSpec:
     from xformers_jax.data import mlm_dataset, tokens_per_batch
 
@@ -159,11 +168,7 @@ def build(config, workdir: str) -> TaskSpec:
         model=module,
         model_config=model_cfg,
         architecture=arch,
-        loss_fn=functools.partial(
-            loss_fn,
-            max_predictions=int(config.data.get("max_predictions", 0)),
-            vocab_chunk_size=int(config.get("loss", {}).get("vocab_chunk_size", 0)),
-        ),
+        loss_fn=make_loss_fn(config),
         metrics=metrics,
         train_data=train_data,
         eval_data=eval_data,
