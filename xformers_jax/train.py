@@ -329,6 +329,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     writer.close()
     result.update(step=step, final_eval=final_eval)
     _log(is_main, f"eval at step {step}: {_fmt(final_eval)}")
+    _report(s, state.params)
     if "first_eval" in result and result["first_eval"]:
         _log(
             is_main,
@@ -355,7 +356,16 @@ def evaluate(config, workdir: str) -> dict[str, float]:
     ckpt.close()
     result = _run_eval(s, state.params, config.train.eval_steps)
     _log(jax.process_index() == 0, f"eval at step {step}: {_fmt(result)}")
+    _report(s, state.params)
     return result
+
+
+def _report(s: Setup, params: Any) -> None:
+    """Prints the task's report (e.g. generated samples) of the trained params, if it has one."""
+    if s.task.report is not None:
+        with sharding.use_mesh(s.mesh, s.rules):
+            text = s.task.report(params)
+        _log(jax.process_index() == 0, text)
 
 
 def _run_eval(s: Setup, params: Any, max_steps: int) -> dict[str, float]:
