@@ -104,8 +104,11 @@ def estimate(config, num_devices: int, compile: bool = False) -> dict[str, Any]:
         "per_device_state_bytes": param_bytes + opt_bytes,
     }
     if compile:
+        from xformers_jax.layers.dense import portable_backward
+
         batch = _example_batch(config)
-        out.update(_compiled(config, module, batch, params, boxed, tx, num_devices, rules))
+        with portable_backward():  # the accelerator's backward, not the CPU-tuned one
+            out.update(_compiled(config, module, batch, params, boxed, tx, num_devices, rules))
     return out
 
 

@@ -11,6 +11,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from xformers_jax.layers.dense import add_bias
+
 # Large negative instead of -inf so fully masked rows (padding queries) stay finite.
 DEFAULT_MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
@@ -62,7 +64,7 @@ def dot_product_attention(
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
     if bias is not None:
-        scores = scores + bias.astype(jnp.float32)
+        scores = add_bias(scores, bias.astype(jnp.float32))
     scores = scores * scale
     if mask is not None:
         scores = jnp.where(mask, scores, DEFAULT_MASK_VALUE)

@@ -11,11 +11,38 @@ import jax.numpy as jnp
 
 from xformers_jax.layers.dense import DenseGeneral, Initializer
 
+_SQRT_2_OVER_PI = 0.7978845608028654
+_SQRT_2_OVER_PI_E = 0.7978845608028654 * 0.044715
+
+
+@jax.custom_jvp
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """GELU, tanh approximation (`gelu_new`), with a one-residual derivative.
+
+    Autodiff of the formula keeps several intermediates per element for the backward pass; the
+    closed-form derivative keeps one array (`f'(x)`), so the backward fusion reads 1 input
+    instead of ~6 (on CPU that fusion was the slowest op of a train step).
+    """
+    return 0.5 * x * (1.0 + jnp.tanh(x * (_SQRT_2_OVER_PI + _SQRT_2_OVER_PI_E * x * x)))
+
+
+@gelu_tanh.defjvp
+def _gelu_tanh_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    th = jnp.tanh(x * (_SQRT_2_OVER_PI + _SQRT_2_OVER_PI_E * x * x))
+    dinner = _SQRT_2_OVER_PI + 3.0 * _SQRT_2_OVER_PI_E * x * x
+    grad = 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * dinner
+    # The barrier keeps `grad` a materialised array: otherwise XLA re-computes the tanh inside the
+    # backward's transposing copy, element by element without vectorisation (slow on CPU).
+    out, grad = jax.lax.optimization_barrier((0.5 * x * (1.0 + th), grad))
+    return out, grad * t
+
+
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_fast": gelu_tanh,
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,

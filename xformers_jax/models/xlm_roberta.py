@@ -25,6 +25,7 @@ from xformers_jax.layers import (
     get_activation,
     padding_mask,
 )
+from xformers_jax.layers.dense import add_bias
 from xformers_jax.layers.losses import chunked_cross_entropy, gather_positions
 from xformers_jax.models import outputs
 from xformers_jax.models.common import (
@@ -508,7 +509,7 @@ class LMHead(nn.Module):
                 x, jnp.asarray(embedding, dtype), bias, labels, chunk_size=chunk_size
             )
         logits = jnp.einsum("...d,vd->...v", x, jnp.asarray(embedding, dtype))
-        logits = logits + jnp.asarray(bias, dtype)
+        logits = add_bias(logits, jnp.asarray(bias, dtype))
         return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
 
 
