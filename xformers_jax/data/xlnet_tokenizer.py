@@ -175,6 +175,44 @@ class XLNetTokenizer:
             ids, types = ids + b + [sep], types + [1] * (len(b) + 1)
         return ids + [cls], types + [CLS_TOKEN_TYPE_ID]
 
+    # ------------------------------------------------------------------------- model inputs
+    # What a data pipeline needs to lay out examples the XLNet way without knowing the family;
+    # the names and results are those of `transformers.XLNetTokenizer`.
+    padding_side = "left"  # the CLS token stays last, where XLNet's summary reads it
+    pad_token_type_id = PAD_TOKEN_TYPE_ID
+    model_input_names = ("input_ids", "token_type_ids", "attention_mask")
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return sorted(self.special_ids)
+
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        """2 (`<sep> <cls>`) for one sequence, 3 for a pair."""
+        return 3 if pair else 2
+
+    def build_inputs_with_special_tokens(
+        self, token_ids_0: Sequence[int], token_ids_1: Sequence[int] | None = None
+    ) -> list[int]:
+        """`A <sep> <cls>` or `A <sep> B <sep> <cls>` (ids without specials in, with out)."""
+        b = None if token_ids_1 is None else list(token_ids_1)
+        return self._with_specials(list(token_ids_0), b)[0]
+
+    def create_token_type_ids_from_sequences(
+        self, token_ids_0: Sequence[int], token_ids_1: Sequence[int] | None = None
+    ) -> list[int]:
+        """Segment ids of `build_inputs_with_special_tokens`: 0 for A, 1 for B, 2 for CLS."""
+        b = None if token_ids_1 is None else list(token_ids_1)
+        return self._with_specials(list(token_ids_0), b)[1]
+
+    def get_special_tokens_mask(
+        self, token_ids_0: Sequence[int], token_ids_1: Sequence[int] | None = None
+    ) -> list[int]:
+        """1 at the special tokens `build_inputs_with_special_tokens` adds, 0 at A's and B's."""
+        mask = [0] * len(token_ids_0) + [1]
+        if token_ids_1 is not None:
+            mask += [0] * len(token_ids_1) + [1]
+        return mask + [1]
+
     def __call__(
         self,
         text: str | Sequence[str],

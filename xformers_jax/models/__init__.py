@@ -51,7 +51,15 @@ FAMILIES: dict[str, Family] = {
             )
         },
         default_head="XLNetModel",
-        task_heads={"plm": "XLNetLMHeadModel"},
+        task_heads={
+            "plm": "XLNetLMHeadModel",
+            "classification": "XLNetForSequenceClassification",
+            "token_classification": "XLNetForTokenClassification",
+            # transformers' AutoModelForQuestionAnswering picks the Simple head for XLNet; the
+            # beam head gives only a loss in training (no span logits for EM / F1).
+            "qa": "XLNetForQuestionAnsweringSimple",
+            "multiple_choice": "XLNetForMultipleChoice",
+        },
     ),
     "beit": Family(
         name="beit",

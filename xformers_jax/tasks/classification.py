@@ -1,7 +1,10 @@
 """Sequence classification fine-tuning (language identification on the bundled corpus).
 
 Also home of what the four fine-tuning tasks share (`build_finetune`, `finetune_config`): the
-tokenizer, the generated datasets (`data.finetune_data`), batching, the `TaskSpec`.
+tokenizer, the generated datasets (`data.finetune_data`), batching, the `TaskSpec`, and the
+per-family presets of `configs/{xlm_roberta,xlnet,yoso}/finetune_*.py`. Nothing here depends on
+the family at run time: the tokenizer lays out examples (XLNet's CLS-last, left-padded layout or
+XLM-R's) and the registry picks the head.
 
   xformers-jax train --config configs/xlm_roberta/finetune_classification.py:tiny \
       --workdir workdirs/cls --config.init_from=HF_OR_ORBAX_DIR
@@ -9,6 +12,7 @@ tokenizer, the generated datasets (`data.finetune_data`), batching, the `TaskSpe
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -24,8 +28,21 @@ from xformers_jax.tasks import TaskSpec
 def _apply(params, batch, rng, model, deterministic, **extra):
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "start_positions",
                                                             "end_positions")}  # fmt: skip
+    # `lsh`: the hash functions of YOSO's sampled attention, as in MLM pretraining (other
+    # families ignore it).
+    rngs = {"dropout": rng, "lsh": jax.random.fold_in(rng, 1)}
     return model.apply({"params": params}, **inputs, **extra, deterministic=deterministic,
-                       rngs={"dropout": rng})  # fmt: skip
+                       rngs=rngs)  # fmt: skip
+
+
+def head_inputs(module, arrays: dict[str, Any]) -> dict[str, Any]:
+    """The arrays the head takes (e.g. `p_mask` only for heads that restrict answers).
+
+    Every batch key reaches the head (the trainer initialises it with them), so a dataset's
+    optional inputs are dropped for heads whose `__call__` has no such argument.
+    """
+    takes = inspect.signature(type(module).__call__).parameters
+    return {k: v for k, v in arrays.items() if k in takes}
 
 
 def loss_fn(params, batch, rng, *, model, deterministic: bool = False):
@@ -65,8 +82,8 @@ def build_finetune(config, workdir: str, task: str, make_data: Callable, num_lab
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, model.vocab_size is "
                          f"{model_cfg.vocab_size}")  # fmt: skip
     host_batch = config.train.batch_size // jax.process_count()
-    train_arrays = make_data(tokenizer, config.data.seq_len, True)
-    eval_arrays = make_data(tokenizer, config.data.seq_len, False)
+    train_arrays = head_inputs(module, make_data(tokenizer, config.data.seq_len, True))
+    eval_arrays = head_inputs(module, make_data(tokenizer, config.data.seq_len, False))
 
     def data(arrays, train, seed):
         return lambda i, n: ArrayBatches(arrays, host_batch, train=train, seed=seed,
@@ -98,30 +115,76 @@ FINETUNE = {
     "multiple_choice": (1, 48, 1e-3),
 }
 
+# family -> config preset -> (model preset, batch size, steps, compute dtype, lr or None for
+# the task's, `model.*` keys of the preset). `tiny` runs on CPU in minutes; the others are the
+# published model sizes.
+FINETUNE_RUNS = {
+    "xlm_roberta": {
+        "tiny": ("tiny", 32, 200, "float32", None, {}),
+        "base": ("xlm-roberta-base", 32, 3000, "bfloat16", None, {}),
+    },
+    "xlnet": {
+        "tiny": ("tiny", 32, 200, "float32", None, {}),
+        "base": ("base", 32, 3000, "bfloat16", 2e-5, {}),
+        "large": ("large", 32, 3000, "bfloat16", 2e-5, {}),
+    },
+    # YOSO's attention as its pretraining (`configs/yoso/pretrain_mlm.py`) runs it: sampled (LSH)
+    # in `tiny`; `base` keeps uw-madison/yoso-4096's expectation mode: the attention that
+    # checkpoint was trained with, and at fine-tuning lengths (tens to hundreds of tokens) the
+    # dense expectation costs no more than 64 hashes of 9 bits (512 buckets each).
+    # `--config.model.use_expectation=False` samples.
+    "yoso": {
+        "tiny": ("tiny", 32, 200, "float32", None, {"use_expectation": False}),
+        "base": ("base", 32, 3000, "bfloat16", 2e-5, {"use_expectation": True}),
+    },
+}
 
-def finetune_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
-    """The shared fine-tuning config of `configs/xlm_roberta/finetune_<task>.py`.
+# family -> (`model.*`, `data.*`) keys of every fine-tuning run of that family.
+FINETUNE_FAMILY = {
+    "xlm_roberta": (dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1), {}),
+    # No Transformer-XL mems: fine-tuning batches are unrelated examples. The XLNet tokenizer
+    # (spm model `spiece.model`) is the one PLM pretraining trains, so its checkpoints carry over.
+    "xlnet": (
+        dict(dropout=0.1, use_mems_train=False, use_mems_eval=False, bi_data=False),
+        dict(tokenizer_type="xlnet"),
+    ),
+    "yoso": (
+        dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, attention_impl="xla"),
+        {},
+    ),
+}
 
-    Presets: `tiny` (CPU, the tiny XL-style model; the default) and `base` (xlm-roberta-base
-    sizes). Set `init_from` to an HF dir or an Orbax params export of the same sizes and head.
+
+def finetune_config(
+    task: str, arg: str | None, family: str = "xlm_roberta"
+) -> ml_collections.ConfigDict:
+    """The shared fine-tuning config of `configs/<family>/finetune_<task>.py`.
+
+    Presets: `FINETUNE_RUNS[family]` (`tiny`, the default, on CPU; `base` / `large` the
+    published sizes in bfloat16). Set `init_from` to an HF dir, an Orbax params export or a
+    pretraining workdir of the same sizes; a tokenizer saved there is used (see
+    `tasks.mlm.tokenizer_for`).
     """
-    num_labels, seq_len, lr = FINETUNE[task]
-    runs = {
-        "tiny": ("tiny", 32, 200, "float32"),
-        "base": ("xlm-roberta-base", 32, 3000, "bfloat16"),
-    }
-    model, batch_size, steps, dtype = runs[config_lib.parse_arg(arg, runs, default="tiny")]
+    num_labels, seq_len, task_lr = FINETUNE[task]
+    runs = FINETUNE_RUNS[family]
+    model, batch_size, steps, dtype, lr, preset_keys = runs[
+        config_lib.parse_arg(arg, runs, default="tiny")
+    ]
+    model_keys, data_keys = FINETUNE_FAMILY[family]
     c = config_lib.base_config()
     c.task = task
-    c.model.family = "xlm_roberta"
+    c.model.family = family
     c.model.preset = model
     c.model.num_labels = num_labels
     c.model.dtype = dtype
-    c.model.hidden_dropout_prob = 0.1
-    c.model.attention_probs_dropout_prob = 0.1
+    for k, v in {**model_keys, **preset_keys}.items():
+        c.model[k] = v
     c.data.seq_len = seq_len
     c.data.vocab_size = 8000
-    c.optim.lr = lr
+    c.data.tokenizer_type = "sentencepiece"
+    for k, v in data_keys.items():
+        c.data[k] = v
+    c.optim.lr = task_lr if lr is None else lr
     c.optim.warmup_steps = steps // 10
     c.optim.schedule = "linear"
     c.optim.layer_decay = 0.9  # layer-wise lr decay, as is usual for fine-tuning

@@ -94,18 +94,79 @@ def metrics(sums: dict[str, Any]) -> dict[str, float]:
     return {"loss": float(sums["loss_sum"]) / weight, "accuracy": float(sums["correct"]) / weight}
 
 
-def tokenizer_for(config, workdir: str):
-    """The run's tokenizer: `data.tokenizer` if set, else one trained on the training corpus
-    (once, kept in the workdir so a resumed run tokenises identically)."""
-    from xformers_jax.data import SentencePieceTokenizer, read_lines
+def _sentencepiece(path: str, convention: str = "native"):
+    from xformers_jax.data import SentencePieceTokenizer
 
+    return SentencePieceTokenizer.load(path, convention=convention)
+
+
+def _xlnet(path: str):
+    from xformers_jax.data.xlnet_tokenizer import XLNetTokenizer
+
+    return XLNetTokenizer.load(path)
+
+
+def _train_sentencepiece(texts, prefix: str, vocab_size: int):
+    from xformers_jax.data import SentencePieceTokenizer
+
+    return SentencePieceTokenizer.train(texts, prefix, vocab_size)
+
+
+def _train_xlnet(texts, prefix: str, vocab_size: int):
+    from xformers_jax.data.xlnet_tokenizer import XLNetTokenizer
+
+    return XLNetTokenizer.train(texts, prefix, vocab_size)
+
+
+# `data.tokenizer_type` -> (the prefix a run trains its model to in the workdir, the loader of a
+# `.model` file, the trainer, the tokenizer files an `init_from` dir may hold with their loaders).
+# `sentencepiece`: fairseq/XLM-R ids (an MLM or span-corruption workdir's `tokenizer.model`, an
+# HF XLM-R dir's `sentencepiece.bpe.model`). `xlnet`: XLNet's ids and example layout, trained
+# and named as PLM pretraining does (a PLM workdir's or an HF XLNet dir's `spiece.model`; the
+# dir is loaded, for an HF dir's `tokenizer_config.json` flags).
+TOKENIZER_TYPES = {
+    "sentencepiece": (
+        "tokenizer", _sentencepiece, _train_sentencepiece,
+        (("tokenizer.model", _sentencepiece),
+         ("sentencepiece.bpe.model", lambda p: _sentencepiece(p, "xlm-roberta"))),
+    ),
+    "xlnet": (
+        "spiece", _xlnet, _train_xlnet,
+        (("spiece.model", lambda p: _xlnet(os.path.dirname(p))),),
+    ),
+}  # fmt: skip
+
+
+def tokenizer_for(config, workdir: str):
+    """The run's tokenizer, of kind `data.tokenizer_type` (`TOKENIZER_TYPES`; default
+    `sentencepiece`).
+
+    In order: `data.tokenizer` if set; the one this run saved in its workdir; the one saved with
+    `init_from` (a pretraining workdir or an HF dir holding its tokenizer, so a checkpoint and
+    its tokenizer carry over together); else one trained on the training corpus, once, kept in
+    the workdir so a resumed run tokenises identically.
+    """
+    from xformers_jax import config_lib
+    from xformers_jax.data import read_lines
+
+    kind = config.data.get("tokenizer_type", "sentencepiece")
+    if kind not in TOKENIZER_TYPES:
+        raise config_lib.ConfigError(
+            f"config key 'data.tokenizer_type' must be one of {', '.join(TOKENIZER_TYPES)}; "
+            f"got {kind!r}"
+        )
+    stem, load, train, saved = TOKENIZER_TYPES[kind]
     if config.data.tokenizer:
-        return SentencePieceTokenizer.load(config.data.tokenizer)
-    prefix = os.path.join(workdir, "tokenizer")
+        return load(config.data.tokenizer)
+    prefix = os.path.join(workdir, stem)
     if os.path.exists(prefix + ".model"):
-        return SentencePieceTokenizer.load(prefix + ".model")
+        return load(prefix + ".model")
+    init_from = config.get("init_from", "")
+    for name, load_saved in saved if init_from else ():
+        if os.path.isfile(os.path.join(init_from, name)):
+            return load_saved(os.path.join(init_from, name))
     texts = [line for f in train_files(config, workdir) for line in read_lines(f)]
-    return SentencePieceTokenizer.train(texts, prefix, config.data.vocab_size)
+    return train(texts, prefix, config.data.vocab_size)
 
 
 def train_files(config, workdir: str) -> list[str]:
