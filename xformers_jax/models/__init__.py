@@ -155,6 +155,7 @@ FAMILIES: dict[str, Family] = {
         default_head="MT5Model",
         task_heads={
             "span_corruption": "MT5ForConditionalGeneration",
+            "seq2seq": "MT5ForConditionalGeneration",
             "classification": "MT5ForSequenceClassification",
             "token_classification": "MT5ForTokenClassification",
             "qa": "MT5ForQuestionAnswering",
