@@ -158,7 +158,11 @@ def language_id(tok, seq_len: int, train: bool, per_language: int = 300) -> dict
         for t in _texts(lang, train, per_language):
             ex.add(tok.encode(t, add_special_tokens=False)[:budget])
             labels.append(li)
-    return {**ex.arrays(), "labels": np.asarray(labels, np.int32)}
+    # Rows are grouped by language; eval reads the first batches in order, so interleave them
+    # once (fixed seed) or a short eval would see one or two languages only.
+    arrays = {**ex.arrays(), "labels": np.asarray(labels, np.int32)}
+    order = np.random.default_rng(2).permutation(len(labels))
+    return {k: v[order] for k, v in arrays.items()}
 
 
 def mixed_language_tags(tok, seq_len: int, train: bool, n: int = 600) -> dict[str, np.ndarray]:
