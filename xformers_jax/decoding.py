@@ -10,6 +10,12 @@ A head that generates sets `can_generate = True` and has two methods (called thr
   decode_step(tokens [batch], index, context) -> (logits [batch, vocab] float32, context)
       one position for every row; `index` is the position of `tokens`.
 
+A head with options of its own (e.g. XLNet's `use_mems`) also has a static method
+`decoding_options(config, **options) -> dict` that validates them and fills their defaults; the
+keyword arguments of `generate` that are not its own go there (a TypeError for a head without
+one), and the dict it returns (hashable values: it is part of the compile key) is passed to
+`init_decoding` as keyword arguments.
+
 A decoder-only head also sets `decoder_only = True`: `init_decoding` then prefills its cache with
 the whole prompt, sequences start with the prompt (left-padded rows as transformers expects them),
 the first step re-runs the last prompt token at `index = prompt_len - 1`, and `max_length`,
@@ -213,7 +219,7 @@ def _build(module: Any, settings: tuple):
     def run(params, input_ids, attention_mask, rng):
         variables = {"params": params}
         context = module.apply(variables, input_ids, attention_mask, opts["max_length"],
-                               method="init_decoding")  # fmt: skip
+                               method="init_decoding", **dict(opts["head_options"]))  # fmt: skip
 
         def step(tokens, index, ctx):
             return module.apply(variables, tokens, index, ctx, method="decode_step")
@@ -264,6 +270,7 @@ def generate(
     decoder_start_token_id: int | None = None,
     prng_key: Any = None,
     seed: int = 0,
+    **head_options: Any,
 ) -> np.ndarray:
     """Generates token ids for a `PretrainedModel` whose head can generate (see module docstring).
 
@@ -275,6 +282,7 @@ def generate(
       input_ids: `[batch, length]` encoder inputs.
       attention_mask: `[batch, length]`, 1 = token, 0 = padding (default: all ones).
       prng_key / seed: randomness for `do_sample=True`.
+      **head_options: the head's own options (its `decoding_options`), e.g. XLNet's `use_mems`.
 
     Returns:
       `[batch * num_return_sequences, n]` int32 numpy array, starting with the decoder start
@@ -301,6 +309,10 @@ def generate(
         raise NotImplementedError("beam sampling (do_sample with num_beams > 1) is not supported")
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    resolve = getattr(type(model.module), "decoding_options", None)
+    if resolve is None and head_options:
+        raise TypeError(f"generate() got unexpected keyword arguments {sorted(head_options)}")
+    head_opts = {} if resolve is None else resolve(cfg, **head_options)
     pick = lambda v, name: int(getattr(cfg, name) if v is None else v)  # noqa: E731
     settings = dict(
         max_length=int(max_length), min_length=int(min_length), num_beams=int(num_beams),
@@ -309,7 +321,7 @@ def generate(
         num_return_sequences=int(num_return_sequences), eos=pick(eos_token_id, "eos_token_id"),
         pad=pick(pad_token_id, "pad_token_id"),
         start=-1 if decoder_only else pick(decoder_start_token_id, "decoder_start_token_id"),
-        decoder_only=decoder_only,
+        decoder_only=decoder_only, head_options=tuple(sorted(head_opts.items())),
     )  # fmt: skip
     fn = _compiled(model, tuple(sorted(settings.items())))
     rng = jax.random.key(seed) if prng_key is None else prng_key

@@ -16,6 +16,11 @@ Differences from transformers (documented in the README): `untie_r=False` really
 relative biases across layers (transformers keeps per-layer copies); `ForQuestionAnswering` returns
 true log-probabilities (`hf_compat=True`: transformers' softmax probabilities); the query stream can
 also start from an `inp_q` marking (original XLNet) when no `target_mapping` is given.
+
+This file holds the config, the layers and the base `XLNetModel`; the heads (LM head with its
+generation, SequenceSummary, classification / token / multiple-choice / QA heads) live in
+`xlnet_heads.py` and are re-exported here, so `from xformers_jax.models.xlnet import
+XLNetLMHeadModel` and the registry keep working.
 """
 
 from __future__ import annotations
@@ -29,14 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xformers_jax.layers import MLP, DenseGeneral, LayerNorm, get_activation, param_init
+from xformers_jax.layers import MLP, LayerNorm, get_activation, param_init
 from xformers_jax.models import outputs
-from xformers_jax.models.common import (
-    REMAT_POLICIES,
-    cross_entropy_with_ignore,
-    dtype_from_name,
-    scan_layers,
-)
+from xformers_jax.models.common import REMAT_POLICIES, dtype_from_name, scan_layers
 
 ATTN_TYPES = ("bi", "uni")
 SUMMARY_TYPES = ("last", "first", "mean", "cls_index", "attn")
@@ -197,23 +197,42 @@ def causal_mask(qlen: int, mlen: int, same_length: bool) -> np.ndarray:
     return mask
 
 
-def attention_masks(cfg, qlen, mlen, input_mask, perm_mask):
+def attention_masks(cfg, qlen, mlen, input_mask, perm_mask, mems_mask=None):
     """(h-stream mask, g-stream mask), `[b or 1, qlen, mlen + qlen]` bool (True = masked) or None.
 
     Args:
       input_mask: `[b, qlen]` 1 at padding (keys), or None.
       perm_mask: `[b, qlen, qlen]` 1 where query i may not see token j, or None.
+      mems_mask: `[b, mlen]` 1 = a mem slot every query sees, 0 = a slot that counts as absent
+        (None: all mems visible, as transformers). Absent slots must come first (right-aligned
+        mems) for the relative positions to be those of the mems without them.
     """
     mask = None
     if cfg.attn_type == "uni":
-        mask = jnp.asarray(causal_mask(qlen, mlen, cfg.same_length))[None]
+        if mems_mask is None or not cfg.same_length:
+            mask = jnp.asarray(causal_mask(qlen, mlen, cfg.same_length))[None]
+        else:  # same_length counts keys from the first present mem, not from slot 0
+            ones = jnp.ones((mems_mask.shape[0], qlen), bool)
+            present = jnp.concatenate([mems_mask > 0, ones], axis=1)
+            rank = jnp.cumsum(present, axis=1) - 1  # key index among present keys, [b, klen]
+            n_mem = jnp.sum(mems_mask > 0, axis=1)[:, None, None]
+            q = jnp.arange(qlen)[None, :, None]
+            mask = (rank[:, None] > q + n_mem) | (rank[:, None] < q)
     data = None
     if input_mask is not None:
         data = input_mask[:, None, :] > 0
     if perm_mask is not None:
         data = perm_mask > 0 if data is None else data | (perm_mask > 0)
-    if data is not None:
+    if mems_mask is not None:
+        absent = jnp.broadcast_to(~(mems_mask[:, None, :] > 0), (mems_mask.shape[0], qlen, mlen))
+        if data is None:
+            data = jnp.zeros((1, qlen, qlen), bool)
+        b = max(data.shape[0], absent.shape[0])
+        data = jnp.concatenate([jnp.broadcast_to(absent, (b, qlen, mlen)),
+                                jnp.broadcast_to(data, (b, qlen, qlen))], axis=2)  # fmt: skip
+    elif data is not None:
         data = jnp.pad(data, ((0, 0), (0, 0), (mlen, 0)))  # mems are always visible
+    if data is not None:
         mask = data if mask is None else mask | data
     if mask is None:
         return None, None
@@ -409,6 +428,8 @@ class XLNetModel(nn.Module):
     stream `[b, num_predict, d]` when two streams run, else `[b, l, d]`. `mems` come out when
     `use_mems` (default `use_mems_eval` / `use_mems_train` by `deterministic`).
     `return_stacked_mems=True` returns them as `[layers, b, mem_len, d]` instead (training loops).
+    `mems_mask` `[b, mem_len]` (ours, used by generation's fixed-size mems buffer): 0 marks mem
+    slots no query may see, which must come first; default every mem is visible (transformers).
     """
 
     config: XLNetConfig
@@ -431,6 +452,7 @@ class XLNetModel(nn.Module):
         output_hidden_states: bool = False,
         deterministic: bool = True,
         return_stacked_mems: bool = False,
+        mems_mask=None,
     ) -> outputs.XLNetModelOutput:
         cfg = self.config
         dt, pd = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
@@ -452,7 +474,14 @@ class XLNetModel(nn.Module):
         mlen = 0 if mems is None else mems.shape[2]
         if attention_mask is not None:
             input_mask = 1 - jnp.asarray(attention_mask)
-        mask_h, mask_g = attention_masks(cfg, qlen, mlen, input_mask, perm_mask)
+        if mems_mask is not None:
+            if mems is None:
+                raise ValueError("mems_mask needs mems")
+            mems_mask = jnp.asarray(mems_mask)
+            if mems_mask.shape != (batch, mlen):
+                raise ValueError(f"mems_mask must be [batch, mem_len] {(batch, mlen)}, got "
+                                 f"{mems_mask.shape}")  # fmt: skip
+        mask_h, mask_g = attention_masks(cfg, qlen, mlen, input_mask, perm_mask, mems_mask)
 
         drop = nn.Dropout(cfg.dropout)
         h = drop(word, deterministic=deterministic)
@@ -519,446 +548,24 @@ def _layer_head_mask(head_mask, cfg: XLNetConfig):
 
 
 # --------------------------------------------------------------------------------------------------
-# Heads.
+# The heads live in xlnet_heads.py (which imports this module); re-exported lazily so that either
+# module can be imported first.
 # --------------------------------------------------------------------------------------------------
 
-# The base model's inputs every head forwards unchanged.
-_BASE_ARGS = (
-    "input_ids", "attention_mask", "mems", "perm_mask", "target_mapping", "token_type_ids",
-    "input_mask", "head_mask", "inputs_embeds", "use_mems", "output_attentions",
-    "output_hidden_states", "deterministic", "return_stacked_mems",
+_HEADS = (
+    "LMBias", "PoolerAnswerClass", "PoolerEndLogits", "SequenceSummary",
+    "XLNetForMultipleChoice", "XLNetForQuestionAnswering", "XLNetForQuestionAnsweringSimple",
+    "XLNetForSequenceClassification", "XLNetForTokenClassification", "XLNetLMHeadModel",
 )  # fmt: skip
 
 
-def _base(cfg: XLNetConfig, loc: Mapping[str, Any], **override) -> outputs.XLNetModelOutput:
-    """Runs `XLNetModel` (named `transformer`, HF's base_model_prefix) on a head's arguments."""
-    kw = {k: loc[k] for k in _BASE_ARGS if k in loc}
-    kw.update(override)
-    return XLNetModel(cfg, name="transformer")(**kw)
+def __getattr__(name: str) -> Any:
+    if name in _HEADS:
+        from xformers_jax.models import xlnet_heads
 
+        return getattr(xlnet_heads, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-def _dense(cfg: XLNetConfig, features: int, axes: tuple, name: str, use_bias: bool = True):
-    return DenseGeneral(
-        features, axes, use_bias=use_bias, dtype=dtype_from_name(cfg.dtype),
-        param_dtype=dtype_from_name(cfg.param_dtype),
-        kernel_init=nn.initializers.normal(cfg.initializer_range), name=name,
-    )  # fmt: skip
 
-
-def _extras(out: outputs.XLNetModelOutput) -> dict[str, Any]:
-    return dict(mems=out.mems, hidden_states=out.hidden_states, attentions=out.attentions)
-
-
-def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
-    """`x[b, index[b]]`: `[b, l, ...]`, `[b]` int -> `[b, ...]`."""
-    return jnp.take_along_axis(x, index.reshape(-1, *([1] * (x.ndim - 1))), axis=1)[:, 0]
-
-
-class LMBias(nn.Module):
-    """The `[vocab]` output bias of the tied LM head (HF `lm_loss.bias`)."""
-
-    config: XLNetConfig
-
-    @nn.compact
-    def __call__(self):
-        pd = dtype_from_name(self.config.param_dtype)
-        init = param_init(nn.initializers.zeros, ("vocab",))
-        return self.param("bias", init, (self.config.vocab_size,), pd)
-
-
-class XLNetLMHeadModel(nn.Module):
-    """Tied LM head (HF `XLNetLMHeadModel`): `logits` `[b, num_predict or l, vocab]`; `labels`
-    (`-100` = ignore) give the mean cross-entropy. `generate` uses the permutation trick.
-
-    Generation (`init_decoding` / `decode_step`, driven by `xformers_jax.decoding`) keeps the
-    sequence in a fixed `[b, max_length]` token buffer: each step puts transformers' dummy token
-    after the last one, hides it and every later slot from all queries with `perm_mask`, and
-    predicts it through a one-hot `target_mapping`. Shapes never change, so the step compiles
-    once; it recomputes the whole buffer each step, which equals transformers' `generate` with
-    `use_mems=False` (its `use_mems=True` path re-uses bidirectionally computed mems, not done
-    here). As in transformers, the prompt's `attention_mask` is ignored: pass unpadded prompts.
-    """
-
-    config: XLNetConfig
-    can_generate = True
-    decoder_only = True
-
-    @nn.compact
-    def __call__(
-        self, input_ids=None, attention_mask=None, mems=None, perm_mask=None,
-        target_mapping=None, token_type_ids=None, input_mask=None, head_mask=None,
-        inputs_embeds=None, labels=None, inp_q=None, use_mems: bool | None = None,
-        output_attentions: bool = False, output_hidden_states: bool = False,
-        deterministic: bool = True, return_stacked_mems: bool = False,
-    ) -> outputs.XLNetLMHeadModelOutput:  # fmt: skip
-        cfg = self.config
-        out = _base(cfg, locals(), inp_q=inp_q)
-        table = nn.meta.unbox(self.variables["params"]["transformer"]["word_embedding"])
-        dt = dtype_from_name(cfg.dtype)
-        x = out.last_hidden_state
-        logits = jnp.einsum("...d,vd->...v", x, jnp.asarray(table, dt))
-        logits = logits + jnp.asarray(LMBias(cfg, name="lm_loss")(), dt)
-        logits = nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
-        loss = None if labels is None else cross_entropy_with_ignore(logits, labels)
-        return outputs.XLNetLMHeadModelOutput(loss=loss, logits=logits, **_extras(out))
-
-    def init_decoding(self, input_ids, attention_mask, max_length: int) -> dict[str, Any]:
-        """The token buffer `tokens` `[b, max_length]` holding the prompt (zeros after it).
-
-        `attention_mask` is ignored, as transformers' `prepare_inputs_for_generation` drops it.
-        """
-        del attention_mask
-        b, p = input_ids.shape
-        buf = jnp.zeros((b, max_length), jnp.int32).at[:, :p].set(input_ids.astype(jnp.int32))
-        return dict(tokens=buf)
-
-    def decode_step(self, tokens, index, context):
-        """Predicts slot `index + 1` from slots `0..index` (the permutation trick, fixed shapes).
-
-        Args:
-          tokens: `[b]` the token at slot `index`.
-          index: scalar int slot (at most `max_length - 2`, so the dummy slot exists).
-          context: `tokens` `[b, max_length]` from `init_decoding` or a previous step.
-
-        Returns:
-          `(logits [b, vocab] float32, updated context)`.
-        """
-        buf = jax.lax.dynamic_update_slice_in_dim(
-            context["tokens"], tokens[:, None].astype(jnp.int32), index, 1
-        )
-        b, length = buf.shape
-        slots = jnp.arange(length)
-        # transformers' dummy (token 0) sits right after the last token; later slots hold stale
-        # or no tokens: every query is blind to both, so they act as if absent.
-        ids = jnp.where(slots[None] == index + 1, 0, buf)
-        hidden = (slots > index).astype(jnp.float32)
-        perm_mask = jnp.broadcast_to(hidden[None, None], (b, length, length))
-        target = jnp.broadcast_to((slots == index + 1).astype(jnp.float32)[None, None],
-                                  (b, 1, length))  # fmt: skip
-        out = self(ids, perm_mask=perm_mask, target_mapping=target, use_mems=False)
-        return out.logits[:, 0].astype(jnp.float32), dict(tokens=buf)
-
-
-class SequenceSummary(nn.Module):
-    """One vector per sequence (HF `XLNetSequenceSummary`): `[b, l, d] -> [b, d or classes]`.
-
-    `summary_type`: `last`, `first`, `mean`, `cls_index` (the token at `cls_index`, default the
-    last) or `attn` (original XLNet: a learned query attends over the sequence, padding masked;
-    transformers raises NotImplementedError for it). Then the optional projection, activation and
-    dropouts.
-    """
-
-    config: XLNetConfig
-    num_classes: int | None = None
-
-    @nn.compact
-    def __call__(self, x, cls_index=None, pad_mask=None, deterministic: bool = True):
-        cfg = self.config
-        kind = cfg.summary_type
-        if kind == "last":
-            out = x[:, -1]
-        elif kind == "first":
-            out = x[:, 0]
-        elif kind == "mean":
-            out = jnp.mean(x, axis=1)
-        elif kind == "cls_index":
-            if cls_index is None:
-                out = x[:, -1]
-            else:
-                out = _gather(x, jnp.asarray(cls_index, jnp.int32))
-        else:
-            out = self._attn(x, pad_mask, deterministic)
-        if cfg.summary_first_dropout > 0:
-            out = nn.Dropout(cfg.summary_first_dropout)(out, deterministic=deterministic)
-        if cfg.summary_use_proj:
-            n = self.num_classes if cfg.summary_proj_to_labels and self.num_classes else None
-            out = _dense(cfg, n or cfg.d_model, ("embed", "mlp"), "summary")(out)
-        if cfg.summary_activation:
-            out = get_activation(cfg.summary_activation)(out)
-        if cfg.summary_last_dropout > 0:
-            out = nn.Dropout(cfg.summary_last_dropout)(out, deterministic=deterministic)
-        return out
-
-    def _attn(self, x, pad_mask, deterministic):
-        """Multi-head attention from a learned `[d]` query; output proj + LayerNorm, no residual."""
-        cfg = self.config
-        dt, pd = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
-        init = nn.initializers.normal(cfg.initializer_range)
-        shape, axes = (cfg.d_model, cfg.n_head, cfg.d_head), ("embed", "heads", "kv")
-        w = {n: jnp.asarray(self.param(n, param_init(init, axes), shape, pd), dt) for n in "qkvo"}
-        query = self.param("summary_bias", param_init(init, ("embed",)), (cfg.d_model,), pd)
-        q = jnp.einsum("h,hnd->nd", jnp.asarray(query, dt), w["q"])
-        k = jnp.einsum("blh,hnd->blnd", x, w["k"])
-        v = jnp.einsum("blh,hnd->blnd", x, w["v"])
-        score = jnp.einsum("nd,blnd->bnl", q, k).astype(jnp.float32) / np.sqrt(cfg.d_head)
-        if pad_mask is not None:
-            score = score - _NEG * pad_mask[:, None, :].astype(jnp.float32)
-        probs = nn.Dropout(cfg.dropout)(jax.nn.softmax(score, -1), deterministic=deterministic)
-        out = jnp.einsum("bnl,blnd,hnd->bh", probs.astype(dt), v, w["o"])
-        norm = LayerNorm(cfg.layer_norm_eps, dtype=dt, param_dtype=pd, name="attn_norm")
-        return norm(nn.Dropout(cfg.dropout)(out, deterministic=deterministic))
-
-
-def _pad_mask(attention_mask, input_mask):
-    """`[b, l]` bool, True at padding, or None."""
-    if attention_mask is not None:
-        return jnp.asarray(attention_mask) == 0
-    return None if input_mask is None else jnp.asarray(input_mask) > 0
-
-
-def _classification_loss(cfg: XLNetConfig, logits, labels):
-    """HF's `problem_type` rule: regression (1 label), single-label (int labels) or multi-label."""
-    kind = cfg.problem_type
-    if kind is None:
-        if cfg.num_labels == 1:
-            kind = "regression"
-        elif jnp.issubdtype(labels.dtype, jnp.integer):
-            kind = "single_label_classification"
-        else:
-            kind = "multi_label_classification"
-    logits = logits.astype(jnp.float32)
-    if kind == "regression":
-        labels = labels.astype(jnp.float32)
-        if cfg.num_labels == 1:
-            return jnp.mean((jnp.squeeze(logits) - jnp.squeeze(labels)) ** 2)
-        return jnp.mean((logits - labels) ** 2)
-    if kind == "single_label_classification":
-        return cross_entropy_with_ignore(logits.reshape(-1, cfg.num_labels), labels.reshape(-1))
-    labels = labels.astype(jnp.float32)
-    return jnp.mean(jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits))))
-
-
-class XLNetForSequenceClassification(nn.Module):
-    """SequenceSummary + `logits_proj` (HF `XLNetForSequenceClassification`): `[b, num_labels]`."""
-
-    config: XLNetConfig
-
-    @nn.compact
-    def __call__(
-        self, input_ids=None, attention_mask=None, mems=None, perm_mask=None,
-        target_mapping=None, token_type_ids=None, input_mask=None, head_mask=None,
-        inputs_embeds=None, labels=None, use_mems: bool | None = None,
-        output_attentions: bool = False, output_hidden_states: bool = False,
-        deterministic: bool = True, return_stacked_mems: bool = False,
-    ) -> outputs.XLNetLMHeadModelOutput:  # fmt: skip
-        cfg = self.config
-        out = _base(cfg, locals())
-        pad = _pad_mask(attention_mask, input_mask)
-        x = SequenceSummary(cfg, cfg.num_labels, name="sequence_summary")(
-            out.last_hidden_state, pad_mask=pad, deterministic=deterministic
-        )
-        logits = _dense(cfg, cfg.num_labels, ("embed", "classes"), "logits_proj")(x)
-        loss = None if labels is None else _classification_loss(cfg, logits, jnp.asarray(labels))
-        return outputs.XLNetForSequenceClassificationOutput(loss=loss, logits=logits,
-                                                            **_extras(out))  # fmt: skip
-
-
-class XLNetForTokenClassification(nn.Module):
-    """Per-token `classifier` (HF `XLNetForTokenClassification`): `[b, l, num_labels]`."""
-
-    config: XLNetConfig
-
-    @nn.compact
-    def __call__(
-        self, input_ids=None, attention_mask=None, mems=None, perm_mask=None,
-        target_mapping=None, token_type_ids=None, input_mask=None, head_mask=None,
-        inputs_embeds=None, labels=None, use_mems: bool | None = None,
-        output_attentions: bool = False, output_hidden_states: bool = False,
-        deterministic: bool = True, return_stacked_mems: bool = False,
-    ) -> outputs.XLNetLMHeadModelOutput:  # fmt: skip
-        cfg = self.config
-        out = _base(cfg, locals())
-        logits = _dense(cfg, cfg.num_labels, ("embed", "classes"), "classifier")(
-            out.last_hidden_state
-        )
-        loss = None if labels is None else cross_entropy_with_ignore(logits, labels)
-        return outputs.XLNetForTokenClassificationOutput(loss=loss, logits=logits,
-                                                         **_extras(out))  # fmt: skip
-
-
-class XLNetForMultipleChoice(nn.Module):
-    """Choices `[b, choices, l]` flattened through the base model, SequenceSummary and a 1-unit
-    `logits_proj` (HF `XLNetForMultipleChoice`): `logits` `[b, choices]`."""
-
-    config: XLNetConfig
-
-    @nn.compact
-    def __call__(
-        self, input_ids=None, token_type_ids=None, input_mask=None, attention_mask=None,
-        mems=None, perm_mask=None, target_mapping=None, labels=None, head_mask=None,
-        inputs_embeds=None, use_mems: bool | None = None, output_attentions: bool = False,
-        output_hidden_states: bool = False, deterministic: bool = True,
-        return_stacked_mems: bool = False,
-    ) -> outputs.XLNetLMHeadModelOutput:  # fmt: skip
-        cfg = self.config
-        ref = input_ids if input_ids is not None else inputs_embeds[..., 0]
-        n_choices = ref.shape[1]
-
-        def flat(x):
-            return None if x is None else jnp.reshape(x, (-1, *x.shape[2:]))
-
-        loc = dict(locals())
-        for k in ("input_ids", "token_type_ids", "input_mask", "attention_mask", "inputs_embeds"):
-            loc[k] = flat(loc[k])
-        out = _base(cfg, loc)
-        pad = _pad_mask(loc["attention_mask"], loc["input_mask"])
-        x = SequenceSummary(cfg, cfg.num_labels, name="sequence_summary")(
-            out.last_hidden_state, pad_mask=pad, deterministic=deterministic
-        )
-        logits = _dense(cfg, 1, ("embed", "classes"), "logits_proj")(x).reshape(-1, n_choices)
-        loss = None if labels is None else cross_entropy_with_ignore(logits, labels)
-        return outputs.XLNetForMultipleChoiceOutput(loss=loss, logits=logits, **_extras(out))
-
-
-def _qa_span_loss(start_logits, end_logits, start_positions, end_positions):
-    """HF's simple-QA loss: positions clamped to `[0, l]`, `l` ignored, mean of the two."""
-    n = start_logits.shape[1]
-    s = jnp.clip(jnp.asarray(start_positions).reshape(-1), 0, n)
-    e = jnp.clip(jnp.asarray(end_positions).reshape(-1), 0, n)
-    return (
-        cross_entropy_with_ignore(start_logits, s, ignore_index=n)
-        + cross_entropy_with_ignore(end_logits, e, ignore_index=n)
-    ) / 2
-
-
-class XLNetForQuestionAnsweringSimple(nn.Module):
-    """`qa_outputs` span logits (HF `XLNetForQuestionAnsweringSimple`): `start_logits`,
-    `end_logits` `[b, l]`."""
-
-    config: XLNetConfig
-
-    @nn.compact
-    def __call__(
-        self, input_ids=None, attention_mask=None, mems=None, perm_mask=None,
-        target_mapping=None, token_type_ids=None, input_mask=None, head_mask=None,
-        inputs_embeds=None, start_positions=None, end_positions=None,
-        use_mems: bool | None = None, output_attentions: bool = False,
-        output_hidden_states: bool = False, deterministic: bool = True,
-        return_stacked_mems: bool = False,
-    ) -> outputs.XLNetForQuestionAnsweringSimpleOutput:  # fmt: skip
-        cfg = self.config
-        out = _base(cfg, locals())
-        if cfg.num_labels != 2:  # transformers builds qa_outputs with num_labels, splits it in 2
-            raise ValueError(
-                f"XLNetForQuestionAnsweringSimple needs num_labels=2, not {cfg.num_labels}"
-            )
-        logits = _dense(cfg, 2, ("embed", "classes"), "qa_outputs")(out.last_hidden_state)
-        start, end = logits[..., 0], logits[..., 1]
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            loss = _qa_span_loss(start, end, start_positions, end_positions)
-        return outputs.XLNetForQuestionAnsweringSimpleOutput(
-            loss=loss, start_logits=start, end_logits=end, **_extras(out)
-        )
-
-
-def _p_masked(x, p_mask):
-    """HF's `x * (1 - p_mask) - 1e30 * p_mask` (1 = position that cannot be an answer)."""
-    if p_mask is None:
-        return x
-    p = jnp.asarray(p_mask, jnp.float32)
-    return x.astype(jnp.float32) * (1 - p) - _NEG * p
-
-
-class PoolerEndLogits(nn.Module):
-    """End logits from `[hidden; start state]`: dense_0, tanh, LayerNorm, dense_1. `[..., l]`."""
-
-    config: XLNetConfig
-
-    @nn.compact
-    def __call__(self, x, start_states, p_mask=None):
-        cfg = self.config
-        y = _dense(cfg, cfg.d_model, ("mlp", "embed"), "dense_0")(
-            jnp.concatenate([x, start_states], -1)
-        )
-        dt, pd = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
-        y = LayerNorm(cfg.layer_norm_eps, dtype=dt, param_dtype=pd, name="norm")(jnp.tanh(y))
-        return _p_masked(_dense(cfg, 1, ("embed", "classes"), "dense_1")(y)[..., 0], p_mask)
-
-
-class PoolerAnswerClass(nn.Module):
-    """SQuAD 2.0 answerability logit from `[start state; cls state]`. `[b]`."""
-
-    config: XLNetConfig
-
-    @nn.compact
-    def __call__(self, x, start_states, cls_index=None):
-        cfg = self.config
-        cls = x[:, -1] if cls_index is None else _gather(x, jnp.asarray(cls_index, jnp.int32))
-        y = _dense(cfg, cfg.d_model, ("mlp", "embed"), "dense_0")(
-            jnp.concatenate([start_states, cls], -1)
-        )
-        return _dense(cfg, 1, ("embed", "classes"), "dense_1", use_bias=False)(jnp.tanh(y))[..., 0]
-
-
-class XLNetForQuestionAnswering(nn.Module):
-    """SQuAD 2.0 head with start / end top-k beam and an answer class (HF
-    `XLNetForQuestionAnswering`).
-
-    With `start_positions` and `end_positions`: `loss` only (end logits conditioned on the true
-    start; plus half the BCE answer-class loss when `cls_index` and `is_impossible` are given).
-    Otherwise: `start_top_log_probs`, `start_top_index` `[b, start_n_top]`, `end_top_log_probs`,
-    `end_top_index` `[b, end_n_top * start_n_top]`, `cls_logits` `[b]`. The "log_probs" are true
-    log-probabilities; `hf_compat=True` gives transformers' softmax probabilities instead.
-    `p_mask` `[b, l]`: 1 where the answer cannot be.
-    """
-
-    config: XLNetConfig
-
-    @nn.compact
-    def __call__(
-        self, input_ids=None, attention_mask=None, mems=None, perm_mask=None,
-        target_mapping=None, token_type_ids=None, input_mask=None, head_mask=None,
-        inputs_embeds=None, start_positions=None, end_positions=None, is_impossible=None,
-        cls_index=None, p_mask=None, use_mems: bool | None = None,
-        output_attentions: bool = False, output_hidden_states: bool = False,
-        deterministic: bool = True, return_stacked_mems: bool = False,
-    ) -> outputs.XLNetForQuestionAnsweringOutput:  # fmt: skip
-        cfg = self.config
-        out = _base(cfg, locals())
-        x = out.last_hidden_state
-        start_logits = _p_masked(
-            _dense(cfg, 1, ("embed", "classes"), "start_logits")(x)[..., 0], p_mask
-        )
-        end_pool = PoolerEndLogits(cfg, name="end_logits")
-        answer = PoolerAnswerClass(cfg, name="answer_class")
-        if start_positions is not None and end_positions is not None:
-            sp = jnp.asarray(start_positions, jnp.int32).reshape(-1)
-            start_states = jnp.broadcast_to(_gather(x, sp)[:, None], x.shape)
-            end_logits = end_pool(x, start_states, p_mask)
-            loss = (
-                cross_entropy_with_ignore(start_logits, sp)
-                + cross_entropy_with_ignore(end_logits, jnp.asarray(end_positions).reshape(-1))
-            ) / 2
-            if cls_index is not None and is_impossible is not None:
-                cls_logits = answer(x, _gather(x, sp), jnp.asarray(cls_index).reshape(-1))
-                y = jnp.asarray(is_impossible, jnp.float32).reshape(-1)
-                z = cls_logits.astype(jnp.float32)
-                bce = jnp.maximum(z, 0) - z * y + jnp.log1p(jnp.exp(-jnp.abs(z)))
-                loss = loss + 0.5 * jnp.mean(bce)
-            return outputs.XLNetForQuestionAnsweringOutput(loss=loss, **_extras(out))
-
-        b, n, d = x.shape
-        # At most the sequence length (transformers fails on shorter sequences).
-        k_start, k_end = min(cfg.start_n_top, n), min(cfg.end_n_top, n)
-        start_lp = jax.nn.log_softmax(start_logits.astype(jnp.float32), -1)
-        start_top_lp, start_top_index = jax.lax.top_k(start_lp, k_start)  # [b, ks]
-        start_states = jnp.take_along_axis(x, start_top_index[..., None], axis=1)  # [b, ks, d]
-        start_states = jnp.broadcast_to(start_states[:, None], (b, n, k_start, d))
-        x_exp = jnp.broadcast_to(x[:, :, None], (b, n, k_start, d))
-        pm = None if p_mask is None else jnp.asarray(p_mask)[:, :, None]
-        end_logits = end_pool(x_exp, start_states, pm)  # [b, l, ks]
-        end_lp = jax.nn.log_softmax(end_logits.astype(jnp.float32), axis=1)
-        end_top_lp, end_top_index = jax.lax.top_k(jnp.swapaxes(end_lp, 1, 2), k_end)  # [b,ks,ke]
-        end_top_lp = jnp.swapaxes(end_top_lp, 1, 2).reshape(b, k_start * k_end)
-        end_top_index = jnp.swapaxes(end_top_index, 1, 2).reshape(b, k_start * k_end)
-        # The expected START state under the start distribution.
-        weighted = jnp.einsum("blh,bl->bh", x, jnp.exp(start_lp).astype(x.dtype))
-        cls_logits = answer(x, weighted, cls_index)
-        if cfg.hf_compat:  # transformers returns softmax probabilities under these names
-            start_top_lp, end_top_lp = jnp.exp(start_top_lp), jnp.exp(end_top_lp)
-        return outputs.XLNetForQuestionAnsweringOutput(
-            start_top_log_probs=start_top_lp, start_top_index=start_top_index,
-            end_top_log_probs=end_top_lp, end_top_index=end_top_index, cls_logits=cls_logits,
-            **_extras(out),
-        )  # fmt: skip
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HEADS])
