@@ -588,38 +588,42 @@ def architecture_name(config: XLMRobertaConfig, class_name: str) -> str:
     return class_name.replace("XLMRoberta", "XLMRobertaXL", 1) if config.pre_ln else class_name
 
 
-# The task heads live in their own file (this one stays the base model + MLM); re-exported here so
-# the registry and users find every head in this module. Imported last: they build on the above.
-from xformers_jax.models.xlm_roberta_heads import (  # noqa: E402
-    XLMRobertaForCausalLM,
-    XLMRobertaForMultipleChoice,
-    XLMRobertaForQuestionAnswering,
-    XLMRobertaForSequenceClassification,
-    XLMRobertaForTokenClassification,
-    XLMRobertaXLForCausalLM,
-    XLMRobertaXLForMultipleChoice,
-    XLMRobertaXLForQuestionAnswering,
-    XLMRobertaXLForSequenceClassification,
-    XLMRobertaXLForTokenClassification,
-)
-
-__all__ = [
-    "PRESETS",
-    "XLMRobertaConfig",
+# The task heads live in their own file (this one stays the base model + MLM) and are re-exported
+# lazily, so the registry and users find every head here and either module can be imported first.
+_HEADS = (
     "XLMRobertaForCausalLM",
-    "XLMRobertaForMaskedLM",
     "XLMRobertaForMultipleChoice",
     "XLMRobertaForQuestionAnswering",
     "XLMRobertaForSequenceClassification",
     "XLMRobertaForTokenClassification",
-    "XLMRobertaModel",
     "XLMRobertaXLForCausalLM",
-    "XLMRobertaXLForMaskedLM",
     "XLMRobertaXLForMultipleChoice",
     "XLMRobertaXLForQuestionAnswering",
     "XLMRobertaXLForSequenceClassification",
     "XLMRobertaXLForTokenClassification",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HEADS:
+        from xformers_jax.models import xlm_roberta_heads
+
+        return getattr(xlm_roberta_heads, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HEADS])
+
+
+__all__ = [
+    "PRESETS",
+    "XLMRobertaConfig",
+    "XLMRobertaForMaskedLM",
+    "XLMRobertaModel",
+    "XLMRobertaXLForMaskedLM",
     "XLMRobertaXLModel",
     "architecture_name",
     "position_ids_from_input_ids",
+    *_HEADS,
 ]
