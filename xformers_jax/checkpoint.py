@@ -5,6 +5,8 @@ Each checkpoint is a step directory `<dir>/<step>/` with two items: `state` (the
 run's input pipeline). Orbax writes into a temporary directory and renames it when complete, so a
 killed save never leaves a checkpoint that restore would pick up. Restoring takes an abstract state
 carrying the target shardings, so a checkpoint written on one mesh restores onto any other.
+`load_model_state` reads a step's model-state collections alone (BatchNorm statistics, for
+exports), as `hub.load_params_from_checkpoint` reads its params.
 """
 
 from __future__ import annotations
@@ -113,3 +115,61 @@ def load_params(directory: str, abstract: Any | None = None) -> Any:
         raise FileNotFoundError(f"no params-only Orbax export at {path}")
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path, abstract) if abstract is not None else ckptr.restore(path)
+
+
+def _saved_tree(state_dir: str) -> Any:
+    """The tree metadata (nested dicts of array metadata) of a saved train state."""
+    from etils import epath
+
+    # The item handler reads the tree metadata alone (the step-level metadata file lives one
+    # directory up, where the checkpointer's `metadata` would look for it and warn).
+    meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
+    return getattr(meta, "tree", meta)
+
+
+def load_model_state(state_dir: str, target: Any) -> dict[str, Any]:
+    """The collections of a saved `TrainState.model_state` that `target` names, on the host CPU.
+
+    A partial restore: nothing else (params, optimizer state) is read. Collections the checkpoint
+    does not hold (a run whose task has no model state) are left out of the result.
+
+    Args:
+      state_dir: a step's `state` item (`<workdir>/checkpoints/<step>/state`).
+      target: `{collection: tree}` of arrays or `ShapeDtypeStruct`s with the expected shapes.
+
+    Returns:
+      `{collection: tree}` of the saved collections present in both, as host arrays.
+
+    Raises:
+      CheckpointMismatchError: a saved collection's tree or shapes differ from `target`'s.
+    """
+    saved = _saved_tree(state_dir)
+    saved = saved.get("model_state") if isinstance(saved, dict) else None
+    names = [c for c in target if isinstance(saved, dict) and c in saved]
+    if not names:
+        return {}
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    abstract = {
+        c: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), target[c])
+        for c in names
+    }
+    restore_args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
+        abstract,
+    )
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            restored = ckptr.restore(
+                state_dir,
+                args=ocp.args.PyTreeRestore(
+                    item={"model_state": abstract},
+                    restore_args={"model_state": restore_args},
+                    partial_restore=True,
+                ),
+            )
+    except ValueError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointMismatchError(
+            f"the model state in {state_dir} does not fit {sorted(names)}: {first}"
+        ) from e
+    return dict(restored["model_state"])

@@ -724,8 +724,13 @@ def load_orbax(checkpoint_dir: str | os.PathLike, step: int | None = None) -> Pr
         shapes = convert.abstract_params(config, architecture)
     convert.check_tree(params, shapes)
     module = convert.init_module(config, architecture)
-    # Exports hold params only: other collections (BatchNorm statistics) take their init values.
+    # Params-only exports hold params only: other collections (BatchNorm statistics) take their
+    # init values; a trainer checkpoint also has them (`TrainState.model_state`).
     collections = convert.hf_to_collections({}, config, architecture)
+    if collections and not os.path.isdir(os.path.join(path, PARAMS_DIR)):
+        _, step_dir = _locate_trainer_checkpoint(path, step)
+        saved = checkpoint.load_model_state(os.path.join(step_dir, "state"), collections)
+        collections = {**collections, **saved}
     return PretrainedModel(config, module, params, architecture, collections=collections)
 
 

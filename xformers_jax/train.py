@@ -4,10 +4,13 @@
 Shard, Step, Checkpoint, Eval, Loop. Family/objective specifics come from `tasks/` through a
 `TaskSpec`; nothing here branches on the family.
 
-Resume order: a checkpoint in `<workdir>/checkpoints` > `config.init_from` (HF dir or Orbax
-params export) > from scratch. SIGTERM saves the current step and exits cleanly. A non-finite loss
-stops the run with an error naming the step and never overwrites the last good checkpoint (or, with
-`train.skip_nonfinite`, the update of that step is dropped and training goes on).
+Resume order: a checkpoint in `<workdir>/checkpoints` > `config.init_from` (HF dir, Orbax params
+export or trainer workdir) > from scratch. Model state outside the params (BatchNorm running
+statistics: the task's `mutable` collections) lives in `TrainState.model_state`: initialised,
+sharded, checkpointed, restored and exported with the params. SIGTERM saves the current step and
+exits cleanly. A non-finite loss stops the run with an error naming the step and never overwrites
+the last good checkpoint (or, with `train.skip_nonfinite`, the update of that step is dropped and
+training goes on).
 """
 
 from __future__ import annotations
@@ -37,16 +40,24 @@ class NonFiniteLossError(config_lib.UserError, FloatingPointError):
 
 @flax.struct.dataclass
 class TrainState:
-    """`step` (scalar int32), `params`, `opt_state`, and `extra` (task state such as mems)."""
+    """`step` (scalar int32), `params`, `opt_state`, `extra` (task state such as mems) and
+    `model_state` (the model's mutable collections, e.g. `{"batch_stats": ...}`; see
+    `TaskSpec.mutable`)."""
 
     step: jax.Array
     params: Any
     opt_state: Any
     extra: Any = flax.struct.field(default_factory=dict)
+    model_state: Any = flax.struct.field(default_factory=dict)
 
 
 def _global_norm(tree) -> jax.Array:
     return optax.global_norm(tree)
+
+
+def _mutable(task: Any) -> tuple[str, ...]:
+    """The task's mutable model collections (none for specs built without the field)."""
+    return tuple(getattr(task, "mutable", ()) or ())
 
 
 def make_train_step(task: tasks.TaskSpec, tx: optax.GradientTransformation,
@@ -54,16 +65,24 @@ def make_train_step(task: tasks.TaskSpec, tx: optax.GradientTransformation,
     """The pure step `(state, batch, rng) -> (state, metrics)` (jitted by the caller)."""
 
     carries = task.init_extra is not None
+    mutable = _mutable(task)
 
     def step_fn(state: TrainState, batch: dict, rng: jax.Array):
         step_rng = jax.random.fold_in(rng, state.step)
         kw = {"extra": state.extra} if carries else {}
+        if mutable:
+            kw["model_state"] = state.model_state
+        # Only the params are differentiated: extra and model_state enter as constants.
         loss_of = lambda p: task.loss_fn(  # noqa: E731
             p, batch, step_rng, model=task.model, deterministic=False, **kw
         )
         (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         aux = dict(aux)
         extra = jax.lax.stop_gradient(aux.pop("extra")) if carries else state.extra
+        model_state = state.model_state
+        if mutable:
+            new = jax.lax.stop_gradient(aux.pop("model_state"))
+            model_state = {c: new[c] for c in mutable}
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = _global_norm(grads)
@@ -72,9 +91,11 @@ def make_train_step(task: tasks.TaskSpec, tx: optax.GradientTransformation,
             # Drop the update of a bad step; the run goes on from the previous params.
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
             params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+            model_state = keep(model_state, state.model_state)
         new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, extra=extra
-        )
+            step=state.step + 1, params=params, opt_state=opt_state, extra=extra,
+            model_state=model_state,
+        )  # fmt: skip
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
@@ -90,12 +111,16 @@ def make_train_step(task: tasks.TaskSpec, tx: optax.GradientTransformation,
 
 
 def make_eval_step(task: tasks.TaskSpec):
+    """The pure eval step `(params, batch, model_state) -> aux sums` (jitted by the caller)."""
     kw = {"extra": None} if task.init_extra is not None else {}
+    mutable = _mutable(task)
 
-    def eval_fn(params, batch):
+    def eval_fn(params, batch, model_state):
         rng = jax.random.key(0)
-        _, aux = task.loss_fn(params, batch, rng, model=task.model, deterministic=True, **kw)
-        return {k: v for k, v in aux.items() if k != "extra"}
+        state_kw = {"model_state": model_state} if mutable else {}
+        _, aux = task.loss_fn(params, batch, rng, model=task.model, deterministic=True,
+                              **kw, **state_kw)  # fmt: skip
+        return {k: v for k, v in aux.items() if k not in ("extra", "model_state")}
 
     return eval_fn
 
@@ -121,12 +146,49 @@ def _to_global(batch: dict, mesh) -> dict:
     }
 
 
-def _load_init_params(path: str, s: Setup) -> Any:
-    """The task head's params from an HF dir, a params-only Orbax export or a trainer workdir.
+def _with_fresh_heads(state_dict: dict, s: Setup, init: TrainState) -> dict:
+    """`state_dict` completed for the task's head, as transformers loads a pretraining checkpoint
+    into a fine-tuning head: head tensors the source lacks take the run's fresh init (a message
+    names them) and other heads' tensors are dropped. Only when the source has the base
+    model (keys under the architecture's base prefix); anything missing there stays missing, so
+    the converter names it."""
+    from xformers_jax import convert, hub
+    from xformers_jax.convert import common
+
+    cfg, arch = s.task.model_config, s.task.architecture
+    family = convert.converter(cfg)
+    pmap = family.param_map(cfg, arch) if hasattr(family, "param_map") else None
+    if pmap is None or not pmap.prefix:
+        return state_dict
+    sd = common.adapt_prefix(state_dict, pmap)
+    if not any(k.startswith(pmap.prefix) for k in sd):
+        return state_dict
+    params = jax.tree.map(hub._to_host, init.params)
+    fresh = convert.params_to_hf(params, cfg, arch)
+    missing = sorted(k for k in fresh if not k.startswith(pmap.prefix) and k not in sd)
+    if not missing:
+        return state_dict
+    stats = convert.collections_to_hf(jax.tree.map(hub._to_host, init.model_state), cfg, arch)
+    known = set(fresh) | set(stats)
+    kept = {k: v for k, v in sd.items() if k.startswith(pmap.prefix) or k in known}
+    dropped = sorted(set(sd) - set(kept))
+    _log(jax.process_index() == 0,
+         f"init_from: newly initialised {len(missing)} head tensors ({', '.join(missing[:4])}"
+         f"{', ...' if len(missing) > 4 else ''}); dropped {len(dropped)} tensors of other "
+         f"heads")  # fmt: skip
+    return {**kept, **{k: fresh[k] for k in missing}}
+
+
+def _load_init_params(path: str, s: Setup, init: TrainState) -> tuple[Any, Any]:
+    """(params, model_state) of the task head from an HF dir, a params-only Orbax export or a
+    trainer workdir; `init` is the run's freshly initialised state.
 
     Everything goes through the HF name map into the *task's* config and head, so a pretraining
     checkpoint initialises a fine-tuning head as transformers does: the shared body is loaded,
-    missing head params are initialised fresh and other heads' tensors are dropped.
+    missing head params are initialised fresh (`_with_fresh_heads`) and other heads' tensors are
+    dropped. The mutable collections (`model_state`, e.g. BatchNorm running statistics) come from
+    the source where it has them (HF `running_mean` / `running_var`, a trainer checkpoint's
+    `model_state`); the others keep their init values.
     """
     from xformers_jax import convert, hub
 
@@ -134,10 +196,48 @@ def _load_init_params(path: str, s: Setup) -> Any:
     if any(os.path.isfile(os.path.join(path, f)) for f in hf_files):
         state_dict = hub.load_state_dict(path)
     else:
-        src = hub.load_orbax(path)
+        src = load_trained_model(path)
         state_dict = convert.params_to_hf(src.params, src.config, src.architecture)
+        state_dict.update(convert.collections_to_hf(src.collections, src.config,
+                                                    src.architecture))  # fmt: skip
+    state_dict = _with_fresh_heads(state_dict, s, init)
     model = hub.from_state_dict(state_dict, s.task.model_config, s.task.architecture)
-    return jax.device_put(model.params, s.param_shardings)
+    params = jax.device_put(model.params, s.param_shardings)
+    loaded = {}
+    for name, value in init.model_state.items():
+        new = model.collections.get(name)
+        fits = new is not None and jax.tree.structure(new) == jax.tree.structure(value) and all(
+            np.shape(a) == b.shape for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(value))
+        )  # fmt: skip
+        loaded[name] = jax.tree.map(lambda a, b: np.asarray(a, b.dtype), new, value) if (
+            fits) else value  # fmt: skip
+    return params, jax.device_put(loaded, s.state_shardings.model_state)
+
+
+def load_trained_model(checkpoint_dir: str | os.PathLike, step: int | None = None) -> Any:
+    """The trained head of a trainer workdir (or a params-only export) as a `PretrainedModel`.
+
+    Same as `hub.load_orbax`: from a trainer checkpoint the task's mutable collections
+    (`TrainState.model_state`, e.g. BatchNorm running statistics) are read too and become the
+    model's `collections`, so `hub.save_pretrained(load_trained_model(workdir), hf_dir)` writes
+    them (HF `running_mean` / `running_var`). Arrays are on the host CPU.
+
+    Args:
+      checkpoint_dir: a trainer workdir, its `checkpoints/` dir, one `<step>/` dir, or a
+        params-only Orbax export.
+      step: for trainer checkpoints, the step (default: the latest).
+    """
+    from xformers_jax import hub
+
+    return hub.load_orbax(checkpoint_dir, step)
+
+
+def export_to_hf(checkpoint_dir: str | os.PathLike, hf_out: str | os.PathLike,
+                 step: int | None = None) -> None:  # fmt: skip
+    """A trainer workdir (or params-only export) -> an HF directory, model state included."""
+    from xformers_jax import hub
+
+    hub.save_pretrained(load_trained_model(checkpoint_dir, step), hf_out)
 
 
 def _host_metrics(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
@@ -154,13 +254,13 @@ class Setup:
     mesh: Any
     rules: tuple
     rng: jax.Array
-    abstract_state: TrainState
+    abstract_state: TrainState  # model_state's shardings: state_shardings.model_state
     param_shardings: Any
     state_shardings: Any
     batch_shardings: dict[str, Any]
     init_state: Any  # jitted rng -> TrainState, placed with state_shardings
     train_step: Any  # jitted (state, batch, rng) -> (state, metrics)
-    eval_step: Any  # jitted (params, batch) -> aux sums
+    eval_step: Any  # jitted (params, batch, model_state) -> aux sums
 
     def to_global(self, batch: dict) -> dict:
         return _to_global(batch, self.mesh)
@@ -178,20 +278,31 @@ def setup(config, workdir: str, mesh=None) -> Setup:
     # --------------------------------------------------------------- Model + Optimizer
     tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
     init_kwargs = {k: jnp.asarray(v) for k, v in task.init_batch.items() if k != "labels"}
+    mutable = _mutable(task)
 
     def init_boxed(rng):
-        return task.model.init({"params": rng, "dropout": rng}, **init_kwargs)["params"]
+        """(params, {collection: tree} of the mutable collections), logically boxed."""
+        variables = task.model.init({"params": rng, "dropout": rng}, **init_kwargs)
+        missing = [c for c in mutable if c not in variables]
+        if missing:
+            raise ValueError(f"{task.architecture} has no variable collection {missing}; it has "
+                             f"{sorted(variables)}")  # fmt: skip
+        return variables["params"], {c: variables[c] for c in mutable}
 
     def init_state(rng):
-        params = nn.meta.unbox(init_boxed(rng))
+        params, model_state = nn.meta.unbox(init_boxed(rng))
         extra = jax.tree.map(jnp.asarray, task.init_extra()) if task.init_extra else {}
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params), extra=extra)  # fmt: skip
+                          opt_state=tx.init(params), extra=extra,
+                          model_state=model_state)  # fmt: skip
 
     # -------------------------------------------------------------------------------- Shard
     rng = jax.random.key(config.train.seed)
     with sharding.use_mesh(mesh, rules):
-        param_shardings = sharding.logical_shardings(jax.eval_shape(init_boxed, rng), mesh, rules)
+        # Model state goes the params' way: logical axes where boxed, replicated otherwise.
+        param_shardings, model_state_shardings = sharding.logical_shardings(
+            jax.eval_shape(init_boxed, rng), mesh, rules
+        )
         abstract_state = jax.eval_shape(init_state, rng)
         extra_shardings = None
         if task.extra_axes is not None:
@@ -200,7 +311,7 @@ def setup(config, workdir: str, mesh=None) -> Setup:
             )
         state_shardings = sharding.state_shardings(
             tx, abstract_state, param_shardings, mesh, extra_shardings
-        )
+        ).replace(model_state=model_state_shardings)
 
     # --------------------------------------------------------------------------------- Step
     rep = sharding.replicated(mesh)
@@ -214,7 +325,8 @@ def setup(config, workdir: str, mesh=None) -> Setup:
         init_state=jax.jit(init_state, out_shardings=state_shardings),
         train_step=jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, rep),
                            out_shardings=(state_shardings, rep), donate_argnums=0),
-        eval_step=jax.jit(make_eval_step(task), in_shardings=(param_shardings, batch_shardings),
+        eval_step=jax.jit(make_eval_step(task),
+                          in_shardings=(param_shardings, batch_shardings, model_state_shardings),
                           out_shardings=rep),
     )  # fmt: skip
 
@@ -251,7 +363,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         with sharding.use_mesh(mesh, rules):
             state = s.init_state(rng)
         if config.init_from:
-            state = state.replace(params=_load_init_params(config.init_from, s))
+            params, model_state = _load_init_params(config.init_from, s, state)
+            state = state.replace(params=params, model_state=model_state)
             _log(is_main, f"Initialised params from {config.init_from}")
         else:
             _log(is_main, "Starting from scratch")
@@ -260,7 +373,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
     # --------------------------------------------------------------------------------- Eval
     def run_eval() -> dict[str, float]:
-        return _run_eval(s, state.params, config.train.eval_steps)
+        return _run_eval(s, state.params, config.train.eval_steps, state.model_state)
 
     # --------------------------------------------------------------------------------- Loop
     writer = MetricWriter(workdir, enabled=is_main, tensorboard=config.log.tensorboard)
@@ -329,7 +442,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     writer.close()
     result.update(step=step, final_eval=final_eval)
     _log(is_main, f"eval at step {step}: {_fmt(final_eval)}")
-    _report(s, state.params)
+    _report(s, state.params, state.model_state)
     if "first_eval" in result and result["first_eval"]:
         _log(
             is_main,
@@ -354,21 +467,22 @@ def evaluate(config, workdir: str) -> dict[str, float]:
     abstract = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
     state, _ = ckpt.restore(step, abstract)
     ckpt.close()
-    result = _run_eval(s, state.params, config.train.eval_steps)
+    result = _run_eval(s, state.params, config.train.eval_steps, state.model_state)
     _log(jax.process_index() == 0, f"eval at step {step}: {_fmt(result)}")
-    _report(s, state.params)
+    _report(s, state.params, state.model_state)
     return result
 
 
-def _report(s: Setup, params: Any) -> None:
+def _report(s: Setup, params: Any, model_state: Any) -> None:
     """Prints the task's report (e.g. generated samples) of the trained params, if it has one."""
     if s.task.report is not None:
         with sharding.use_mesh(s.mesh, s.rules):
-            text = s.task.report(params)
+            state_args = (model_state,) if _mutable(s.task) else ()
+            text = s.task.report(params, *state_args)
         _log(jax.process_index() == 0, text)
 
 
-def _run_eval(s: Setup, params: Any, max_steps: int) -> dict[str, float]:
+def _run_eval(s: Setup, params: Any, max_steps: int, model_state: Any) -> dict[str, float]:
     """Task metrics over up to `max_steps` eval batches (sums reduced, then finalised)."""
     sums: dict[str, Any] = {}
     eval_iter = iter(s.task.eval_data(jax.process_index(), jax.process_count()))
@@ -378,7 +492,7 @@ def _run_eval(s: Setup, params: Any, max_steps: int) -> dict[str, float]:
                 batch = next(eval_iter)
             except StopIteration:
                 break
-            aux = s.eval_step(params, s.to_global(batch))
+            aux = s.eval_step(params, s.to_global(batch), model_state)
             sums = aux if not sums else jax.tree.map(jnp.add, sums, aux)
     return s.task.metrics(jax.device_get(sums)) if sums else {}
 
@@ -436,7 +550,8 @@ def _summarise(host, task, tokens, dt, flops_per_step, n_steps) -> dict[str, flo
     scalars = ("grad_norm", "param_norm", "update_norm", "learning_rate")
     out = {k: float(np.mean([m[k] for _, m in host])) for k in scalars}
     aux_keys = [k for k in host[-1][1] if k not in (*scalars, "loss", "nonfinite")]
-    sums = {k: sum(float(m[k]) for _, m in host) for k in aux_keys}
+    # Sums may be vectors (per-class counts): add elementwise over the window, in float64.
+    sums = {k: np.sum([np.asarray(m[k], np.float64) for _, m in host], axis=0) for k in aux_keys}
     out.update(task.metrics(sums) if sums else {"loss": float(host[-1][1]["loss"])})
     out["skipped_steps"] = float(sum(int(m["nonfinite"]) for _, m in host))
     out["tokens_per_sec"] = tokens / max(dt, 1e-9)

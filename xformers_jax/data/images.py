@@ -1,10 +1,14 @@
-"""Image datasets that install with scikit-learn, and grain pipelines for MIM and classification.
+"""Image datasets that install with scikit-learn; grain pipelines for MIM, classification and
+segmentation.
 
 Sources (no download): `load_digits` (1797 8x8 grey digits, 10 classes; split 80/20 by a fixed
 permutation) and `load_sample_images` (two 427x640 photos, seen through random crops). Images
 are kept small (uint8) and rendered per example: resized bicubically to `image_size`, grey
 replicated to 3 channels, rescaled and normalised as `BeitImageProcessor` (mean = std = 0.5), so a
 224 / 384 px run never holds the upscaled dataset in memory.
+
+Segmentation scenes (`DigitScenes`): digits pasted on dark photo crops at any size, with
+per-pixel class maps (background 0, digit d -> d + 1, stroke borders ignored).
 
 Pipelines, as `pipeline.mlm_dataset`:
 
@@ -262,5 +266,155 @@ def classification_dataset(
         return {"pixel_values": pixels, "labels": np.int32(images.label(item))}
 
     return _pipeline(images, example, batch_size=batch_size, seed=seed, train=train,
+                     shard_index=shard_index, shard_count=shard_count,
+                     read_options=read_options)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Semantic segmentation: digits pasted on photo backgrounds, with per-pixel class maps.
+# --------------------------------------------------------------------------------------------------
+
+SEG_IGNORE_INDEX = 255  # transformers' `semantic_loss_ignore_index` default
+# Stroke coverage (the upscaled digit's intensity in [0, 1]) above which a pixel is the digit's
+# class; between the two thresholds it is a mixed border pixel and labelled `ignore_index`.
+_STROKE, _BORDER = 0.5, 0.15
+# A pasted digit's side as a fraction of the scene's: strokes a few pixels wide even on small
+# scenes, so a patch-8 model can resolve them.
+_DIGIT_SIZE = (0.4, 0.75)
+
+
+@dataclasses.dataclass
+class DigitScenes:
+    """Segmentation scenes built from the bundled images, rendered at any size.
+
+    Scene `i` pastes digit `i` and up to `max_digits - 1` other random digits of the split at
+    random sizes (0.4 to 0.75 of the side), positions and bright colours onto a dark
+    random crop of a sample photo. Its label map has class 0 for the background and `d + 1` for
+    the pixels of digit `d`; mixed pixels at the strokes' borders get `ignore_index` (as VOC's
+    void boundaries). With `reduce_labels` the map goes through `BeitImageProcessor`'s ADE20k
+    reduction: the background becomes `ignore_index` and digit `d` is class `d`.
+
+    Attributes:
+      digits: uint8 `[n, h, w]` grey digits (or `[n, h, w, 3]`, the first channel is used).
+      labels: int32 `[n]` their classes.
+      photos: uint8 HWC background photos.
+      image_size: the rendered side.
+      max_digits: digits per scene (at least 1).
+      ignore_index: label of the border pixels and of padding.
+      reduce_labels: drop the background class (see above).
+    """
+
+    digits: np.ndarray
+    labels: np.ndarray
+    photos: Sequence[np.ndarray]
+    image_size: int = 32
+    max_digits: int = 3
+    ignore_index: int = SEG_IGNORE_INDEX
+    reduce_labels: bool = False
+
+    def __post_init__(self):
+        self.digits = check_images(self.digits, "digits")[..., 0].astype(np.uint8)
+        self.labels = np.asarray(self.labels, np.int32)
+        if len(self.labels) != len(self.digits) or not len(self.digits):
+            raise ValueError(f"{len(self.labels)} labels for {len(self.digits)} digits")
+        self.photos = [check_images(p[None], "photo")[0].astype(np.uint8) for p in self.photos]
+        if not self.photos:
+            raise ValueError("segmentation scenes need at least one background photo")
+        if self.max_digits < 1 or self.image_size < 8:
+            raise ValueError(f"need max_digits >= 1 and image_size >= 8, got "
+                             f"{self.max_digits}, {self.image_size}")  # fmt: skip
+        # Rescale and normalise only: scenes are composed at the output size.
+        self._processor = BeitImageProcessor(
+            do_resize=False, do_center_crop=False, do_reduce_labels=self.reduce_labels
+        )
+
+    @property
+    def num_classes(self) -> int:
+        """Label ids used (background + 10 digits, or 10 with `reduce_labels`)."""
+        return int(self.labels.max()) + (1 if self.reduce_labels else 2)
+
+    def items(self) -> np.ndarray:
+        """int32 `[n, 2]` (source, index) rows: one scene per digit."""
+        return np.stack([np.full(len(self.digits), _DIGITS), np.arange(len(self.digits))], 1
+                        ).astype(np.int32)  # fmt: skip
+
+    def _background(self, rng: np.random.Generator) -> np.ndarray:
+        photo = self.photos[int(rng.integers(len(self.photos)))]
+        h, w = photo.shape[:2]
+        side = int(rng.uniform(0.3, 0.9) * min(h, w))
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = Image.fromarray(np.ascontiguousarray(photo[top : top + side, left : left + side]))
+        s = self.image_size
+        bg = np.asarray(crop.resize((s, s), Image.Resampling.BILINEAR), np.float32) / 255
+        # Dark backgrounds keep the (bright) digits visible on any crop.
+        return bg[:, ::-1] * 0.5 if rng.random() < 0.5 else bg * 0.5
+
+    def render(self, item: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """One scene -> (float32 `[3, S, S]` normalised pixels, int32 `[S, S]` labels).
+
+        Padding items give zero pixels and labels all `ignore_index`.
+        """
+        s = self.image_size
+        if int(item[0]) == _PAD:
+            return np.zeros((3, s, s), np.float32), np.full((s, s), self.ignore_index, np.int32)
+        canvas = self._background(rng)
+        seg = np.zeros((s, s), np.int32)
+        n = int(rng.integers(1, self.max_digits + 1))
+        others = rng.integers(0, len(self.digits), n - 1)
+        for index in (int(item[1]), *(int(o) for o in others)):
+            size = max(int(rng.uniform(*_DIGIT_SIZE) * s), 4)
+            glyph = Image.fromarray(self.digits[index]).resize(
+                (size, size), Image.Resampling.BILINEAR
+            )
+            alpha = np.asarray(glyph, np.float32)[..., None] / 255  # [size, size, 1]
+            top, left = int(rng.integers(0, s - size + 1)), int(rng.integers(0, s - size + 1))
+            region = (slice(top, top + size), slice(left, left + size))
+            colour = rng.uniform(0.7, 1.0, 3).astype(np.float32)
+            canvas[region] = canvas[region] * (1 - alpha) + colour * alpha
+            a = alpha[..., 0]
+            seg[region] = np.where(
+                a >= _STROKE,
+                self.labels[index] + 1,
+                np.where(a > _BORDER, self.ignore_index, seg[region]),
+            )
+        pixels = np.round(np.clip(canvas, 0, 1) * 255).astype(np.uint8)
+        labels = self._processor.preprocess_segmentation_map(seg).astype(np.int32)
+        if self.ignore_index != 255:  # reduce_label marks the background with 255
+            labels[labels == 255] = self.ignore_index
+        return self._processor.preprocess_image(pixels), labels
+
+
+def default_scenes(split: str, image_size: int, max_digits: int = 3,
+                   ignore_index: int = SEG_IGNORE_INDEX,
+                   reduce_labels: bool = False) -> DigitScenes:  # fmt: skip
+    """`DigitScenes` of `split`'s digits (the same 80/20 split as `default_images`) on the
+    sample photos."""
+    digits = default_images(split, 8, ("digits",))
+    return DigitScenes(digits.digits, digits.labels, _photos(), image_size, max_digits,
+                       ignore_index, reduce_labels)  # fmt: skip
+
+
+def segmentation_dataset(
+    scenes: DigitScenes,
+    *,
+    batch_size: int,
+    seed: int,
+    train: bool = True,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    read_options: grain.ReadOptions | None = None,
+) -> grain.IterDataset:
+    """Segmentation batches: `pixel_values` float32 `[B, 3, S, S]` and `labels` int32 `[B, S, S]`.
+
+    Each training pass renders new scenes (the rng follows the global element index); eval is
+    one deterministic padded pass. Arguments as `mim_dataset`.
+    """
+
+    def example(item, rendered, rng):
+        del item, rng
+        pixels, labels = rendered
+        return {"pixel_values": pixels, "labels": labels}
+
+    return _pipeline(scenes, example, batch_size=batch_size, seed=seed, train=train,
                      shard_index=shard_index, shard_count=shard_count,
                      read_options=read_options)  # fmt: skip
