@@ -4,7 +4,8 @@
   xformers-jax eval    --config configs/<family>/<job>.py:<preset> --workdir DIR [--config.K=V]
   xformers-jax convert --hf HF_DIR --out ORBAX_DIR [--head NAME]
   xformers-jax export  --checkpoint ORBAX_DIR --hf-out HF_DIR
-  xformers-jax bench   [--family F ...] [--out DIR]
+  xformers-jax bench   [--suite train|yoso|decoding|mlm_logits|all] [--family F ...] [--out DIR]
+                       [--n N] [--device cpu|gpu|tpu] [--dtype float32|bfloat16]
 
 `--config.K=V` (or `--config.K V`) overrides any config field; see `config_lib.apply_overrides`.
 User errors (bad config key or type, unknown preset, missing or unwritable path) print one line
@@ -75,16 +76,37 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="ORBAX_DIR", help="Orbax checkpoint")
     p.add_argument("--hf-out", required=True, metavar="HF_DIR", help="output HF dir")
 
-    p = sub.add_parser("bench", help="benchmark model families")
+    p = sub.add_parser(
+        "bench",
+        help="benchmark model families, YOSO / decoding / large-vocab scaling",
+        description="train: every family's train step vs transformers (bench.json/md/png). "
+        "yoso, decoding, mlm_logits: scaling suites (<suite>.json/md/png); all: every suite.",
+    )
+    p.add_argument(
+        "--suite",
+        choices=("train", "yoso", "decoding", "mlm_logits", "all"),
+        default="train",
+        help="which benchmark (default: train)",
+    )
     p.add_argument(
         "--family",
         action="extend",
         nargs="+",
         default=None,
         metavar="F",
-        help="families to run (repeatable; default: all)",
+        help="train-suite families to run (repeatable; default: all)",
     )
     p.add_argument("--out", default=None, metavar="DIR", help="where to write results")
+    p.add_argument("--n", type=int, default=None, metavar="N", help="timed rounds per case")
+    p.add_argument(
+        "--device", choices=("cpu", "gpu", "tpu"), default=None, help="jax backend to run on"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="compute dtype of the scaling suites (train runs float32)",
+    )
     return parser
 
 
@@ -202,7 +224,9 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     elif args.command == "export":
         _impl("xformers_jax.hub", "export_orbax_to_hf")(args.checkpoint, args.hf_out)
     elif args.command == "bench":
-        _impl("xformers_jax.bench", "main")(args.family, args.out)
+        _impl("xformers_jax.bench_scaling", "main")(
+            args.suite, args.family, args.out, n=args.n, device=args.device, dtype=args.dtype
+        )
     return 0
 
 

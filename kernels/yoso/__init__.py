@@ -1,7 +1,8 @@
 """YOSO attention kernels: fast Hadamard LSH hash, LSH cumulation, custom-VJP attention ops.
 
 Modules (each Pallas op next to its pure-jnp ``*_reference``):
-  hadamard: ``make_hash_params``, ``fast_hash`` / ``fast_hash_reference``.
+  hadamard: ``make_hash_params``, ``fast_hash`` / ``fast_hash_reference`` and the XLA path's
+    ``fast_hash_xla`` (bit-identical to both).
   cumulation: ``lsh_cumulation``, ``lsh_weighted_cumulation`` (``impl='xla' | 'pallas'``) and
     their references.
   ops: ``yoso_lsh_attention``, ``yoso_expectation_attention``.
@@ -21,6 +22,7 @@ from .hadamard import BlockSizes as HashBlockSizes
 from .hadamard import (
     fast_hash,
     fast_hash_reference,
+    fast_hash_xla,
     make_hash_params,
     padded_dim,
     walsh_hadamard_transform,
@@ -33,6 +35,7 @@ __all__ = [
     "expectation_matrix",
     "fast_hash",
     "fast_hash_reference",
+    "fast_hash_xla",
     "lsh_cumulation",
     "lsh_cumulation_reference",
     "lsh_weighted_cumulation",

@@ -22,6 +22,7 @@ Layouts (transformers' YOSO layout, batch = batch * heads flattened):
 Implementations (``impl``):
   ``'xla'`` (default; the right choice on CPU): a ``lax.scan`` over hash functions of a
     ``segment_sum`` scatter-add into the table and a gather; memory O(batch * (2**tau + L) * dim).
+    Short sequences scatter several weight columns at once (``XLA_ROW_FLOATS_PER_STEP``).
   ``'pallas'``: two kernels. ``_table_kernel`` builds every table as a one-hot matmul
     ``onehot(k_code)^T @ value`` (a scatter the MXU / tensor cores can run); ``_lookup_kernel``
     reads the tables back with ``onehot(q_code) @ table`` and sums over hash functions. Tables
@@ -209,6 +210,13 @@ def lsh_weighted_cumulation_reference(
 # ------------------------------------------------------------------------------------------------
 
 
+# Floats of key rows the XLA path scatters per step. Short sequences take several weight columns
+# per step (rows ``[keys, columns * dim]``): the weighted cumulation's num_hash * weight_dim
+# scan steps are then fewer, and each stays cheap. Long sequences take one column per step; wider
+# rows would only stream more memory through each scatter.
+XLA_ROW_FLOATS_PER_STEP = 2**20
+
+
 def _xla_cumulation(q_code, q_weights, k_code, k_weights, value, table_size):
     """Sum over weight columns ``w`` of ``q_weights[w] * cumulation(k_weights[w] * value)``.
 
@@ -223,6 +231,13 @@ def _xla_cumulation(q_code, q_weights, k_code, k_weights, value, table_size):
     """
     batch, k_len, dim = value.shape
     q_len = q_code.shape[2]
+    columns = q_weights.shape[0]
+    per_step = max(1, min(columns, XLA_ROW_FLOATS_PER_STEP // (batch * k_len * dim)))
+    per_step = 1 << (per_step.bit_length() - 1)  # a power of two: weight_dim usually is one
+    steps = -(-columns // per_step)
+    pad = ((0, steps * per_step - columns), (0, 0), (0, 0))  # zero weights add nothing
+    q_weights = jnp.pad(q_weights, pad).reshape(steps, per_step, batch, q_len)
+    k_weights = jnp.pad(k_weights, pad).reshape(steps, per_step, batch, k_len)
     # Tables of all batch rows live in one segment_sum: row b * table_size + code. A code out of
     # [0, table_size) must not land in the next row's table: it goes to row num_rows, which
     # segment_sum drops and the gather fills with 0 (as the reference and kernels ignore it).
@@ -235,20 +250,23 @@ def _xla_cumulation(q_code, q_weights, k_code, k_weights, value, table_size):
 
     q_ids, k_ids = row_ids(q_code), row_ids(k_code)
 
-    def one_column(acc, weights):
-        q_weight, k_weight = weights
-        rows = (value * k_weight[..., None]).reshape(batch * k_len, dim)
+    def some_columns(acc, weights):
+        q_weight, k_weight = weights  # [per_step, batch, length]
+        rows = value[None] * k_weight[..., None]  # [per_step, batch, k_len, dim]
+        rows = rows.transpose(1, 2, 0, 3).reshape(batch * k_len, per_step * dim)
 
         def one_hash(out, ids):
             q_id, k_id = ids
             table = jax.ops.segment_sum(rows, k_id.reshape(-1), num_segments=num_rows)
             return out + table.at[q_id].get(mode="fill", fill_value=0.0), None
 
-        out, _ = lax.scan(one_hash, jnp.zeros((batch, q_len, dim), jnp.float32), (q_ids, k_ids))
-        return acc + out * q_weight[..., None], None
+        out = jnp.zeros((batch, q_len, per_step * dim), jnp.float32)
+        out, _ = lax.scan(one_hash, out, (q_ids, k_ids))
+        out = out.reshape(batch, q_len, per_step, dim)
+        return acc + jnp.einsum("cbq,bqcd->bqd", q_weight, out, precision=HIGHEST), None
 
     acc = jnp.zeros((batch, q_len, dim), jnp.float32)
-    acc, _ = lax.scan(one_column, acc, (q_weights, k_weights))
+    acc, _ = lax.scan(some_columns, acc, (q_weights, k_weights))
     return acc
 
 

@@ -189,14 +189,21 @@ class _LshConfig:
             interpret=self.interpret,
         )
 
-    def hash(self, x, params):
-        # The 'xla' hash is the jnp reference: bit-identical codes, so impls agree exactly.
+    def hash(self, q, k, params):
+        """Codes of q and k, ``[batch, num_hash, q_len]`` and ``[batch, num_hash, k_len]``.
+
+        One call over the positions of both (the hash is per vector): one pass, one kernel
+        launch. Both hashes are bit-identical to ``fast_hash_reference``, so impls agree exactly.
+        """
+        x = jnp.concatenate([q.astype(jnp.float32), k.astype(jnp.float32)], axis=1)
         kwargs = dict(num_hash=self.num_hash, hash_code_len=self.hash_code_len)
         if self.impl == "xla":
-            return hadamard.fast_hash_reference(x, params, **kwargs)
-        return hadamard.fast_hash(
-            x, params, block_sizes=self.hash_block_sizes, interpret=self.interpret, **kwargs
-        )
+            codes = hadamard.fast_hash_xla(x, params, **kwargs)
+        else:
+            codes = hadamard.fast_hash(
+                x, params, block_sizes=self.hash_block_sizes, interpret=self.interpret, **kwargs
+            )
+        return codes[:, :, : q.shape[1]], codes[:, :, q.shape[1] :]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -206,7 +213,7 @@ def _lsh_attention(config: _LshConfig, q, k, v, q_mask, k_mask, params):
 
 def _lsh_fwd(config, q, k, v, q_mask, k_mask, params):
     # The same diagonals hash q and k: collisions are only meaningful under one hash function.
-    q_code, k_code = config.hash(q, params), config.hash(k, params)
+    q_code, k_code = config.hash(q, k, params)
     out = config.cumulate(cumulation.lsh_cumulation, q_mask, q_code, k_mask, k_code, v)
     return out, (q, k, v, q_mask, k_mask, q_code, k_code, params)
 
@@ -265,7 +272,8 @@ def yoso_lsh_attention(
       hash_code_len: bits per code (tau); tables have ``2**tau`` rows.
       lsh_backward: backward via the LSH (weighted) cumulation, linear cost; else the dense
         expectation backward, O(Lq * Lk).
-      impl: ``'xla'`` (default; segment_sum cumulation, jnp hash) or ``'pallas'`` (the kernels).
+      impl: ``'xla'`` (default; segment_sum cumulation, ``fast_hash_xla``) or ``'pallas'``
+        (the kernels).
       interpret: run the Pallas kernels with the interpreter.
       hash_block_sizes: tiling of the Pallas hash kernel.
       cumulation_block_sizes: tiling of the Pallas cumulation kernels.

@@ -126,6 +126,19 @@ def test_lsh_weighted_cumulation(interpret, case):
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("row_floats", [1, 2**20], ids=["one_column_per_step", "columns_batched"])
+def test_xla_weighted_cumulation_column_batching(monkeypatch, row_floats):
+    """The XLA path's columns-per-step choice (incl. a padded last step: weight_dim 5 runs as
+    4 + 1 + 3 zero columns) changes speed, not results."""
+    monkeypatch.setattr(cumulation, "XLA_ROW_FLOATS_PER_STEP", row_floats)
+    jax.clear_caches()  # the setting is read while tracing: no cached trace of the other case
+    x = _inputs(2, 33, 65, 16, 7, 4, weight_dim=5, seed=4)
+    args = _weighted_args(x)
+    want = _brute_force(*x.values())
+    got = cumulation.lsh_weighted_cumulation(*args, 4, impl="xla")
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
 def test_out_of_range_codes_match_nothing():
     x = _inputs(1, 20, 20, 16, 3, 2, seed=3)
     x["query_code"][0, 0, :4] = [-1, 4, 7, 100]

@@ -50,6 +50,21 @@ def test_fast_hash_matches_reference_exactly(interpret, case):
     assert len(np.unique(np.asarray(codes))) > min(2**tau, 8) // 2
 
 
+@pytest.mark.parametrize("block", [None, 16, 1024])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_l{}_d{}_h{}_t{}_pb{}_bl{}".format(*c))
+def test_fast_hash_xla_matches_reference_exactly(case, block):
+    """The XLA path's layout / blocking changes speed only: codes equal the reference's."""
+    batch, length, dim, num_hash, tau, per_batch, _ = case
+    x, params = _inputs(batch, length, dim, num_hash, tau, per_batch)
+    x[0, -3:] = 0.0
+    x[-1, :2] *= 1e-30  # tiny magnitudes hash alike too
+    kwargs = dict(num_hash=num_hash, hash_code_len=tau)
+    codes = hadamard.fast_hash_xla(x, params, block=block, **kwargs)
+    expected = hadamard.fast_hash_reference(x, params, **kwargs)
+    assert codes.shape == (batch, num_hash, length) and codes.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(codes), np.asarray(expected))
+
+
 def _sylvester(n):
     h = np.ones((1, 1))
     while h.shape[0] < n:
