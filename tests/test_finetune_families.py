@@ -157,6 +157,7 @@ def test_xlnet_classification_rows_equal_transformers(xlnet_spm):
     seq_len = 24  # short enough that some utterances are truncated
     data = finetune_data.language_id(tok, seq_len, train=False, per_language=40)
     texts = [t for lang in finetune_data.LANGUAGES for t in finetune_data._texts(lang, False, 40)]
+    texts = [texts[i] for i in finetune_data.interleaved_order(len(texts))]
     want = hf(texts, padding="max_length", max_length=seq_len, truncation=True,
               return_tensors="np")  # fmt: skip
     assert (want["attention_mask"][:, 0] == 0).any() and (want["attention_mask"].sum(1) == 24).any()

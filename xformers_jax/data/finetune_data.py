@@ -161,8 +161,13 @@ def language_id(tok, seq_len: int, train: bool, per_language: int = 300) -> dict
     # Rows are grouped by language; eval reads the first batches in order, so interleave them
     # once (fixed seed) or a short eval would see one or two languages only.
     arrays = {**ex.arrays(), "labels": np.asarray(labels, np.int32)}
-    order = np.random.default_rng(2).permutation(len(labels))
+    order = interleaved_order(len(labels))
     return {k: v[order] for k, v in arrays.items()}
+
+
+def interleaved_order(n: int) -> np.ndarray:
+    """The fixed row permutation `language_id` applies to its language-grouped rows: `[n]`."""
+    return np.random.default_rng(2).permutation(n)
 
 
 def mixed_language_tags(tok, seq_len: int, train: bool, n: int = 600) -> dict[str, np.ndarray]:
