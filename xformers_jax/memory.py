@@ -123,7 +123,7 @@ def _compiled(config, module, batch, params, boxed, tx, num_devices, rules) -> d
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:num_devices])
     mod = importlib.import_module(tasks.TASKS[config.task])
     loss = mod.make_loss_fn(config) if hasattr(mod, "make_loss_fn") else mod.loss_fn
-    spec = types.SimpleNamespace(model=module, loss_fn=loss, init_extra=None)
+    spec = types.SimpleNamespace(model=module, loss_fn=loss, init_extra=None, mutable=())
     schedule = optim.make_schedule(config.optim.schedule, config.optim.lr,
                                    config.optim.warmup_steps, config.train.steps,
                                    config.optim.end_lr_factor)  # fmt: skip

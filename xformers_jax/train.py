@@ -56,8 +56,8 @@ def _global_norm(tree) -> jax.Array:
 
 
 def _mutable(task: Any) -> tuple[str, ...]:
-    """The task's mutable model collections (none for specs built without the field)."""
-    return tuple(getattr(task, "mutable", ()) or ())
+    """The task's mutable model collections (`TaskSpec.mutable`)."""
+    return tuple(task.mutable)
 
 
 def make_train_step(task: tasks.TaskSpec, tx: optax.GradientTransformation,
