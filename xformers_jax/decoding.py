@@ -4,11 +4,19 @@ A head that generates sets `can_generate = True` and has two methods (called thr
 `module.apply(..., method=...)`):
 
   init_decoding(input_ids, attention_mask, max_length) -> context
-      everything the steps need, every leaf batch-major `[batch, ...]`: for encoder-decoders the
-      encoder mask, a fixed-size self-attention K/V cache and the cross-attention K/V (computed
-      once here); a decoder-only head would prefill its prompt here.
-  decode_step(tokens [batch], index, context) -> (logits [batch, vocab] float32, context)
-      one position for every row; `index` is the position of `tokens`.
+      everything the steps need (a pytree): for encoder-decoders the encoder mask, a fixed-size
+      self-attention K/V cache and the cross-attention K/V (computed once here); a decoder-only
+      head prefills its prompt here.
+  decode_step(tokens [rows], index, context) -> (logits [rows, vocab] float32, context)
+      one position for every row (a sequence: an input, or one of its beams); `index` is the
+      position of `tokens`.
+
+Every context leaf holds one row per sequence on axis 0, unless the head says otherwise with a
+static method `decoding_batch_axes(context) -> pytree` (the context's structure, one entry per
+leaf): an int, the leaf's row axis (e.g. 1 for layer-major caches `[layers, rows, ...]`), or None
+for a leaf that holds one row per *input* and is the same for all its beams (the encoder's
+cross-attention K/V): beam search neither repeats nor reorders it, and `decode_step` sees
+`rows = inputs * num_beams` rows against it (row `i * num_beams + j` is beam j of input i).
 
 A head with options of its own (e.g. XLNet's `use_mems`) also has a static method
 `decoding_options(config, **options) -> dict` that validates them and fills their defaults; the
@@ -76,6 +84,16 @@ def warp_logits(logits, temperature: float, top_k: int, top_p: float):
     return logits
 
 
+def first_argmax(logits):
+    """`jnp.argmax` over the last axis (the first maximum) as two plain reductions, which XLA's
+    CPU backend vectorises (its variadic arg-reduce is ~4x slower on a `[8, 32000]` row block).
+    A row holding NaN gives its last index."""
+    vocab = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    ids = jnp.where(logits == top, jnp.arange(vocab, dtype=jnp.int32), vocab)
+    return jnp.minimum(jnp.min(ids, axis=-1), vocab - 1)
+
+
 # ==================================================================================================
 # Greedy and sampling.
 # ==================================================================================================
@@ -100,7 +118,7 @@ def _sample_loop(step, context, rng, *, batch, max_length, seqs, prompt_len, eos
             logits = warp_logits(logits, temperature, top_k, top_p)
             tokens = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
         else:
-            tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            tokens = first_argmax(logits)
         tokens = jnp.where(s["done"], pad, tokens)
         seqs = jax.lax.dynamic_update_slice_in_dim(s["seqs"], tokens[:, None], cur, axis=1)
         now_done = ~s["done"] & (tokens == eos)
@@ -122,13 +140,16 @@ def _gather_beams(x, idx):
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _beam_loop(step, context, *, batch, num_beams, max_length, seqs, prompt_len, eos, pad,
+def _beam_loop(step, context, axes, *, batch, num_beams, max_length, seqs, prompt_len, eos, pad,
                min_length, length_penalty, early_stopping, num_return_sequences):  # fmt: skip
     """transformers' vectorised beam search from the `[b, max_length]` buffer `seqs` (first
     `prompt_len` tokens given); returns `(sequences, lengths)` of the best beams."""
     k, b, big_k = num_beams, batch, 2 * num_beams
-    # The context arrives with one row per input; every beam starts from the same one.
-    context = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), context)
+    # The context arrives with one row per input; every beam starts from the same one. Leaves
+    # with no row axis (None) stay per input.
+    per_leaf = lambda f: lambda a, x: x if a is None else f(x, a)  # noqa: E731
+    context = jax.tree.map(per_leaf(lambda x, a: jnp.repeat(x, k, axis=a)), axes, context,
+                           is_leaf=lambda a: a is None)  # fmt: skip
     seqs = jnp.repeat(seqs[:, None], k, axis=1)
     state = dict(
         run_seqs=seqs, run_scores=jnp.zeros((b, k)).at[:, 1:].set(NEG_INF),
@@ -160,7 +181,8 @@ def _beam_loop(step, context, *, batch, num_beams, max_length, seqs, prompt_len,
         run_seqs = _gather_beams(top_seqs, next_idx)
         run_scores = _gather_beams(run_lp, next_idx)
         flat_parent = (_gather_beams(parent, next_idx) + jnp.arange(b)[:, None] * k).reshape(-1)
-        ctx = jax.tree.map(lambda x: jnp.take(x, flat_parent, axis=0), ctx)
+        ctx = jax.tree.map(per_leaf(lambda x, a: jnp.take(x, flat_parent, axis=a)), axes, ctx,
+                           is_leaf=lambda a: a is None)  # fmt: skip
 
         # Candidates among the top num_beams that stopped compete with the finished hypotheses.
         just_done = hits & top_mask[None]
@@ -236,9 +258,11 @@ def _build(module: Any, settings: tuple):
         common = dict(batch=batch, max_length=max_length, seqs=seqs, prompt_len=prompt_len,
                       eos=opts["eos"], pad=opts["pad"], min_length=opts["min_length"])  # fmt: skip
         if opts["num_beams"] > 1:
+            batch_axes = getattr(type(module), "decoding_batch_axes", None)
+            axes = jax.tree.map(lambda _: 0, context) if batch_axes is None else batch_axes(context)
             return _beam_loop(
-                step, context, num_beams=opts["num_beams"], length_penalty=opts["length_penalty"],
-                early_stopping=opts["early_stopping"],
+                step, context, axes, num_beams=opts["num_beams"],
+                length_penalty=opts["length_penalty"], early_stopping=opts["early_stopping"],
                 num_return_sequences=opts["num_return_sequences"], **common,
             )  # fmt: skip
         return _sample_loop(step, context, rng, sample=opts["do_sample"],

@@ -7,7 +7,11 @@ scaled by `1/sqrt(d_kv)` (mesh-tf folds that into the query init). Layers are st
 
 Besides the HF-style `__call__`s, `MT5ForConditionalGeneration` has the two hooks
 `xformers_jax.decoding` drives: `init_decoding` (encoder once, cross-attention K/V once, an empty
-fixed-size self-attention cache) and `decode_step` (one token for every row).
+fixed-size self-attention cache) and `decode_step` (one token for every row). Decoding caches are
+layer-major and head-major (`[layers, rows, heads, positions, d_kv]`: a layer's slice is contiguous
+and feeds the score matmul without a transpose); a step attends over the cache plus its own key,
+and the new keys / values of all layers are written once after the layers. The cross-attention
+K/V keep one row per input: beams of an input share it (`decoding_batch_axes`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from xformers_jax.layers import (
+    DEFAULT_MASK_VALUE,
     MLP,
     DenseGeneral,
     Embed,
@@ -243,6 +248,44 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(self.k(x), _ACT_HEADS)
         return k, nn.with_logical_constraint(self.v(x), _ACT_HEADS)
 
+    def step(self, x, k_cache, v_cache, mask, bias=None, own_bias=None):
+        """One query position per row against a head-major cache (decoding).
+
+        Args:
+          x: `[rows, 1, d_model]`.
+          k_cache / v_cache: `[cache_rows, heads, n, d_kv]`; `rows = cache_rows * r`: r
+            consecutive rows (the beams of an input) share a cache row.
+          mask: bool, broadcastable to `[cache_rows, heads, r, n]`, True = attend.
+          bias: `[1, heads, 1, n]` float32 relative-position bias, or None.
+          own_bias: `[1, heads, 1, 1]` (self-attention): this position's own key and value, which
+            are not in the cache yet, join the keys with this bias.
+
+        Returns:
+          `([rows, 1, d_model], (k, v) [rows, heads, d_kv] of this position, or None)`.
+        """
+        dtype = dtype_from_name(self.config.dtype)
+        q = self.q(x)[:, 0]
+        rows, heads, d = q.shape
+        n = k_cache.shape[2]
+        r = rows // k_cache.shape[0]
+        qg = q.reshape(-1, r, heads, d).transpose(0, 2, 1, 3)  # [cache_rows, heads, r, d]
+        scores = jnp.einsum("bhrd,bhnd->bhrn", qg, k_cache, preferred_element_type=jnp.float32)
+        if bias is not None:
+            scores = scores + bias
+        scores = jnp.where(mask, scores, DEFAULT_MASK_VALUE)
+        own = None
+        if own_bias is not None:
+            k, v = (t[:, 0] for t in self.kv(x))
+            own = (k, v)
+            s_own = jnp.einsum("bhd,bhd->bh", q, k, preferred_element_type=jnp.float32)
+            scores = jnp.concatenate([scores, s_own[:, :, None, None] + own_bias], axis=-1)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out = jnp.einsum("bhrn,bhnd->bhrd", probs[..., :n], v_cache.astype(dtype))
+        if own is not None:
+            out = out + probs[..., n:] * own[1][:, :, None, :].astype(dtype)
+        out = out.transpose(0, 2, 1, 3).reshape(rows, 1, heads, d)
+        return self.o(out), own
+
     def __call__(self, x, kv_x, mask, bias, deterministic: bool, kv=None):
         cfg = self.config
         q = nn.with_logical_constraint(self.q(x), _ACT_HEADS)
@@ -280,39 +323,45 @@ class Block(nn.Module):
         drop = lambda h: nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)  # noqa: E731
         self_attn = Attention(cfg, name="self_attention")
         cross_attn = Attention(cfg, name="cross_attention") if self.is_decoder else None
-        if self.mode == "cross_kv":
-            return x, cross_attn.kv(enc)
+        if self.mode == "cross_kv":  # head-major, for `Attention.step`
+            return x, tuple(t.transpose(0, 2, 1, 3) for t in cross_attn.kv(enc))
+        if self.mode == "step":
+            return self._step(x, mask, bias, enc_mask, cache, norm, self_attn, cross_attn)
 
         h = norm("self_attention_norm")(x)
-        kv = None
-        if self.mode == "step":
-            k, v = self_attn.kv(h)
-            # Write this step's K/V at `index` of the fixed-size cache: shapes never change, so
-            # the decoding loop compiles once.
-            k = jax.lax.dynamic_update_slice_in_dim(cache["self_k"], k.astype(dtype), index, 1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["self_v"], v.astype(dtype), index, 1)
-            kv = (k, v)
-        a, probs = self_attn(h, h, mask, bias, self.deterministic, kv=kv)
+        a, probs = self_attn(h, h, mask, bias, self.deterministic)
         x = x + drop(a)
         cross_probs = None
         if self.is_decoder:
             h = norm("cross_attention_norm")(x)
-            ckv = (cache["cross_k"], cache["cross_v"]) if self.mode == "step" else None
-            a, cross_probs = cross_attn(h, enc, enc_mask, None, self.deterministic, kv=ckv)
+            a, cross_probs = cross_attn(h, enc, enc_mask, None, self.deterministic)
             x = x + drop(a)
-        mlp = MLP(cfg.d_ff, cfg.activation, use_bias=False, gated=cfg.is_gated,
-                  dropout_rate=cfg.dropout_rate, dtype=dtype, param_dtype=pdtype,
-                  kernel_init=_fan_in(cfg, -2, -1), name="mlp")  # fmt: skip
-        x = x + drop(mlp(norm("mlp_norm")(x), deterministic=self.deterministic))
+        x = x + drop(self._mlp()(norm("mlp_norm")(x), deterministic=self.deterministic))
         x = nn.with_logical_constraint(x, _ACT)
-        if self.mode == "step":
-            return x, dict(cache, self_k=kv[0], self_v=kv[1])
         ys = (
             x if self.output_hidden_states else None,
             probs if self.output_attentions else None,
             cross_probs if self.output_attentions else None,
         )
         return x, ys
+
+    def _mlp(self):
+        cfg = self.config
+        dtype, pdtype = _dtypes(cfg)
+        return MLP(cfg.d_ff, cfg.activation, use_bias=False, gated=cfg.is_gated,
+                   dropout_rate=cfg.dropout_rate, dtype=dtype, param_dtype=pdtype,
+                   kernel_init=_fan_in(cfg, -2, -1), name="mlp")  # fmt: skip
+
+    def _step(self, x, mask, bias, enc_mask, cache, norm, self_attn, cross_attn):
+        """Decoding: `x` `[rows, 1, d_model]` against this layer's caches (head-major); returns
+        `(x, (k, v))`, this position's self-attention key and value for the cache."""
+        a, own = self_attn.step(norm("self_attention_norm")(x), cache["self_k"], cache["self_v"],
+                                mask, *bias)  # fmt: skip
+        x = x + a
+        h = norm("cross_attention_norm")(x)
+        x = x + cross_attn.step(h, cache["cross_k"], cache["cross_v"], enc_mask)[0]
+        x = x + self._mlp()(norm("mlp_norm")(x), deterministic=True)
+        return x, own
 
 
 class Stack(nn.Module):
@@ -336,18 +385,26 @@ class Stack(nn.Module):
         kw = dict(config=cfg, is_decoder=self.is_decoder, mode=mode, deterministic=deterministic)
         cross_mask = None if enc_mask is None else (enc_mask[:, None, None, :] > 0)
         if mode != "full":
-            # Decoding: caches are batch-major `[b, layers, ...]` so beams reorder on axis 0.
+            # Decoding: caches are layer-major `[layers, rows, heads, n, d_kv]`.
             scanned = nn.scan(
                 Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(nn.broadcast,) * 5 + (1,), out_axes=1, length=n_layers,
+                in_axes=(nn.broadcast,) * 5 + (0,), out_axes=0, length=n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(**kw, name="layers")  # fmt: skip
             if mode == "cross_kv":
                 return scanned(x, None, None, enc, None, None, None)[1]
-            length = cache["self_k"].shape[2]
-            mask = (jnp.arange(length) <= index)[None, None, None, :]
+            length = cache["self_k"].shape[3]
+            # Cache slots before `index` hold the earlier positions; this one joins as `own`.
+            mask = (jnp.arange(length) < index)[None, None, None, :]
             bias = relpos(jnp.reshape(index, (1,)), length)
-            x, cache = scanned(x, mask, bias, None, cross_mask, index, cache)
+            own_bias = jax.lax.dynamic_slice_in_dim(bias, index, 1, axis=3)
+            x, (k, v) = scanned(x, mask, (bias, own_bias), None, cross_mask, index, cache)
+            at = (0, 0, 0, index, 0)
+            cache = dict(
+                cache,
+                self_k=jax.lax.dynamic_update_slice(cache["self_k"], k[:, :, :, None], at),
+                self_v=jax.lax.dynamic_update_slice(cache["self_v"], v[:, :, :, None], at),
+            )  # fmt: skip
             return RMSNorm(cfg.layer_norm_epsilon, dtype, pdtype, name="final_norm")(x), cache
 
         length = x.shape[1]
@@ -514,18 +571,27 @@ class MT5ForConditionalGeneration(nn.Module):
           max_length: decoder positions to cache (including the start token).
 
         Returns:
-          A pytree whose every leaf is batch-major: `encoder_attention_mask` `[b, n]` and
-          `cache` with `self_k`/`self_v` `[b, layers, max_length, heads, d_kv]` (zeros) and
-          `cross_k`/`cross_v` `[b, layers, n, heads, d_kv]`.
+          `encoder_attention_mask` `[b, n]` and `cache` with `self_k`/`self_v`
+          `[layers, b, heads, max_length, d_kv]` (zeros) and `cross_k`/`cross_v`
+          `[layers, b, heads, n, d_kv]` (rows on axis 1; the encoder's leaves are per input,
+          see `decoding_batch_axes`).
         """
         cfg = self.config
         enc, _, _ = self.model.encode(input_ids, attention_mask)
         cross_k, cross_v = self.model.decoder(enc, enc=enc, mode="cross_kv")
         b = input_ids.shape[0]
-        shape = (b, cfg.num_decoder_layers, max_length, cfg.num_heads, cfg.d_kv)
+        shape = (cfg.num_decoder_layers, b, cfg.num_heads, max_length, cfg.d_kv)
         zeros = jnp.zeros(shape, dtype_from_name(cfg.dtype))
         cache = dict(self_k=zeros, self_v=zeros, cross_k=cross_k, cross_v=cross_v)
         return dict(encoder_attention_mask=attention_mask, cache=cache)
+
+    @staticmethod
+    def decoding_batch_axes(context: dict[str, Any]) -> dict[str, Any]:
+        """Row axes of the decoding context (see `xformers_jax.decoding`): the self-attention
+        cache per sequence on axis 1; the encoder mask and cross-attention K/V per input."""
+        del context
+        cache = dict(self_k=1, self_v=1, cross_k=None, cross_v=None)
+        return dict(encoder_attention_mask=None, cache=cache)
 
     def decode_step(self, tokens, index, context):
         """One decoder position for every row.
