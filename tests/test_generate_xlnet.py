@@ -160,3 +160,21 @@ def test_step_traces_once(models, monkeypatch, use_mems):
     ours.generate(prompt(), max_new_tokens=8, use_mems=use_mems)
     ours.generate(prompt()[::-1].copy(), max_new_tokens=8, use_mems=use_mems)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("cfg, path", [
+    (dict(clamp_len=3), "kv"),  # the K/V cache with clamped distances
+    (dict(attn_type="uni"), "mems"),  # causal attention: the right-aligned mems buffer
+    (dict(reuse_len=2), "mems"),  # transformers' mems keep only 2 new states per call
+])  # fmt: skip
+def test_cache_paths_match_transformers(tmp_path, cfg, path):
+    """Both generation caches (per-layer K/V at absolute slots, or the mems buffer) give
+    transformers' default generate, and each config takes the cache it should. One row:
+    transformers' `attn_type="uni"` fails to broadcast its masks for a batch of two."""
+    hf, ours = build(tmp_path, **cfg)
+    ids = prompt()[:1]
+    context = ours.module.apply({"params": ours.params}, jnp.asarray(ids), None, 30,
+                                method="init_decoding")  # fmt: skip
+    assert path in context
+    np.testing.assert_array_equal(ours.generate(ids, max_new_tokens=24),
+                                  hf_generate(hf, ids, max_new_tokens=24))  # fmt: skip

@@ -186,6 +186,14 @@ def rel_shift(x: jax.Array, klen: int) -> jax.Array:
     return x.reshape(b, n, i, r - 1)[..., :klen]
 
 
+def kv_position_keys(params: Any, config: XLNetConfig, slots: int) -> jax.Array:
+    """Every layer's position keys for the distances `slots .. -slots` (`kv_cache['r']`):
+    `[layers, heads, 2 * slots + 1, d_head]` (head-major), from `XLNetModel`'s params."""
+    pos = relative_positional_encoding(slots + 1, slots, config, 1)[0]
+    w = jnp.asarray(nn.meta.unbox(params["layers"]["rel_attn"]["r"]), dtype_from_name(config.dtype))
+    return jnp.einsum("rh,lhnd->lnrd", jnp.asarray(pos, w.dtype), w)
+
+
 def causal_mask(qlen: int, mlen: int, same_length: bool) -> np.ndarray:
     """`[qlen, mlen + qlen]` bool, True = masked: no future keys (uni), and with `same_length`
     every query sees the same number of keys."""
@@ -315,15 +323,55 @@ class RelativeAttention(nn.Module):
             ef = jnp.einsum("bind,snd->bnis", q + r_s, jnp.asarray(self.seg_embed, dt))
             ef = ef.astype(jnp.float32)
             score = score + jnp.where(seg[:, None], ef[..., 1:], ef[..., :1])
-        score = score / np.sqrt(cfg.d_head)
+        p, probs = self._softmax(score, mask, head_mask)
+        out = jnp.einsum("bnij,bjnd->bind", p, v)
+        return out, probs
+
+    def _softmax(self, score, mask, head_mask):
+        """Scaled, masked softmax of float32 scores `[b, n, i, j]` -> (weights in `dtype`
+        after dropout and head mask, float32 probs)."""
+        score = score / np.sqrt(self.config.d_head)
         if mask is not None:
             score = score - _NEG * mask[:, None].astype(jnp.float32)
         probs = jax.nn.softmax(score, axis=-1)
         p = self.drop(probs, deterministic=self.deterministic)
         if head_mask is not None:
             p = p * head_mask[None, :, None, None]
-        out = jnp.einsum("bnij,bjnd->bind", p.astype(dt), v)
-        return out, probs
+        return p.astype(dtype_from_name(self.config.dtype)), probs
+
+    def cached(self, x, n_new, cache, ctx, head_mask, shared_biases):
+        """Both streams in one pass against a K/V cache (generation, `XLNetModel`'s `kv_cache`).
+
+        Args:
+          x: `[b, rows, d_model]`: the `n_new` input tokens (content stream), then the
+            query-stream rows.
+          cache: `k`, `v` `[b, n, S, d]` (head-major, slot = absolute position) and `r`
+            `[n, R, d]` position keys of the distances `(R - 1) / 2 - row`.
+          ctx: `pos_index` `[b, rows, S + n_new]` int, the row of `r` for each (query, key)
+            distance, and `mask` `[b, rows, S + n_new]` bool, True = masked.
+
+        Returns:
+          (`[b, rows, d_model]`, float32 probs `[b, n, rows, S + n_new]`, the inputs' keys and
+          values `[b, n, n_new, d]`).
+        """
+        cfg = self.config
+        dt = dtype_from_name(cfg.dtype)
+        biases = self.biases() if cfg.untie_r else shared_biases
+        r_w, r_r, _ = (jnp.asarray(b, dt) for b in biases)
+        new_kv = tuple(self._proj(x[:, :n_new], w).transpose(0, 2, 1, 3) for w in (self.k, self.v))
+        q = self._proj(x, self.q).transpose(0, 2, 1, 3)  # [b, n, rows, d]
+        keys = (cache["k"], new_kv[0])
+        ac = jnp.concatenate([jnp.einsum("bnid,bnjd->bnij", q + r_w[:, None], k) for k in keys],
+                             axis=-1)  # fmt: skip
+        raw = jnp.einsum("bnid,nrd->bnir", q + r_r[:, None], cache["r"])
+        index = jnp.broadcast_to(ctx["pos_index"][:, None], ac.shape)
+        bd = jnp.take_along_axis(raw, index, axis=-1, mode="clip")
+        score = ac.astype(jnp.float32) + bd.astype(jnp.float32)
+        p, probs = self._softmax(score, ctx["mask"], head_mask)
+        slots = cache["v"].shape[2]
+        out = jnp.einsum("bnij,bnjd->bnid", p[..., :slots], cache["v"])
+        out = out + jnp.einsum("bnij,bnjd->bnid", p[..., slots:], new_kv[1])
+        return self.post(x, out.transpose(0, 2, 1, 3)), probs, new_kv
 
     def post(self, x, attn_vec):
         out = jnp.einsum("bind,hnd->bih", attn_vec, jnp.asarray(self.o, attn_vec.dtype))
@@ -353,7 +401,8 @@ class Layer(nn.Module):
     """Attention then feed-forward (post-LN), shared by both streams; scanned over `layers`.
 
     Scan signature: `((h, g), mem, head_mask, ctx, shared_biases) -> ((h, g), per-layer ys)`
-    with ys = (new mem `[b, m', d]` or None, h, g, attention probs or None).
+    with ys = (new mem `[b, m', d]` or None, h, g, attention probs or None). With a K/V cache
+    dict as `mem` (generation), the new "mem" is the inputs' `(k, v)` `[b, n, i, d]` each.
     """
 
     config: XLNetConfig
@@ -366,9 +415,14 @@ class Layer(nn.Module):
     def __call__(self, carry, mem, head_mask, ctx, shared_biases):
         cfg = self.config
         h, g = carry
-        new_mem = self._cache(h, mem) if self.use_mems else None
         attn = RelativeAttention(cfg, self.deterministic, name="rel_attn")
-        h, g, probs = attn(h, g, mem, ctx, head_mask, shared_biases)
+        if isinstance(mem, dict):  # K/V cache: both streams as one block of rows
+            n_new = h.shape[1]
+            x = h if g is None else jnp.concatenate([h, g], axis=1)
+            x, probs, new_mem = attn.cached(x, n_new, mem, ctx, head_mask, shared_biases)
+        else:
+            new_mem = self._cache(h, mem) if self.use_mems else None
+            h, g, probs = attn(h, g, mem, ctx, head_mask, shared_biases)
         dt, pd = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
         mlp = MLP(cfg.d_inner, cfg.ff_activation, dropout_rate=cfg.dropout, dtype=dt,
                   param_dtype=pd, kernel_init=nn.initializers.normal(cfg.initializer_range),
@@ -380,8 +434,12 @@ class Layer(nn.Module):
             y = drop(mlp(x, self.deterministic), deterministic=self.deterministic)
             return nn.with_logical_constraint(norm(y + x), ("act_batch", "act_length", "act_embed"))
 
-        h = ff(h)
-        g = None if g is None else ff(g)
+        if isinstance(mem, dict):
+            x = ff(x)
+            h, g = x[:, :n_new], (None if g is None else x[:, n_new:])
+        else:
+            h = ff(h)
+            g = None if g is None else ff(g)
         keep = self.output_hidden_states
         ys = (new_mem, h if keep else None, g if keep else None)
         return (h, g), (*ys, probs if self.output_attentions else None)
@@ -430,6 +488,14 @@ class XLNetModel(nn.Module):
     `return_stacked_mems=True` returns them as `[layers, b, mem_len, d]` instead (training loops).
     `mems_mask` `[b, mem_len]` (ours, used by generation's fixed-size mems buffer): 0 marks mem
     slots no query may see, which must come first; default every mem is visible (transformers).
+
+    `kv_cache` (ours, generation with `attn_type="bi"`, no `bi_data`, no segments): instead of
+    `mems`, every layer's keys and values of earlier positions, so a step projects only its own
+    tokens: `k`, `v` `[layers, b, heads, S, d_head]` (slot = absolute position), `r`
+    `[layers, heads, 2S + 1, d_head]` position keys of the distances `S .. -S`
+    (`kv_position_keys`), `visible` `[b or 1, S]` (True = a slot every query sees, as mems) and
+    `start` (int, the absolute position of `input_ids[:, 0]`). `mems` then holds the inputs'
+    `(k, v)` `[layers, b, heads, length, d_head]`, for the caller to write at slot `start`.
     """
 
     config: XLNetConfig
@@ -453,6 +519,7 @@ class XLNetModel(nn.Module):
         deterministic: bool = True,
         return_stacked_mems: bool = False,
         mems_mask=None,
+        kv_cache=None,
     ) -> outputs.XLNetModelOutput:
         cfg = self.config
         dt, pd = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
@@ -481,6 +548,14 @@ class XLNetModel(nn.Module):
             if mems_mask.shape != (batch, mlen):
                 raise ValueError(f"mems_mask must be [batch, mem_len] {(batch, mlen)}, got "
                                  f"{mems_mask.shape}")  # fmt: skip
+        if kv_cache is not None:
+            if mems is not None or mems_mask is not None or token_type_ids is not None:
+                raise ValueError("kv_cache excludes mems, mems_mask and token_type_ids")
+            if cfg.attn_type != "bi" or cfg.bi_data:
+                raise ValueError("kv_cache needs attn_type='bi' and bi_data=False")
+            slots = kv_cache["k"].shape[3]
+            mems_mask = jnp.broadcast_to(kv_cache["visible"], (batch, slots))
+            mlen = slots
         mask_h, mask_g = attention_masks(cfg, qlen, mlen, input_mask, perm_mask, mems_mask)
 
         drop = nn.Dropout(cfg.dropout)
@@ -502,9 +577,27 @@ class XLNetModel(nn.Module):
             tt = jnp.asarray(token_type_ids)
             cat = jnp.pad(tt, ((0, 0), (mlen, 0)))  # mems count as segment 0
             seg = tt[:, :, None] != cat[:, None, :]
-        pos = jnp.asarray(relative_positional_encoding(qlen, mlen + qlen, cfg, batch), dt)
-        ctx = dict(mask_h=mask_h, mask_g=mask_g, seg=seg, target_mapping=target_mapping,
-                   pos=drop(pos, deterministic=deterministic))  # fmt: skip
+        ctx = dict(mask_h=mask_h, mask_g=mask_g, seg=seg, target_mapping=target_mapping)
+        if kv_cache is None:
+            pos = jnp.asarray(relative_positional_encoding(qlen, mlen + qlen, cfg, batch), dt)
+            ctx["pos"] = drop(pos, deterministic=deterministic)
+        else:
+            # Row of `r` (distance `S - row`) for query i at `start + i` and key slot j / input m.
+            i = jnp.arange(qlen)[:, None]
+            pos_index = jnp.concatenate([
+                mlen - kv_cache["start"] - i + jnp.arange(mlen)[None],
+                mlen - i + jnp.arange(qlen)[None],
+            ], axis=1).astype(jnp.int32)  # fmt: skip
+            pos_index, mask = jnp.broadcast_to(pos_index, mask_h.shape), mask_h
+            if g is not None:  # query-stream rows follow, at the positions they predict
+                rows = jnp.broadcast_to(jnp.arange(qlen), (batch, qlen))
+                if target_mapping is not None:  # one-hot rows
+                    rows = jnp.argmax(target_mapping, axis=-1)
+                take = lambda x: jnp.take_along_axis(x, rows[..., None], axis=1)  # noqa: E731
+                pos_index = jnp.concatenate([pos_index, take(pos_index)], axis=1)
+                mask = jnp.concatenate([mask, take(jnp.broadcast_to(mask_g, mask_h.shape))], 1)
+            ctx.update(pos_index=pos_index, mask=mask)
+            mems = {name: kv_cache[name] for name in ("k", "v", "r")}
         shared = None if cfg.untie_r else RelativeBiases(cfg, name="biases")()
 
         emb_h, emb_g = h, g
@@ -527,7 +620,9 @@ class XLNetModel(nn.Module):
                 hidden = tuple(x for pair in zip(h_all, g_all) for x in pair)
         if output_attentions:
             attentions = tuple(jax.tree.map(lambda a, i=i: a[i], probs) for i in range(cfg.n_layer))
-        if use_mems and not return_stacked_mems:
+        if kv_cache is not None:
+            use_mems = True
+        elif use_mems and not return_stacked_mems:
             new_mems = unstack_mems(new_mems)
         return outputs.XLNetModelOutput(
             last_hidden_state=out, mems=new_mems if use_mems else None,

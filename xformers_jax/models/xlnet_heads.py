@@ -22,13 +22,13 @@ import numpy as np
 from xformers_jax.layers import DenseGeneral, LayerNorm, get_activation, param_init
 from xformers_jax.models import outputs
 from xformers_jax.models.common import cross_entropy_with_ignore, dtype_from_name
-from xformers_jax.models.xlnet import _NEG, XLNetConfig, XLNetModel
+from xformers_jax.models.xlnet import _NEG, XLNetConfig, XLNetModel, kv_position_keys
 
 # The base model's inputs every head forwards unchanged.
 _BASE_ARGS = (
     "input_ids", "attention_mask", "mems", "perm_mask", "target_mapping", "token_type_ids",
     "input_mask", "head_mask", "inputs_embeds", "use_mems", "output_attentions",
-    "output_hidden_states", "deterministic", "return_stacked_mems", "mems_mask",
+    "output_hidden_states", "deterministic", "return_stacked_mems", "mems_mask", "kv_cache",
 )  # fmt: skip
 
 
@@ -74,6 +74,17 @@ def _mems_slots(cfg: XLNetConfig, max_length: int) -> int:
     return min(cfg.mem_len, max_length) if cfg.mem_len else max_length
 
 
+def _kv_cacheable(cfg: XLNetConfig, max_length: int) -> bool:
+    """Whether generation can keep per-layer keys / values at absolute slots (`XLNetModel`'s
+    `kv_cache`): bidirectional attention without `bi_data`, and no `reuse_len` cut that would
+    drop states transformers' mems keep."""
+    return (
+        cfg.attn_type == "bi"
+        and not cfg.bi_data
+        and (not cfg.reuse_len or cfg.reuse_len >= max_length)
+    )
+
+
 def _dummy_inputs(b: int, n: int) -> tuple[jax.Array, jax.Array]:
     """transformers' generation masks for `n` tokens ending in the dummy: `perm_mask`
     `[b, n, n]` hides the last token from every query, `target_mapping` `[b, 1, n]` predicts it."""
@@ -109,7 +120,10 @@ class XLNetLMHeadModel(nn.Module):
       appends the three new states. The mems live in a fixed `[b, layers, S, d]` buffer,
       `S = min(mem_len or max_length, max_length)`, right-aligned: unused slots come first and
       are hidden by `XLNetModel`'s `mems_mask`. XLNet's relative encoding depends only on query /
-      key distances, so positions are those of transformers' variable-length mems.
+      key distances, so positions are those of transformers' variable-length mems. With
+      bidirectional attention (the default; `_kv_cacheable`) the buffer holds every layer's keys
+      and values instead, at absolute slots: a step projects only its three tokens, writes their
+      keys / values in place, and sees the slots of transformers' mems (`mem_len` window).
     * `use_mems=False`: a fixed `[b, max_length]` token buffer, recomputed in full every step,
       with the dummy after the last token and every later slot hidden by `perm_mask`.
 
@@ -127,13 +141,17 @@ class XLNetLMHeadModel(nn.Module):
         inputs_embeds=None, labels=None, inp_q=None, use_mems: bool | None = None,
         output_attentions: bool = False, output_hidden_states: bool = False,
         deterministic: bool = True, return_stacked_mems: bool = False, mems_mask=None,
+        kv_cache=None,
     ) -> outputs.XLNetLMHeadModelOutput:  # fmt: skip
         cfg = self.config
         out = _base(cfg, locals(), inp_q=inp_q)
         table = nn.meta.unbox(self.variables["params"]["transformer"]["word_embedding"])
         dt = dtype_from_name(cfg.dtype)
         x = out.last_hidden_state
-        logits = jnp.einsum("...d,vd->...v", x, jnp.asarray(table, dt))
+        if kv_cache is not None and "lm_table" in kv_cache:  # generation's `[d, vocab]` copy
+            logits = jnp.einsum("...d,dv->...v", x, kv_cache["lm_table"].astype(dt))
+        else:
+            logits = jnp.einsum("...d,vd->...v", x, jnp.asarray(table, dt))
         logits = logits + jnp.asarray(LMBias(cfg, name="lm_loss")(), dt)
         logits = nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
         loss = None if labels is None else cross_entropy_with_ignore(logits, labels)
@@ -150,11 +168,16 @@ class XLNetLMHeadModel(nn.Module):
     ) -> dict[str, Any]:
         """The generation context; `attention_mask` is ignored (transformers drops it).
 
-        Returns (batch-major leaves), with `use_mems` (default `config.use_mems_eval`): the mems
-        buffer `mems` `[b, layers, S, d]` and its `mems_mask` `[b, S]` (True = a state), the
-        prefill's `logits` `[b, vocab]` for the first step, `first` `[b]` the index of that step
-        (`prompt_len - 1`) and `last` `[b]` the latest token. Without: the token buffer `tokens`
-        `[b, max_length]` holding the prompt (zeros after it).
+        Returns, with `use_mems` (default `config.use_mems_eval`): the prefill's `logits`
+        `[b, vocab]` for the first step, `first` `[b]` the index of that step
+        (`prompt_len - 1`), `last` `[b]` the latest token and either (`_kv_cacheable`) `kv`
+        (`k`, `v` `[layers, b, heads, max_length, d_head]`, the prompt's and the dummy's at
+        their positions) with the position keys `r` `[layers, heads, 2 * max_length + 1,
+        d_head]` and `lm_table` `[d_model, vocab]` (the tied embedding transposed once: XLA's CPU
+        matmul reads it ~1.7x faster than `[vocab, d_model]` for a few rows), or the mems
+        buffer `mems` `[b, layers, S, d]` and its `mems_mask` `[b, S]` (True = a state).
+        Without: the token buffer `tokens` `[b, max_length]` holding the prompt (zeros after
+        it). Row axes: `decoding_batch_axes`.
         """
         del attention_mask
         cfg = self.config
@@ -167,12 +190,35 @@ class XLNetLMHeadModel(nn.Module):
         perm_mask, target = _dummy_inputs(b, p + 1)
         out = self(ids, perm_mask=perm_mask, target_mapping=target, use_mems=True,
                    return_stacked_mems=True)  # fmt: skip
+        common = dict(logits=out.logits[:, 0].astype(jnp.float32),
+                      first=jnp.full((b,), p - 1, jnp.int32), last=ids[:, p - 1])  # fmt: skip
+        n = out.mems.shape[2]  # the last mem_len of the p + 1 states: slots p + 1 - n .. p
+        if _kv_cacheable(cfg, max_length):
+            params = self.variables["params"]["transformer"]
+            weights = nn.meta.unbox(params["layers"]["rel_attn"])
+            dt = dtype_from_name(cfg.dtype)
+            kv = {}
+            for name in ("k", "v"):
+                w = jnp.asarray(weights[name], dt)
+                x = jnp.einsum("lbth,lhnd->lbntd", out.mems.astype(dt), w)
+                pad = ((0, 0), (0, 0), (0, 0), (p + 1 - n, max_length - p - 1), (0, 0))
+                kv[name] = jnp.pad(x, pad)
+            table = jnp.asarray(nn.meta.unbox(params["word_embedding"]), dt)
+            return dict(common, kv=kv, r=kv_position_keys(params, cfg, max_length),
+                        lm_table=table.T)  # fmt: skip
         size = _mems_slots(cfg, max_length)
-        n = out.mems.shape[2]
         mems = _right_align(jnp.swapaxes(out.mems, 0, 1), size, axis=2)
         present = jnp.broadcast_to(jnp.arange(size) >= size - n, (b, size))
-        return dict(mems=mems, mems_mask=present, logits=out.logits[:, 0].astype(jnp.float32),
-                    first=jnp.full((b,), p - 1, jnp.int32), last=ids[:, p - 1])  # fmt: skip
+        return dict(common, mems=mems, mems_mask=present)
+
+    @staticmethod
+    def decoding_batch_axes(context: dict[str, Any]) -> dict[str, Any]:
+        """Row axes of the decoding context (see `xformers_jax.decoding`): the K/V cache is
+        layer-major (axis 1), the position keys are the same for every row."""
+        axes = {key: jax.tree.map(lambda _: 0, value) for key, value in context.items()}
+        if "kv" in context:
+            axes.update(kv=dict(k=1, v=1), r=None, lm_table=None)
+        return axes
 
     def decode_step(self, tokens, index, context):
         """Predicts slot `index + 1` (the permutation trick, fixed shapes).
@@ -189,6 +235,26 @@ class XLNetLMHeadModel(nn.Module):
         if "tokens" in context:
             return self._recompute_step(tokens, index, context)
 
+        first = index == context["first"][0]
+        if "kv" in context:
+            # The cond only picks the new keys / values; the cache is written outside it, so no
+            # branch returns (and XLA never copies) the whole cache.
+            start = index - 1
+
+            def prefilled_kv(mdl, ctx):
+                old = tuple(jax.lax.dynamic_slice_in_dim(ctx["kv"][n], start, 3, axis=3)
+                            for n in ("k", "v"))  # fmt: skip
+                return ctx["logits"], old
+
+            def step_kv(mdl, ctx):
+                return mdl._kv_step(ctx["last"], tokens, index, ctx)
+
+            logits, new = nn.cond(first, prefilled_kv, step_kv, self, context)
+            at = (0, 0, 0, start, 0)
+            kv = {name: jax.lax.dynamic_update_slice(context["kv"][name], x, at)
+                  for name, x in zip(("k", "v"), new)}  # fmt: skip
+            return logits, dict(context, kv=kv, last=tokens)
+
         def prefilled(mdl, ctx):
             return ctx["logits"], ctx["mems"], ctx["mems_mask"]
 
@@ -196,9 +262,29 @@ class XLNetLMHeadModel(nn.Module):
             return mdl._mems_step(ctx["last"], tokens, ctx["mems"], ctx["mems_mask"])
 
         # The first step (the last prompt token) has its logits from the prefill.
-        logits, mems, present = nn.cond(index == context["first"][0], prefilled, step, self,
-                                        context)  # fmt: skip
+        logits, mems, present = nn.cond(first, prefilled, step, self, context)
         return logits, dict(context, mems=mems, mems_mask=present, last=tokens)
+
+    def _kv_step(self, prev, tokens, index, context):
+        """transformers' step with mems on the K/V cache: `[prev, tokens, dummy]` at slots
+        `index - 1 .. index + 1` see the slots of transformers' mems (its cache minus the last
+        two states, the last `mem_len`); returns `(logits, (k, v))`, the three tokens' keys and
+        values `[layers, b, heads, 3, d_head]` for those slots."""
+        cfg = self.config
+        b = tokens.shape[0]
+        perm_mask, target = _dummy_inputs(b, 3)
+        ids = jnp.stack([prev, tokens, jnp.zeros_like(tokens)], axis=1)
+        start = index - 1
+        kv = context["kv"]
+        slots = jnp.arange(kv["k"].shape[3])
+        visible = slots < start
+        if cfg.mem_len:
+            visible &= slots >= start + 2 - cfg.mem_len
+        cache = dict(kv, r=context["r"], lm_table=context["lm_table"], visible=visible[None],
+                     start=start)  # fmt: skip
+        out = self(ids, perm_mask=perm_mask, target_mapping=target, kv_cache=cache)
+        new = tuple(x.astype(kv[name].dtype) for name, x in zip(("k", "v"), out.mems))
+        return out.logits[:, 0].astype(jnp.float32), new
 
     def _mems_step(self, prev, tokens, mems, present):
         """transformers' step with mems: `[prev, tokens, dummy]` against the mems buffer minus its
