@@ -119,3 +119,24 @@ def test_generate_refuses_non_generative_heads(tmp_path):
     transformers.MT5EncoderModel(transformers.MT5Config(**TINY)).save_pretrained(tmp_path)
     with pytest.raises(TypeError, match="does not support generate"):
         xj.from_pretrained(tmp_path).generate(np.ones((1, 3), np.int32))
+
+
+@pytest.mark.parametrize("n", [4096, 5000, 128007])
+def test_chunked_top_k_equals_lax(n):
+    """Beam search's chunked top-k is `lax.top_k`: values and indices, with -inf (blocked
+    tokens), ties and a length that is no multiple of the chunk."""
+    import jax
+    import jax.numpy as jnp
+
+    from xformers_jax import decoding
+
+    rng = np.random.RandomState(n)
+    x = rng.standard_normal((3, n)).astype(np.float32)
+    x[0, ::7] = -np.inf
+    x[1] = np.round(x[1] * 2)  # many ties
+    x[2, -5:] = 10.0  # the best entries in the padded last chunk
+    for k in (1, 8):
+        want = jax.lax.top_k(jnp.asarray(x), k)
+        got = jax.jit(decoding.top_k, static_argnums=1)(jnp.asarray(x), k)
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
