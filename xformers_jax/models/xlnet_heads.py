@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xformers_jax.layers import DenseGeneral, LayerNorm, get_activation, param_init
+from xformers_jax.layers.dense import add_bias
 from xformers_jax.models import outputs
 from xformers_jax.models.common import cross_entropy_with_ignore, dtype_from_name
 from xformers_jax.models.xlnet import _NEG, XLNetConfig, XLNetModel, kv_position_keys
@@ -152,7 +153,7 @@ class XLNetLMHeadModel(nn.Module):
             logits = jnp.einsum("...d,dv->...v", x, kv_cache["lm_table"].astype(dt))
         else:
             logits = jnp.einsum("...d,vd->...v", x, jnp.asarray(table, dt))
-        logits = logits + jnp.asarray(LMBias(cfg, name="lm_loss")(), dt)
+        logits = add_bias(logits, jnp.asarray(LMBias(cfg, name="lm_loss")(), dt))
         logits = nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
         loss = None if labels is None else cross_entropy_with_ignore(logits, labels)
         return outputs.XLNetLMHeadModelOutput(loss=loss, logits=logits, **_extras(out))

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from xformers_jax.kernels.yoso import yoso_expectation_attention, yoso_lsh_attention
 from xformers_jax.layers import MLP, DenseGeneral, Embed, LayerNorm, get_activation
-from xformers_jax.layers.dense import param_init
+from xformers_jax.layers.dense import add_bias, param_init
 from xformers_jax.layers.losses import chunked_cross_entropy, gather_positions
 from xformers_jax.models import outputs
 
@@ -423,7 +423,7 @@ class LMHead(nn.Module):
                 x, jnp.asarray(embedding, dtype), bias, labels, chunk_size=chunk_size
             )
         logits = jnp.einsum("...d,vd->...v", x, jnp.asarray(embedding, dtype))
-        logits = logits + jnp.asarray(bias, dtype)
+        logits = add_bias(logits, jnp.asarray(bias, dtype))
         return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
 
 
