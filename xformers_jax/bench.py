@@ -136,6 +136,15 @@ def _xlnet_config():
                        n_head=b["heads"], d_inner=b["ffn"], dropout=0.0, mem_len=None)  # fmt: skip
 
 
+def _xlnet_position_flops() -> float:
+    """XLNet's position term on top of `_encoder_flops`: every query against the `2 x seq`
+    relative-position keys, and those keys' projection (once per step, batch-free)."""
+    b = BENCH
+    rel = 2 * b["seq"]
+    per_layer = b["batch"] * b["seq"] * rel * b["hidden"] + rel * b["hidden"] ** 2
+    return 3 * 2 * b["layers"] * per_layer
+
+
 def _lm_batch() -> dict[str, np.ndarray]:
     """Causal/permutation LM style: labels are the inputs (XLNet's plain LM loss)."""
     ids = _mlm_batch()["input_ids"]
@@ -230,7 +239,13 @@ CASES: dict[str, Case] = {
         ),  # fmt: skip
     ),
     "xlnet": _text_case(
-        "xlnet", _xlnet_config, "XLNetLMHeadModel", "XLNetLMHeadModel", "XLNetConfig", _lm_batch
+        "xlnet",
+        _xlnet_config,
+        "XLNetLMHeadModel",
+        "XLNetLMHeadModel",
+        "XLNetConfig",
+        _lm_batch,
+        extra_flops=_xlnet_position_flops(),
     ),  # fmt: skip
     "yoso": _text_case(
         "yoso", _yoso_config, "YosoForMaskedLM", "YosoForMaskedLM", "YosoConfig", _mlm_batch
