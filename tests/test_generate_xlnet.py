@@ -178,3 +178,21 @@ def test_cache_paths_match_transformers(tmp_path, cfg, path):
     assert path in context
     np.testing.assert_array_equal(ours.generate(ids, max_new_tokens=24),
                                   hf_generate(hf, ids, max_new_tokens=24))  # fmt: skip
+
+
+def test_decoding_constants_follow_the_params(models):
+    """The transposed LM table is made once per params, and again when a leaf is replaced."""
+    _, ours = models
+    ids = prompt()
+    ours.generate(ids, max_new_tokens=4)
+    consts = ours.__dict__["_decoding_constants"][2]
+    ours.generate(ids, max_new_tokens=4)
+    assert ours.__dict__["_decoding_constants"][2] is consts
+    old = ours.params
+    try:
+        ours.params = jax.tree.map(lambda x: x * 1.5, old)
+        ours.generate(ids, max_new_tokens=4)
+        now = ours.__dict__["_decoding_constants"][2]["lm_table"]
+        np.testing.assert_allclose(now, 1.5 * np.asarray(consts["lm_table"]), rtol=1e-6)
+    finally:
+        ours.params = old

@@ -4,9 +4,9 @@ A head that generates sets `can_generate = True` and has two methods (called thr
 `module.apply(..., method=...)`):
 
   init_decoding(input_ids, attention_mask, max_length) -> context
-      everything the steps need (a pytree): for encoder-decoders the encoder mask, a fixed-size
-      self-attention K/V cache and the cross-attention K/V (computed once here); a decoder-only
-      head prefills its prompt here.
+      everything the steps need (a dict of arrays): for encoder-decoders the encoder mask, a
+      fixed-size self-attention K/V cache and the cross-attention K/V (computed once here); a
+      decoder-only head prefills its prompt here.
   decode_step(tokens [rows], index, context) -> (logits [rows, vocab] float32, context)
       one position for every row (a sequence: an input, or one of its beams); `index` is the
       position of `tokens`.
@@ -23,6 +23,11 @@ A head with options of its own (e.g. XLNet's `use_mems`) also has a static metho
 keyword arguments of `generate` that are not its own go there (a TypeError for a head without
 one), and the dict it returns (hashable values: it is part of the compile key) is passed to
 `init_decoding` as keyword arguments.
+
+A head may also derive arrays from its params alone with a method `decoding_constants() -> pytree`
+(called through `module.apply`; e.g. a weight in the layout the step's matmul reads fastest):
+`generate` computes them once per model and params (cached on the model, recomputed when a params
+leaf is replaced) and the steps find them as `context["constants"]`, shared by every row.
 
 A decoder-only head also sets `decoder_only = True`: `init_decoding` then prefills its cache with
 the whole prompt, sequences start with the prompt (left-padded rows as transformers expects them),
@@ -255,13 +260,21 @@ def _compiled(model: Any, settings: tuple):
 def _build(module: Any, settings: tuple):
     opts = dict(settings)
 
-    def run(params, input_ids, attention_mask, rng):
+    def run(params, constants, input_ids, attention_mask, rng):
         variables = {"params": params}
         context = module.apply(variables, input_ids, attention_mask, opts["max_length"],
                                method="init_decoding", **dict(opts["head_options"]))  # fmt: skip
+        batch_axes = getattr(type(module), "decoding_batch_axes", None)
+        axes = jax.tree.map(lambda _: 0, context) if batch_axes is None else batch_axes(context)
+        if constants is not None:
+            context = dict(context, constants=constants)
+            axes = dict(axes, constants=jax.tree.map(lambda _: None, constants))
 
         def step(tokens, index, ctx):
-            return module.apply(variables, tokens, index, ctx, method="decode_step")
+            logits, new = module.apply(variables, tokens, index, ctx, method="decode_step")
+            if constants is not None:  # the same arrays every step, whatever the head returns
+                new = dict(new, constants=constants)
+            return logits, new
 
         batch, max_length = input_ids.shape[0], opts["max_length"]
         if opts["decoder_only"]:
@@ -275,8 +288,6 @@ def _build(module: Any, settings: tuple):
         common = dict(batch=batch, max_length=max_length, seqs=seqs, prompt_len=prompt_len,
                       eos=opts["eos"], pad=opts["pad"], min_length=opts["min_length"])  # fmt: skip
         if opts["num_beams"] > 1:
-            batch_axes = getattr(type(module), "decoding_batch_axes", None)
-            axes = jax.tree.map(lambda _: 0, context) if batch_axes is None else batch_axes(context)
             return _beam_loop(
                 step, context, axes, num_beams=opts["num_beams"],
                 length_penalty=opts["length_penalty"], early_stopping=opts["early_stopping"],
@@ -287,6 +298,22 @@ def _build(module: Any, settings: tuple):
                             top_p=opts["top_p"], **common)  # fmt: skip
 
     return jax.jit(run)
+
+
+def _constants(model: Any) -> Any:
+    """The head's `decoding_constants` for the model's current params, computed once and kept
+    on the model with the params leaves they came from (jax arrays are immutable: the same leaf
+    objects mean the same values)."""
+    if not hasattr(type(model.module), "decoding_constants"):
+        return None
+    leaves = jax.tree.leaves(model.params)
+    key = tuple(map(id, leaves))
+    cached = model.__dict__.get("_decoding_constants")
+    if cached is None or cached[0] != key:
+        fn = jax.jit(lambda p: model.module.apply({"params": p}, method="decoding_constants"))
+        cached = (key, leaves, fn(model.params))
+        model.__dict__["_decoding_constants"] = cached
+    return cached[2]
 
 
 def generate(
@@ -366,6 +393,6 @@ def generate(
     )  # fmt: skip
     fn = _compiled(model, tuple(sorted(settings.items())))
     rng = jax.random.key(seed) if prng_key is None else prng_key
-    seqs, lengths = fn(model.params, jnp.asarray(ids), jnp.asarray(mask), rng)
+    seqs, lengths = fn(model.params, _constants(model), jnp.asarray(ids), jnp.asarray(mask), rng)
     seqs, lengths = np.asarray(seqs), np.asarray(lengths)
     return seqs[:, : int(lengths.max())]

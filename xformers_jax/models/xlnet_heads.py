@@ -174,9 +174,7 @@ class XLNetLMHeadModel(nn.Module):
         (`prompt_len - 1`), `last` `[b]` the latest token and either (`_kv_cacheable`) `kv`
         (`k`, `v` `[layers, b, heads, max_length, d_head]`, the prompt's and the dummy's at
         their positions) with the position keys `r` `[layers, heads, 2 * max_length + 1,
-        d_head]` and, for 32 or more new tokens, `lm_table` `[d_model, vocab]` (the tied
-        embedding transposed: XLA's CPU matmul reads it ~1.7x faster than `[vocab, d_model]`
-        for a few rows; the copy costs about 15 steps' worth of that), or the mems
+        d_head]`, or the mems
         buffer `mems` `[b, layers, S, d]` and its `mems_mask` `[b, S]` (True = a state).
         Without: the token buffer `tokens` `[b, max_length]` holding the prompt (zeros after
         it). Row axes: `decoding_batch_axes`.
@@ -205,14 +203,18 @@ class XLNetLMHeadModel(nn.Module):
                 x = jnp.einsum("lbth,lhnd->lbntd", out.mems.astype(dt), w)
                 pad = ((0, 0), (0, 0), (0, 0), (p + 1 - n, max_length - p - 1), (0, 0))
                 kv[name] = jnp.pad(x, pad)
-            context = dict(common, kv=kv, r=kv_position_keys(params, cfg, max_length))
-            if max_length - p >= 32:
-                context["lm_table"] = jnp.asarray(nn.meta.unbox(params["word_embedding"]), dt).T
-            return context
+            return dict(common, kv=kv, r=kv_position_keys(params, cfg, max_length))
         size = _mems_slots(cfg, max_length)
         mems = _right_align(jnp.swapaxes(out.mems, 0, 1), size, axis=2)
         present = jnp.broadcast_to(jnp.arange(size) >= size - n, (b, size))
         return dict(common, mems=mems, mems_mask=present)
+
+    def decoding_constants(self) -> dict[str, Any]:
+        """Arrays `generate` derives from the params once per model (see `xformers_jax.decoding`):
+        the tied embedding transposed, `lm_table` `[d_model, vocab]`; XLA's CPU matmul reads it
+        ~1.7x faster than `[vocab, d_model]` for the few rows of a step."""
+        table = nn.meta.unbox(self.variables["params"]["transformer"]["word_embedding"])
+        return dict(lm_table=jnp.asarray(table, dtype_from_name(self.config.dtype)).T)
 
     @staticmethod
     def decoding_batch_axes(context: dict[str, Any]) -> dict[str, Any]:
@@ -221,8 +223,6 @@ class XLNetLMHeadModel(nn.Module):
         axes = {key: jax.tree.map(lambda _: 0, value) for key, value in context.items()}
         if "kv" in context:
             axes.update(kv=dict(k=1, v=1), r=None)
-        if "lm_table" in context:
-            axes["lm_table"] = None
         return axes
 
     def decode_step(self, tokens, index, context):
@@ -286,8 +286,8 @@ class XLNetLMHeadModel(nn.Module):
         if cfg.mem_len:
             visible &= slots >= start + 2 - cfg.mem_len
         cache = dict(kv, r=context["r"], visible=visible[None], start=start)
-        if "lm_table" in context:
-            cache["lm_table"] = context["lm_table"]
+        if "constants" in context:
+            cache["lm_table"] = context["constants"]["lm_table"]
         out = self(ids, perm_mask=perm_mask, target_mapping=target, kv_cache=cache)
         new = tuple(x.astype(kv[name].dtype) for name, x in zip(("k", "v"), out.mems))
         return out.logits[:, 0].astype(jnp.float32), new
@@ -326,7 +326,7 @@ class XLNetLMHeadModel(nn.Module):
         target = jnp.broadcast_to((slots == index + 1).astype(jnp.float32)[None, None],
                                   (b, 1, length))  # fmt: skip
         out = self(ids, perm_mask=perm_mask, target_mapping=target, use_mems=False)
-        return out.logits[:, 0].astype(jnp.float32), dict(tokens=buf)
+        return out.logits[:, 0].astype(jnp.float32), dict(context, tokens=buf)
 
 
 class SequenceSummary(nn.Module):
