@@ -70,7 +70,15 @@ def _contract_cpu_bwd(n_contract, res, dy):
     out_k = tuple(range(n_contract, kernel.ndim))
     dx = jax.lax.dot_general(dy, kernel, ((tuple(range(n_batch, dy.ndim)), out_k), ((), ())))
     batch = tuple(range(n_batch))
-    dk = jax.lax.dot_general(x, dy, ((batch, batch), ((), ())))
+    if x.size <= dy.size:
+        dk = jax.lax.dot_general(x, dy, ((batch, batch), ((), ())))
+    else:
+        # XLA's CPU dot copies the operand whose contracted (token) axis is not minor: transpose
+        # the smaller one. For a projection down (an FFN's output) that is `dy`, then the
+        # kernel-sized result, instead of the `[tokens, ffn]` activation (6 ms per BEiT layer).
+        dk_t = jax.lax.dot_general(dy, x, ((batch, batch), ((), ())))
+        n_out = kernel.ndim - n_contract
+        dk = dk_t.transpose(*range(n_out, kernel.ndim), *range(n_out))
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
