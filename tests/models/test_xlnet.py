@@ -278,3 +278,68 @@ def test_inp_q_query_stream_equals_identity_target_mapping(pairs):
     a = ours(**inputs, target_mapping=eye).logits
     b = ours(**inputs, inp_q=np.ones((2, LEN), np.float32)).logits
     close(a, b, "inp_q vs identity target_mapping")
+
+
+def _kv_case(**cfg_kw):
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from xformers_jax.models import xlnet
+
+    cfg = xlnet.XLNetConfig(vocab_size=50, d_model=32, n_layer=2, n_head=4, d_inner=64,
+                            dropout=0.0, mem_len=None, **cfg_kw)  # fmt: skip
+    model = xlnet.XLNetModel(cfg)
+    rng = np.random.RandomState(0)
+    b, m, q = 2, 5, 3
+    ids = jnp.asarray(rng.randint(0, 50, (b, q)))
+    mems = jnp.asarray(rng.standard_normal((cfg.n_layer, b, m, cfg.d_model)), jnp.float32)
+    params = nn.meta.unbox(model.init(jax.random.key(0), ids, mems=mems)["params"])
+    return cfg, model, params, ids, mems
+
+
+def test_kv_cache_equals_mems():
+    """`XLNetModel(kv_cache=...)` (generation's per-layer K/V at absolute slots, with unused
+    slots after them) gives what the same states passed as `mems` give, for both streams
+    (`target_mapping` and `inp_q`), and returns the inputs' keys / values."""
+    import jax.numpy as jnp
+
+    from xformers_jax.models import xlnet
+
+    cfg, model, params, ids, mems = _kv_case()
+    _, b, m, _ = mems.shape
+    q, slots = ids.shape[1], 12
+    w = params["layers"]["rel_attn"]
+
+    def project(states, name):  # [layers, b, t, d] -> [layers, b, heads, t, d_head]
+        return jnp.einsum("lbth,lhnd->lbntd", states, w[name])
+
+    pad = ((0, 0), (0, 0), (0, 0), (0, slots - m), (0, 0))
+    cache = dict(k=jnp.pad(project(mems, "k"), pad), v=jnp.pad(project(mems, "v"), pad),
+                 r=xlnet.kv_position_keys(params, cfg, slots),
+                 visible=(jnp.arange(slots) < m)[None], start=m)  # fmt: skip
+    perm = np.zeros((b, q, q), np.float32)
+    perm[:, :, -1] = 1.0
+    perm[0, 0, 1] = 1.0
+    target = np.eye(q, dtype=np.float32)[None, -1:].repeat(b, 0)  # predict the last slot
+    inp_q = np.array([[0, 1, 1], [1, 0, 1]], np.float32)
+    for kw in (dict(perm_mask=perm, target_mapping=target), dict(perm_mask=perm, inp_q=inp_q)):
+        want = model.apply({"params": params}, ids, mems=mems, use_mems=True,
+                           return_stacked_mems=True, **kw)  # fmt: skip
+        got = model.apply({"params": params}, ids, kv_cache=cache, **kw)
+        np.testing.assert_allclose(got.last_hidden_state, want.last_hidden_state, atol=1e-5)
+        inputs = want.mems[:, :, m:]  # the layers' input states of the new tokens
+        np.testing.assert_allclose(got.mems[0], project(inputs, "k"), atol=1e-5)
+        np.testing.assert_allclose(got.mems[1], project(inputs, "v"), atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [dict(attn_type="uni"), dict(bi_data=True)])
+def test_kv_cache_rejects_unsupported_configs(cfg):
+    import jax.numpy as jnp
+
+    _, model, params, ids, _ = _kv_case()
+    model = model.clone(config=model.config.replace(**cfg))
+    cache = dict(k=jnp.zeros((2, 2, 4, 8, 8)), v=jnp.zeros((2, 2, 4, 8, 8)),
+                 r=jnp.zeros((2, 4, 17, 8)), visible=jnp.ones((1, 8), bool), start=0)  # fmt: skip
+    with pytest.raises(ValueError, match="kv_cache needs attn_type='bi'"):
+        model.apply({"params": params}, ids, kv_cache=cache)
