@@ -316,7 +316,7 @@ class Block(nn.Module):
     output_attentions: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, bias, enc, enc_mask, index, cache):
+    def __call__(self, x, mask, bias, enc, enc_mask, cache):
         cfg = self.config
         dtype, pdtype = _dtypes(cfg)
         norm = lambda name: RMSNorm(cfg.layer_norm_epsilon, dtype, pdtype, name=name)  # noqa: E731
@@ -388,17 +388,17 @@ class Stack(nn.Module):
             # Decoding: caches are layer-major `[layers, rows, heads, n, d_kv]`.
             scanned = nn.scan(
                 Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(nn.broadcast,) * 5 + (0,), out_axes=0, length=n_layers,
+                in_axes=(nn.broadcast,) * 4 + (0,), out_axes=0, length=n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(**kw, name="layers")  # fmt: skip
             if mode == "cross_kv":
-                return scanned(x, None, None, enc, None, None, None)[1]
+                return scanned(x, None, None, enc, None, None)[1]
             length = cache["self_k"].shape[3]
             # Cache slots before `index` hold the earlier positions; this one joins as `own`.
             mask = (jnp.arange(length) < index)[None, None, None, :]
             bias = relpos(jnp.reshape(index, (1,)), length)
             own_bias = jax.lax.dynamic_slice_in_dim(bias, index, 1, axis=3)
-            x, (k, v) = scanned(x, mask, (bias, own_bias), None, cross_mask, index, cache)
+            x, (k, v) = scanned(x, mask, (bias, own_bias), None, cross_mask, cache)
             at = (0, 0, 0, index, 0)
             cache = dict(
                 cache,
@@ -417,8 +417,8 @@ class Stack(nn.Module):
         x = emb = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         kw.update(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         x, (hs, probs, cross) = scan_layers(
-            Block, n_layers, cfg.remat_policy, kw, name="layers", in_axes=(nn.broadcast,) * 6
-        )(x, mask, bias, enc, cross_mask, None, None)
+            Block, n_layers, cfg.remat_policy, kw, name="layers", in_axes=(nn.broadcast,) * 5
+        )(x, mask, bias, enc, cross_mask, None)
         x = RMSNorm(cfg.layer_norm_epsilon, dtype, pdtype, name="final_norm")(x)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         hidden_states = (emb, *unstack(hs)[:-1], x) if output_hidden_states else None
