@@ -247,6 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit code: 0 on success, 2 on a usage or user error, 130 on Ctrl-C.
     """
+    from xformers_jax import host_alloc
+
+    host_alloc.tune_for_xla_cpu()  # before jax starts its threads
     try:
         args, overrides = parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed.
