@@ -78,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.family = ""
     c.model.preset = ""
+    c.model.scan_unroll = 1  # layers per iteration of the layer scan (the layer count: unrolled)
 
     c.data = ml_collections.ConfigDict()
     c.data.train_files = None  # None = the bundled default corpus.

@@ -33,6 +33,7 @@ from xformers_jax.models import outputs
 from xformers_jax.models.common import (
     REMAT_POLICIES,
     InputError,
+    check_scan_unroll,
     cross_entropy_with_ignore,
     dtype_from_name,
     scan_layers,
@@ -90,6 +91,7 @@ class BeitConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    scan_unroll: int = 1
     hf_compat: bool = False
 
     def __post_init__(self):
@@ -102,6 +104,7 @@ class BeitConfig:
             )
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of {self.patch_size}")
+        check_scan_unroll(self.scan_unroll)
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}"
@@ -167,7 +170,7 @@ class BeitConfig:
         return cls.from_dict(kw)
 
     def to_hf_config(self) -> dict[str, Any]:
-        skip = {"dtype", "param_dtype", "remat_policy", "num_labels", "hf_compat"}
+        skip = {"dtype", "param_dtype", "remat_policy", "scan_unroll", "num_labels", "hf_compat"}
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         for name in _TUPLE_FIELDS:
             d[name] = list(d[name])
@@ -555,6 +558,7 @@ class Encoder(nn.Module):
             ),  # fmt: skip
             name="layers",
             in_axes=(0, 0, nn.broadcast),
+            unroll=cfg.scan_unroll,
         )(x, rates, _layer_head_mask(head_mask, cfg), shared)
         hidden = (emb, *unstack(hs)) if output_hidden_states else None
         return x, hidden, unstack(probs), grid

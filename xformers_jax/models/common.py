@@ -45,11 +45,14 @@ def scan_layers(
     *,
     name: str,
     in_axes: tuple = (nn.broadcast, 0),
+    unroll: int = 1,
 ) -> nn.Module:
     """`num_layers` copies of `block` run by `nn.scan`, params stacked on a leading `layers` axis.
 
     The block is called as `block(carry, *args) -> (carry, per_layer_outputs)`; `in_axes` says
     which args are shared by all layers (`nn.broadcast`) and which are sliced per layer (0).
+    `unroll` layers run per loop iteration (a config's `scan_unroll`; `num_layers` unrolls the
+    loop: no per-iteration stacking of the layer outputs, longer compiles).
     """
     if REMAT_POLICIES[remat_policy] is not None:
         block = nn.remat(block, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
@@ -60,6 +63,7 @@ def scan_layers(
         in_axes=in_axes,
         length=num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
+        unroll=max(1, min(int(unroll), num_layers)),
     )
     return scanned(**block_kwargs, name=name)
 
@@ -80,3 +84,11 @@ def cross_entropy_with_ignore(
     safe = jnp.where(valid, labels, 0)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
     return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def check_scan_unroll(value: int) -> None:
+    """A config's `scan_unroll` is a positive int (layers per scan iteration)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"scan_unroll must be an int >= 1 (layers per scan iteration), got {value!r}"
+        )

@@ -38,6 +38,7 @@ from xformers_jax.layers import (
 from xformers_jax.models import outputs
 from xformers_jax.models.common import (
     REMAT_POLICIES,
+    check_scan_unroll,
     cross_entropy_with_ignore,
     dtype_from_name,
     scan_layers,
@@ -80,10 +81,12 @@ class MT5Config:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    scan_unroll: int = 1
 
     def __post_init__(self):
         if self.num_decoder_layers is None:
             object.__setattr__(self, "num_decoder_layers", self.num_layers)
+        check_scan_unroll(self.scan_unroll)
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}"
@@ -126,7 +129,7 @@ class MT5Config:
         return cls.from_dict(kw)
 
     def to_hf_config(self) -> dict[str, Any]:
-        skip = {"dtype", "param_dtype", "remat_policy", "num_labels"}
+        skip = {"dtype", "param_dtype", "remat_policy", "scan_unroll", "num_labels"}
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
         d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
@@ -417,7 +420,13 @@ class Stack(nn.Module):
         x = emb = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         kw.update(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         x, (hs, probs, cross) = scan_layers(
-            Block, n_layers, cfg.remat_policy, kw, name="layers", in_axes=(nn.broadcast,) * 5
+            Block,
+            n_layers,
+            cfg.remat_policy,
+            kw,
+            name="layers",
+            in_axes=(nn.broadcast,) * 5,
+            unroll=cfg.scan_unroll,
         )(x, mask, bias, enc, cross_mask, None)
         x = RMSNorm(cfg.layer_norm_epsilon, dtype, pdtype, name="final_norm")(x)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)

@@ -31,6 +31,7 @@ from xformers_jax.models import outputs
 from xformers_jax.models.common import (
     REMAT_POLICIES,
     InputError,
+    check_scan_unroll,
     cross_entropy_with_ignore,
     dtype_from_name,
     scan_layers,
@@ -72,6 +73,7 @@ class XLMRobertaConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    scan_unroll: int = 1
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
@@ -86,6 +88,7 @@ class XLMRobertaConfig:
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
                 f"{self.num_attention_heads}"
             )
+        check_scan_unroll(self.scan_unroll)
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}"
@@ -118,7 +121,7 @@ class XLMRobertaConfig:
         return cls.from_dict(kw)
 
     def to_hf_config(self) -> dict[str, Any]:
-        skip = {"dtype", "param_dtype", "remat_policy", "num_labels"}
+        skip = {"dtype", "param_dtype", "remat_policy", "scan_unroll", "num_labels"}
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
         d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
@@ -410,6 +413,7 @@ class XLMRobertaModel(nn.Module):
                 output_attentions=output_attentions,
             ),
             name="layers",
+            unroll=cfg.scan_unroll,
         )(x, mask, layer_head_mask)
         if cfg.pre_ln:
             dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)

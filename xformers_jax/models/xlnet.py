@@ -36,7 +36,12 @@ import numpy as np
 
 from xformers_jax.layers import MLP, LayerNorm, get_activation, param_init
 from xformers_jax.models import outputs
-from xformers_jax.models.common import REMAT_POLICIES, dtype_from_name, scan_layers
+from xformers_jax.models.common import (
+    REMAT_POLICIES,
+    check_scan_unroll,
+    dtype_from_name,
+    scan_layers,
+)
 
 ATTN_TYPES = ("bi", "uni")
 SUMMARY_TYPES = ("last", "first", "mean", "cls_index", "attn")
@@ -86,6 +91,7 @@ class XLNetConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    scan_unroll: int = 1
     hf_compat: bool = False
 
     def __post_init__(self):
@@ -95,6 +101,7 @@ class XLNetConfig:
             raise ValueError(f"summary_type must be one of {SUMMARY_TYPES}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model {self.d_model} is not a multiple of n_head {self.n_head}")
+        check_scan_unroll(self.scan_unroll)
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}")
         get_activation(self.ff_activation)
@@ -122,7 +129,7 @@ class XLNetConfig:
         return cls.from_dict(kw)
 
     def to_hf_config(self) -> dict[str, Any]:
-        skip = {"dtype", "param_dtype", "remat_policy", "hf_compat", "num_labels"}
+        skip = {"dtype", "param_dtype", "remat_policy", "scan_unroll", "hf_compat", "num_labels"}
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         d["d_head"] = self.d_head
         d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
@@ -605,7 +612,7 @@ class XLNetModel(nn.Module):
             Layer, cfg.n_layer, cfg.remat_policy,
             dict(config=cfg, deterministic=deterministic, use_mems=use_mems,
                  output_hidden_states=output_hidden_states, output_attentions=output_attentions),
-            name="layers", in_axes=(0, 0, nn.broadcast, nn.broadcast),
+            name="layers", in_axes=(0, 0, nn.broadcast, nn.broadcast), unroll=cfg.scan_unroll,
         )((h, g), mems, _layer_head_mask(head_mask, cfg), ctx, shared)  # fmt: skip
         out = drop(g if g is not None else h, deterministic=deterministic)
 

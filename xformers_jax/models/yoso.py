@@ -45,6 +45,7 @@ from xformers_jax.models import xlm_roberta as _xlm_roberta  # noqa: F401
 from xformers_jax.models.common import (
     REMAT_POLICIES,
     InputError,
+    check_scan_unroll,
     cross_entropy_with_ignore,
     dtype_from_name,
     scan_layers,
@@ -98,6 +99,7 @@ class YosoConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    scan_unroll: int = 1
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -117,6 +119,7 @@ class YosoConfig:
         if self.conv_window is not None and (self.conv_window < 1 or self.conv_window % 2 == 0):
             # transformers pads by conv_window // 2: an even window lengthens the sequence.
             raise ValueError(f"conv_window must be a positive odd int, got {self.conv_window}")
+        check_scan_unroll(self.scan_unroll)
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}"
@@ -149,7 +152,15 @@ class YosoConfig:
         return cls.from_dict(kw)
 
     def to_hf_config(self) -> dict[str, Any]:
-        skip = {"dtype", "param_dtype", "remat_policy", "num_labels", "attention_impl", "hf_compat"}
+        skip = {
+            "dtype",
+            "param_dtype",
+            "remat_policy",
+            "scan_unroll",
+            "num_labels",
+            "attention_impl",
+            "hf_compat",
+        }
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
         d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
@@ -389,6 +400,7 @@ class YosoModel(nn.Module):
             ),
             name="layers",
             in_axes=(nn.broadcast, 0),
+            unroll=cfg.scan_unroll,
         )(x, jnp.asarray(attention_mask), jnp.arange(cfg.num_hidden_layers))
         hidden_states = (emb, *unstack(hs)) if output_hidden_states else None
         return outputs.BaseModelOutput(
