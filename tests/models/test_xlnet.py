@@ -315,7 +315,8 @@ def test_kv_cache_equals_mems():
         return jnp.einsum("lbth,lhnd->lbntd", states, w[name])
 
     pad = ((0, 0), (0, 0), (0, 0), (0, slots - m), (0, 0))
-    cache = dict(k=jnp.pad(project(mems, "k"), pad), v=jnp.pad(project(mems, "v"), pad),
+    keys = jnp.swapaxes(jnp.pad(project(mems, "k"), pad), 3, 4)  # [.., d_head, slots]
+    cache = dict(k=keys, v=jnp.pad(project(mems, "v"), pad),
                  r=xlnet.kv_position_keys(params, cfg, slots),
                  visible=(jnp.arange(slots) < m)[None], start=m)  # fmt: skip
     perm = np.zeros((b, q, q), np.float32)
@@ -329,8 +330,28 @@ def test_kv_cache_equals_mems():
         got = model.apply({"params": params}, ids, kv_cache=cache, **kw)
         np.testing.assert_allclose(got.last_hidden_state, want.last_hidden_state, atol=1e-5)
         inputs = want.mems[:, :, m:]  # the layers' input states of the new tokens
-        np.testing.assert_allclose(got.mems[0], project(inputs, "k"), atol=1e-5)
+        np.testing.assert_allclose(jnp.swapaxes(got.mems[0], 3, 4), project(inputs, "k"),
+                                   atol=1e-5)  # fmt: skip
         np.testing.assert_allclose(got.mems[1], project(inputs, "v"), atol=1e-5)
+        # Generation's shortcut: the last input (hidden from every query) only places the query
+        # rows, and the output projections come transposed.
+        o_t = jnp.transpose(w["o"], (0, 2, 3, 1))
+        short = model.apply({"params": params}, ids,
+                            kv_cache=dict(cache, content_rows=q - 1, o_t=o_t), **kw)  # fmt: skip
+        np.testing.assert_allclose(short.last_hidden_state, want.last_hidden_state, atol=1e-5)
+        np.testing.assert_allclose(
+            jnp.swapaxes(short.mems[0], 3, 4), project(inputs, "k")[:, :, :, : q - 1], atol=1e-5
+        )
+        np.testing.assert_allclose(short.mems[1], project(inputs, "v")[:, :, :, : q - 1],
+                                   atol=1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match="content_rows"):
+        model.apply(
+            {"params": params},
+            ids,
+            kv_cache=dict(cache, content_rows=0),
+            perm_mask=perm,
+            target_mapping=target,
+        )
 
 
 @pytest.mark.parametrize("cfg", [dict(attn_type="uni"), dict(bi_data=True)])

@@ -349,39 +349,53 @@ class RelativeAttention(nn.Module):
     def cached(self, x, n_new, cache, ctx, head_mask, shared_biases):
         """Both streams in one pass against a K/V cache (generation, `XLNetModel`'s `kv_cache`).
 
+        The inputs' keys / values go into this layer's cache at their slots `ctx["start"]..`
+        (slots no query saw before), so one score and one weighted-value matmul cover cache and
+        inputs alike.
+
         Args:
           x: `[b, rows, d_model]`: the `n_new` input tokens (content stream), then the
             query-stream rows.
-          cache: `k`, `v` `[b, n, S, d]` (head-major, slot = absolute position) and `r`
-            `[n, R, d]` position keys of the distances `(R - 1) / 2 - row`.
-          ctx: `pos_index` `[b, rows, S + n_new]` int, the row of `r` for each (query, key)
-            distance, and `mask` `[b, rows, S + n_new]` bool, True = masked.
+          cache: `k` `[b, n, d, S]` and `v` `[b, n, S, d]` (slot = absolute position; keys
+            transposed: the score matmul runs ~2x faster on them than on `[S, d]`), `r`
+            `[n, R, d]` position keys of the distances `(R - 1) / 2 - row`; optionally `o_t`,
+            the output projection as `[n, d, d_model]` (a layout the matmul reads in place).
+          ctx: `start` (int) the inputs' first slot, `pos_index` `[b, rows, S]` int, the row of
+            `r` for each (query, slot) distance, and `mask` `[b, rows, S]` bool, True = masked.
 
         Returns:
-          (`[b, rows, d_model]`, float32 probs `[b, n, rows, S + n_new]`, the inputs' keys and
-          values `[b, n, n_new, d]`).
+          (`[b, rows, d_model]`, float32 probs `[b, n, rows, S]`, the inputs' keys
+          `[b, n, d, n_new]` and values `[b, n, n_new, d]`).
         """
         cfg = self.config
         dt = dtype_from_name(cfg.dtype)
         biases = self.biases() if cfg.untie_r else shared_biases
         r_w, r_r, _ = (jnp.asarray(b, dt) for b in biases)
-        new_kv = tuple(self._proj(x[:, :n_new], w).transpose(0, 2, 1, 3) for w in (self.k, self.v))
+        new_k = self._proj(x[:, :n_new], self.k).transpose(0, 2, 3, 1)  # [b, n, d, n_new]
+        new_v = self._proj(x[:, :n_new], self.v).transpose(0, 2, 1, 3)  # [b, n, n_new, d]
+        start = ctx["start"]
+        k = jax.lax.dynamic_update_slice(
+            cache["k"], new_k.astype(cache["k"].dtype), (0, 0, 0, start)
+        )
+        v = jax.lax.dynamic_update_slice(
+            cache["v"], new_v.astype(cache["v"].dtype), (0, 0, start, 0)
+        )
+        new_kv = (new_k, new_v)
         q = self._proj(x, self.q).transpose(0, 2, 1, 3)  # [b, n, rows, d]
-        keys = (cache["k"], new_kv[0])
-        ac = jnp.concatenate([jnp.einsum("bnid,bnjd->bnij", q + r_w[:, None], k) for k in keys],
-                             axis=-1)  # fmt: skip
+        ac = jnp.einsum("bnid,bndj->bnij", q + r_w[:, None], jnp.asarray(k, dt))
         raw = jnp.einsum("bnid,nrd->bnir", q + r_r[:, None], cache["r"])
         index = jnp.broadcast_to(ctx["pos_index"][:, None], ac.shape)
         bd = jnp.take_along_axis(raw, index, axis=-1, mode="clip")
         score = ac.astype(jnp.float32) + bd.astype(jnp.float32)
         p, probs = self._softmax(score, ctx["mask"], head_mask)
-        slots = cache["v"].shape[2]
-        out = jnp.einsum("bnij,bnjd->bnid", p[..., :slots], cache["v"])
-        out = out + jnp.einsum("bnij,bnjd->bnid", p[..., slots:], new_kv[1])
-        return self.post(x, out.transpose(0, 2, 1, 3)), probs, new_kv
+        out = jnp.einsum("bnij,bnjd->bnid", p, jnp.asarray(v, dt))
+        return self.post(x, out.transpose(0, 2, 1, 3), cache.get("o_t")), probs, new_kv
 
-    def post(self, x, attn_vec):
-        out = jnp.einsum("bind,hnd->bih", attn_vec, jnp.asarray(self.o, attn_vec.dtype))
+    def post(self, x, attn_vec, o_t=None):
+        if o_t is None:
+            out = jnp.einsum("bind,hnd->bih", attn_vec, jnp.asarray(self.o, attn_vec.dtype))
+        else:
+            out = jnp.einsum("bind,ndh->bih", attn_vec, jnp.asarray(o_t, attn_vec.dtype))
         return self.layer_norm(self.drop(out, deterministic=self.deterministic) + x)
 
     def __call__(self, h, g, mem, ctx, head_mask, shared_biases):
@@ -498,11 +512,19 @@ class XLNetModel(nn.Module):
 
     `kv_cache` (ours, generation with `attn_type="bi"`, no `bi_data`, no segments): instead of
     `mems`, every layer's keys and values of earlier positions, so a step projects only its own
-    tokens: `k`, `v` `[layers, b, heads, S, d_head]` (slot = absolute position), `r`
-    `[layers, heads, 2S + 1, d_head]` position keys of the distances `S .. -S`
-    (`kv_position_keys`), `visible` `[b or 1, S]` (True = a slot every query sees, as mems) and
-    `start` (int, the absolute position of `input_ids[:, 0]`). `mems` then holds the inputs'
-    `(k, v)` `[layers, b, heads, length, d_head]`, for the caller to write at slot `start`.
+    tokens: `k` `[layers, b, heads, d_head, S]` (keys transposed) and `v` `[layers, b, heads, S,
+    d_head]` (slot = absolute position), `r` `[layers, heads, 2S + 1, d_head]` position keys of
+    the distances `S .. -S` (`kv_position_keys`), `visible` `[b or 1, S]` (True = a slot every
+    query sees, as mems) and `start` (int, the absolute position of `input_ids[:, 0]`; slots
+    `start .. start + length - 1` must exist and be hidden by `visible`: each layer attends to
+    its cache with the inputs' keys written there). `mems` then holds the inputs' keys
+    `[layers, b, heads, d_head, length]` and values `[layers, b, heads, length, d_head]`, for
+    the caller to write at slot `start`.
+    Optional entries: `o_t` `[layers, heads, d_head, d_model]`, the output projections
+    transposed (generation keeps them so; else each step transposes a copy), and
+    `content_rows` (static int c, with a query stream): only the first c inputs run the
+    content stream, the later ones just place the query rows (they must be hidden from every
+    query by `perm_mask`, as generation's dummy token is); `mems` then holds c keys / values.
     """
 
     config: XLNetConfig
@@ -560,7 +582,7 @@ class XLNetModel(nn.Module):
                 raise ValueError("kv_cache excludes mems, mems_mask and token_type_ids")
             if cfg.attn_type != "bi" or cfg.bi_data:
                 raise ValueError("kv_cache needs attn_type='bi' and bi_data=False")
-            slots = kv_cache["k"].shape[3]
+            slots = kv_cache["v"].shape[3]
             mems_mask = jnp.broadcast_to(kv_cache["visible"], (batch, slots))
             mlen = slots
         mask_h, mask_g = attention_masks(cfg, qlen, mlen, input_mask, perm_mask, mems_mask)
@@ -589,13 +611,12 @@ class XLNetModel(nn.Module):
             pos = jnp.asarray(relative_positional_encoding(qlen, mlen + qlen, cfg, batch), dt)
             ctx["pos"] = drop(pos, deterministic=deterministic)
         else:
-            # Row of `r` (distance `S - row`) for query i at `start + i` and key slot j / input m.
+            # Row of `r` (distance `S - row`) for query i at `start + i` and key slot j (the
+            # inputs' keys go to slots start..).
             i = jnp.arange(qlen)[:, None]
-            pos_index = jnp.concatenate([
-                mlen - kv_cache["start"] - i + jnp.arange(mlen)[None],
-                mlen - i + jnp.arange(qlen)[None],
-            ], axis=1).astype(jnp.int32)  # fmt: skip
-            pos_index, mask = jnp.broadcast_to(pos_index, mask_h.shape), mask_h
+            pos_index = (mlen - kv_cache["start"] - i + jnp.arange(mlen)[None]).astype(jnp.int32)
+            pos_index = jnp.broadcast_to(pos_index, (batch, qlen, mlen))
+            mask = mask_h
             if g is not None:  # query-stream rows follow, at the positions they predict
                 rows = jnp.broadcast_to(jnp.arange(qlen), (batch, qlen))
                 if target_mapping is not None:  # one-hot rows
@@ -603,8 +624,22 @@ class XLNetModel(nn.Module):
                 take = lambda x: jnp.take_along_axis(x, rows[..., None], axis=1)  # noqa: E731
                 pos_index = jnp.concatenate([pos_index, take(pos_index)], axis=1)
                 mask = jnp.concatenate([mask, take(jnp.broadcast_to(mask_g, mask_h.shape))], 1)
-            ctx.update(pos_index=pos_index, mask=mask)
-            mems = {name: kv_cache[name] for name in ("k", "v", "r")}
+            keep = kv_cache.get("content_rows", qlen)
+            if keep != qlen:  # later inputs only give the query rows their positions
+                if g is None or not 0 < keep < qlen:
+                    raise ValueError(f"kv_cache['content_rows'] must be in 1..{qlen} with a "
+                                     f"query stream, got {keep}")  # fmt: skip
+                rows = np.r_[:keep, qlen : pos_index.shape[1]]
+                pos_index, mask = (x[:, rows] for x in (pos_index, mask))
+                h = h[:, :keep]
+            # The layers write the inputs' keys at slots start..: one set of columns, the cache's
+            # slots, with the inputs' masking there (the slots were hidden before).
+            offset = jnp.arange(mlen) - kv_cache["start"]
+            is_new = (offset >= 0) & (offset < keep)
+            new_mask = jnp.take(mask[..., mlen:], jnp.clip(offset, 0, keep - 1), axis=-1)
+            mask = jnp.where(is_new, new_mask, mask[..., :mlen])
+            ctx.update(pos_index=pos_index, mask=mask, start=kv_cache["start"])
+            mems = {name: kv_cache[name] for name in ("k", "v", "r", "o_t") if name in kv_cache}
         shared = None if cfg.untie_r else RelativeBiases(cfg, name="biases")()
 
         emb_h, emb_g = h, g

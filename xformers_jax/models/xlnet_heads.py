@@ -123,8 +123,10 @@ class XLNetLMHeadModel(nn.Module):
       are hidden by `XLNetModel`'s `mems_mask`. XLNet's relative encoding depends only on query /
       key distances, so positions are those of transformers' variable-length mems. With
       bidirectional attention (the default; `_kv_cacheable`) the buffer holds every layer's keys
-      and values instead, at absolute slots: a step projects only its three tokens, writes their
-      keys / values in place, and sees the slots of transformers' mems (`mem_len` window).
+      and values instead, at absolute slots: a step runs the content stream of `prev` and the
+      new token only (the dummy just places the query row: nothing sees it, and transformers'
+      next step drops its state), writes their keys / values in place, and sees the slots of
+      transformers' mems (`mem_len` window).
     * `use_mems=False`: a fixed `[b, max_length]` token buffer, recomputed in full every step,
       with the dummy after the last token and every later slot hidden by `perm_mask`.
 
@@ -172,9 +174,9 @@ class XLNetLMHeadModel(nn.Module):
         Returns, with `use_mems` (default `config.use_mems_eval`): the prefill's `logits`
         `[b, vocab]` for the first step, `first` `[b]` the index of that step
         (`prompt_len - 1`), `last` `[b]` the latest token and either (`_kv_cacheable`) `kv`
-        (`k`, `v` `[layers, b, heads, max_length, d_head]`, the prompt's and the dummy's at
-        their positions) with the position keys `r` `[layers, heads, 2 * max_length + 1,
-        d_head]`, or the mems
+        (`k` `[layers, b, heads, d_head, max_length]`, `v` `[layers, b, heads, max_length,
+        d_head]`, the prompt's and the dummy's at their positions: `XLNetModel`'s `kv_cache`)
+        with the position keys `r` `[layers, heads, 2 * max_length + 1, d_head]`, or the mems
         buffer `mems` `[b, layers, S, d]` and its `mems_mask` `[b, S]` (True = a state).
         Without: the token buffer `tokens` `[b, max_length]` holding the prompt (zeros after
         it). Row axes: `decoding_batch_axes`.
@@ -198,10 +200,10 @@ class XLNetLMHeadModel(nn.Module):
             weights = nn.meta.unbox(params["layers"]["rel_attn"])
             dt = dtype_from_name(cfg.dtype)
             kv = {}
-            for name in ("k", "v"):
-                w = jnp.asarray(weights[name], dt)
-                x = jnp.einsum("lbth,lhnd->lbntd", out.mems.astype(dt), w)
-                pad = ((0, 0), (0, 0), (0, 0), (p + 1 - n, max_length - p - 1), (0, 0))
+            for name, spec in (("k", "lbth,lhnd->lbndt"), ("v", "lbth,lhnd->lbntd")):
+                x = jnp.einsum(spec, out.mems.astype(dt), jnp.asarray(weights[name], dt))
+                pad = [(0, 0)] * 5
+                pad[4 if name == "k" else 3] = (p + 1 - n, max_length - p - 1)
                 kv[name] = jnp.pad(x, pad)
             return dict(common, kv=kv, r=kv_position_keys(params, cfg, max_length))
         size = _mems_slots(cfg, max_length)
@@ -211,10 +213,14 @@ class XLNetLMHeadModel(nn.Module):
 
     def decoding_constants(self) -> dict[str, Any]:
         """Arrays `generate` derives from the params once per model (see `xformers_jax.decoding`):
-        the tied embedding transposed, `lm_table` `[d_model, vocab]`; XLA's CPU matmul reads it
-        ~1.7x faster than `[vocab, d_model]` for the few rows of a step."""
-        table = nn.meta.unbox(self.variables["params"]["transformer"]["word_embedding"])
-        return dict(lm_table=jnp.asarray(table, dtype_from_name(self.config.dtype)).T)
+        the tied embedding transposed, `lm_table` `[d_model, vocab]` (XLA's CPU matmul reads it
+        ~1.7x faster than `[vocab, d_model]` for the few rows of a step), and the layers' output
+        projections as `o_t` `[layers, heads, d_head, d_model]`, which a step's matmul reads as
+        they are (the params' `[d_model, heads, d_head]` cost a transposed copy every step)."""
+        params = nn.meta.unbox(self.variables["params"]["transformer"])
+        dt = dtype_from_name(self.config.dtype)
+        o_t = jnp.asarray(params["layers"]["rel_attn"]["o"], dt).transpose(0, 2, 3, 1)
+        return dict(lm_table=jnp.asarray(params["word_embedding"], dt).T, o_t=o_t)
 
     @staticmethod
     def decoding_batch_axes(context: dict[str, Any]) -> dict[str, Any]:
@@ -247,17 +253,17 @@ class XLNetLMHeadModel(nn.Module):
             start = index - 1
 
             def prefilled_kv(mdl, ctx):
-                old = tuple(jax.lax.dynamic_slice_in_dim(ctx["kv"][n], start, 3, axis=3)
-                            for n in ("k", "v"))  # fmt: skip
+                old = tuple(jax.lax.dynamic_slice_in_dim(ctx["kv"][n], start, 2, axis=axis)
+                            for n, axis in (("k", 4), ("v", 3)))  # fmt: skip
                 return ctx["logits"], old
 
             def step_kv(mdl, ctx):
                 return mdl._kv_step(ctx["last"], tokens, index, ctx)
 
             logits, new = nn.cond(first, prefilled_kv, step_kv, self, context)
-            at = (0, 0, 0, start, 0)
             kv = {name: jax.lax.dynamic_update_slice(context["kv"][name], x, at)
-                  for name, x in zip(("k", "v"), new)}  # fmt: skip
+                  for name, x, at in zip(("k", "v"), new, ((0,) * 4 + (start,), (0,) * 3 +
+                                                           (start, 0)))}  # fmt: skip
             return logits, dict(context, kv=kv, last=tokens)
 
         def prefilled(mdl, ctx):
@@ -273,21 +279,23 @@ class XLNetLMHeadModel(nn.Module):
     def _kv_step(self, prev, tokens, index, context):
         """transformers' step with mems on the K/V cache: `[prev, tokens, dummy]` at slots
         `index - 1 .. index + 1` see the slots of transformers' mems (its cache minus the last
-        two states, the last `mem_len`); returns `(logits, (k, v))`, the three tokens' keys and
-        values `[layers, b, heads, 3, d_head]` for those slots."""
+        two states, the last `mem_len`); returns `(logits, (k, v))`, the keys and values
+        `[layers, b, heads, 2, d_head]` of `prev` and `tokens` for slots `index - 1, index`.
+        The dummy runs no content stream (`content_rows=2`): every query is blind to it and the
+        next step drops its state, as transformers' next step drops it from the mems."""
         cfg = self.config
         b = tokens.shape[0]
         perm_mask, target = _dummy_inputs(b, 3)
         ids = jnp.stack([prev, tokens, jnp.zeros_like(tokens)], axis=1)
         start = index - 1
         kv = context["kv"]
-        slots = jnp.arange(kv["k"].shape[3])
+        slots = jnp.arange(kv["v"].shape[3])
         visible = slots < start
         if cfg.mem_len:
             visible &= slots >= start + 2 - cfg.mem_len
-        cache = dict(kv, r=context["r"], visible=visible[None], start=start)
+        cache = dict(kv, r=context["r"], visible=visible[None], start=start, content_rows=2)
         if "constants" in context:
-            cache["lm_table"] = context["constants"]["lm_table"]
+            cache.update(lm_table=context["constants"]["lm_table"], o_t=context["constants"]["o_t"])
         out = self(ids, perm_mask=perm_mask, target_mapping=target, kv_cache=cache)
         new = tuple(x.astype(kv[name].dtype) for name, x in zip(("k", "v"), out.mems))
         return out.logits[:, 0].astype(jnp.float32), new
