@@ -162,6 +162,15 @@ def _gather_beams(x, idx):
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
+def _take_rows(x, rows, axis: int):
+    """`jnp.take(x, rows, axis=axis)`; with leading axes (a layer-major cache `[layers, rows,
+    ...]`) one take per leading index, stacked: a single gather there makes XLA:CPU keep the
+    loop-carried cache rows-major and copy it back to layer-major every step."""
+    if axis == 0:
+        return jnp.take(x, rows, axis=0)
+    return jnp.stack([_take_rows(x[i], rows, axis - 1) for i in range(x.shape[0])])
+
+
 def _beam_loop(step, context, axes, *, batch, num_beams, max_length, seqs, prompt_len, eos, pad,
                min_length, length_penalty, early_stopping, num_return_sequences):  # fmt: skip
     """transformers' vectorised beam search from the `[b, max_length]` buffer `seqs` (first
@@ -203,7 +212,7 @@ def _beam_loop(step, context, axes, *, batch, num_beams, max_length, seqs, promp
         run_seqs = _gather_beams(top_seqs, next_idx)
         run_scores = _gather_beams(run_lp, next_idx)
         flat_parent = (_gather_beams(parent, next_idx) + jnp.arange(b)[:, None] * k).reshape(-1)
-        ctx = jax.tree.map(per_leaf(lambda x, a: jnp.take(x, flat_parent, axis=a)), axes, ctx,
+        ctx = jax.tree.map(per_leaf(lambda x, a: _take_rows(x, flat_parent, a)), axes, ctx,
                            is_leaf=lambda a: a is None)  # fmt: skip
 
         # Candidates among the top num_beams that stopped compete with the finished hypotheses.
