@@ -15,7 +15,8 @@ rounds (a case whose single run takes longer than `SLOW_S` seconds is timed once
   first length where sampled beats softmax.
 * `decoding`: greedy and 4-beam MT5ForConditionalGeneration and greedy XLNetLMHeadModel
   generation (the `bench` model sizes) vs transformers' `generate` with the same settings:
-  ms per token and tokens/s per output length, our compile time apart.
+  ms per token and tokens/s per output length, our compile time apart. Each timed call follows
+  an untimed one of the same side (`_alternate(settle=True)`).
 * `mlm_logits`: an XLM-V-vocabulary (901629) masked LM: forward+backward of the trainer's MLM loss
   (`tasks.mlm.make_loss_fn`) with full logits, at the masked positions only
   (`data.max_predictions`), vocabulary-chunked (`loss.vocab_chunk_size`) and both; XLA memory.
@@ -127,13 +128,21 @@ class _Timer:
         self.times = [self.warmup_s] if self.warmup_s > SLOW_S else []
 
 
-def _alternate(timers: Sequence[_Timer], n: int) -> None:
-    """Times every timer n times, one of each per round (slow ones keep their single run)."""
+def _alternate(timers: Sequence[_Timer], n: int, settle: bool = False) -> None:
+    """Times every timer n times, one of each per round (slow ones keep their single run).
+
+    `settle`: each timed call right after an untimed one of the same case, so every side is
+    timed back to back. On the 2-core VM the first JAX call after transformers' ~0.3-4 s
+    single-threaded `generate` ran ~20 ms slower (XLA's pool threads waking: ~130
+    involuntary context switches instead of ~1), which would count against whichever side's
+    calls are short (ours: 45 ms at 16 XLNet tokens)."""
     for t in timers:
         t.warm_up()
     for _ in range(n):
         for t in timers:
             if t.warmup_s <= SLOW_S:
+                if settle:
+                    t.run()
                 t.times.append(_timed(t.run))
 
 
@@ -517,7 +526,7 @@ def run_decoding(n: int = DEFAULT_N, dtype: str = "float32") -> dict[str, Any]:
             timers = [
                 _Timer(name, fn, keep_result=True) for name, fn in (("ours", mine), ("hf", theirs))
             ]
-            _alternate(timers, n)
+            _alternate(timers, n, settle=True)
             ours_s, hf_s = (statistics.median(t.times) for t in timers)
             out_ours, out_hf = timers[0].result, timers[1].result.numpy()
             tokens = cfg["batch"] * new
@@ -566,7 +575,8 @@ def decoding_markdown(res: dict[str, Any]) -> str:
         f"heads, ffn {cfg['ffn']}, vocab {cfg['vocab']}), batch {cfg['batch']}; MT5 encoder "
         f"length {cfg['encoder_len']}, XLNet prompt {cfg['prompt_len']}; exactly N new tokens "
         "per row on both sides. transformers XLNet: default `generate` (use_mems); transformers "
-        "single-threaded (`TORCH_THREADS`). Compile time is ours, first call minus a steady call.",
+        "single-threaded (`TORCH_THREADS`). Each timed call directly follows an untimed call of "
+        "the same side. Compile time is ours, first call minus a steady call.",
         "",
         "| model | mode | new tokens | ours ms/token | HF ms/token | ours tokens/s | HF tokens/s "
         "| speedup | same tokens | our compile s |",
