@@ -140,3 +140,18 @@ def test_chunked_top_k_equals_lax(n):
         got = jax.jit(decoding.top_k, static_argnums=1)(jnp.asarray(x), k)
         np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
         np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_take_rows_equals_take(axis):
+    """Beam search's cache reorder (one take per leading index for a row axis > 0) is
+    `jnp.take` along the row axis, repeated and dropped rows included."""
+    import jax
+    import jax.numpy as jnp
+
+    from xformers_jax import decoding
+
+    x = np.arange(3 * 4 * 5 * 2, dtype=np.float32).reshape(3, 4, 5, 2)
+    rows = jnp.asarray([2, 2, 0, 1][: x.shape[axis]] if axis < 2 else [4, 0, 0, 3, 1])
+    got = jax.jit(decoding._take_rows, static_argnums=2)(jnp.asarray(x), rows, axis)
+    np.testing.assert_array_equal(np.asarray(got), np.take(x, np.asarray(rows), axis=axis))
