@@ -6,11 +6,10 @@ PyTorch model with the same config and batch -- and timed alternately (ours, the
 median of N after warm-up; each timed call directly follows an untimed call of the same side
 (steps back to back, as in a training loop). Our models run their layer scan unrolled
 (`scan_unroll` = the layer count: 3-10% faster steps on CPU; transformers' models are Python
-loops anyway). Reported: ms per
-train step (AdamW, float32) and per forward, the ratio ours / reference, model FLOPs per step
-(analytic, cross-checked with XLA's cost analysis), MFU against the matmul peak measured in the
-same run, and our compile time. Results go to `<out>/bench.json`, `<out>/bench.md` and
-`<out>/bench.png`.
+loops anyway). Reported: ms per train step (AdamW, float32) and per forward, the ratio ours /
+reference, model FLOPs per step (analytic, cross-checked with XLA's cost analysis), MFU against
+the matmul peak measured in the same run, and our compile time. Results go to
+`<out>/bench.json`, `<out>/bench.md` and `<out>/bench.png`.
 """
 
 from __future__ import annotations

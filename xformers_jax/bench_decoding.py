@@ -17,12 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from xformers_jax import host_alloc
-
-if __name__ == "__main__":
-    host_alloc.tune_for_xla_cpu()  # as the CLI does, before jax starts its threads
-
-from xformers_jax import bench_scaling  # noqa: E402
+from xformers_jax import bench_scaling, host_alloc
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -49,4 +44,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    host_alloc.tune_for_xla_cpu()  # as the CLI does, before jax starts its threads
     main()

@@ -75,6 +75,11 @@ def _mems_slots(cfg: XLNetConfig, max_length: int) -> int:
     return min(cfg.mem_len, max_length) if cfg.mem_len else max_length
 
 
+# Slot axis of generation's layer-major K/V cache: keys `[layers, b, heads, d_head, S]`, values
+# `[layers, b, heads, S, d_head]` (`XLNetModel`'s `kv_cache`).
+_KV_SLOT_AXIS = {"k": 4, "v": 3}
+
+
 def _kv_cacheable(cfg: XLNetConfig, max_length: int) -> bool:
     """Whether generation can keep per-layer keys / values at absolute slots (`XLNetModel`'s
     `kv_cache`): bidirectional attention without `bi_data`, and no `reuse_len` cut that would
@@ -203,7 +208,7 @@ class XLNetLMHeadModel(nn.Module):
             for name, spec in (("k", "lbth,lhnd->lbndt"), ("v", "lbth,lhnd->lbntd")):
                 x = jnp.einsum(spec, out.mems.astype(dt), jnp.asarray(weights[name], dt))
                 pad = [(0, 0)] * 5
-                pad[4 if name == "k" else 3] = (p + 1 - n, max_length - p - 1)
+                pad[_KV_SLOT_AXIS[name]] = (p + 1 - n, max_length - p - 1)
                 kv[name] = jnp.pad(x, pad)
             return dict(common, kv=kv, r=kv_position_keys(params, cfg, max_length))
         size = _mems_slots(cfg, max_length)
@@ -253,17 +258,17 @@ class XLNetLMHeadModel(nn.Module):
             start = index - 1
 
             def prefilled_kv(mdl, ctx):
-                old = tuple(jax.lax.dynamic_slice_in_dim(ctx["kv"][n], start, 2, axis=axis)
-                            for n, axis in (("k", 4), ("v", 3)))  # fmt: skip
+                old = tuple(jax.lax.dynamic_slice_in_dim(ctx["kv"][n], start, 2, _KV_SLOT_AXIS[n])
+                            for n in ("k", "v"))  # fmt: skip
                 return ctx["logits"], old
 
             def step_kv(mdl, ctx):
                 return mdl._kv_step(ctx["last"], tokens, index, ctx)
 
             logits, new = nn.cond(first, prefilled_kv, step_kv, self, context)
-            kv = {name: jax.lax.dynamic_update_slice(context["kv"][name], x, at)
-                  for name, x, at in zip(("k", "v"), new, ((0,) * 4 + (start,), (0,) * 3 +
-                                                           (start, 0)))}  # fmt: skip
+            kv = {name: jax.lax.dynamic_update_slice_in_dim(context["kv"][name], x, start,
+                                                            _KV_SLOT_AXIS[name])
+                  for name, x in zip(("k", "v"), new)}  # fmt: skip
             return logits, dict(context, kv=kv, last=tokens)
 
         def prefilled(mdl, ctx):
@@ -289,7 +294,7 @@ class XLNetLMHeadModel(nn.Module):
         ids = jnp.stack([prev, tokens, jnp.zeros_like(tokens)], axis=1)
         start = index - 1
         kv = context["kv"]
-        slots = jnp.arange(kv["v"].shape[3])
+        slots = jnp.arange(kv["v"].shape[_KV_SLOT_AXIS["v"]])
         visible = slots < start
         if cfg.mem_len:
             visible &= slots >= start + 2 - cfg.mem_len
