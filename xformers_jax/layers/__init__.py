@@ -6,7 +6,7 @@ from xformers_jax.layers.attention import (
     dot_product_attention,
     padding_mask,
 )
-from xformers_jax.layers.dense import DenseGeneral, param_init
+from xformers_jax.layers.dense import DenseGeneral, param_init, residual
 from xformers_jax.layers.embeddings import Embed
 from xformers_jax.layers.mlp import MLP, get_activation
 from xformers_jax.layers.norms import LayerNorm, RMSNorm
@@ -23,4 +23,5 @@ __all__ = [
     "get_activation",
     "padding_mask",
     "param_init",
+    "residual",
 ]

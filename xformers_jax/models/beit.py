@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from xformers_jax.layers import MLP, DenseGeneral, LayerNorm, dot_product_attention, get_activation
-from xformers_jax.layers.dense import param_init
+from xformers_jax.layers.dense import param_init, residual
 from xformers_jax.models import outputs
 from xformers_jax.models.common import (
     REMAT_POLICIES,
@@ -462,6 +462,7 @@ class Layer(nn.Module):
             (heads, hd), ("embed", "heads", "kv"), use_bias=bias, dtype=dtype,
             param_dtype=pdtype, kernel_init=init, name=name,
         )  # fmt: skip
+        x = residual(x)
         h = norm("layernorm_before")(x)
         # transformers adds the bias after scaling: pre-scale q, then scale=1.
         q = proj("query")(h) * jnp.asarray(hd**-0.5, dtype)
@@ -488,7 +489,7 @@ class Layer(nn.Module):
         a = drop(a)
         if scale is not None:
             a = a * jnp.asarray(scale[0], dtype)
-        x = x + drop_path(a, drop_rate, path_rng, self.deterministic)
+        x = residual(x + drop_path(a, drop_rate, path_rng, self.deterministic))
         m = MLP(cfg.intermediate_size, cfg.hidden_act, dtype=dtype, param_dtype=pdtype,
                 kernel_init=init, name="mlp")(norm("layernorm_after")(x))  # fmt: skip
         m = drop(m)

@@ -25,7 +25,7 @@ from xformers_jax.layers import (
     get_activation,
     padding_mask,
 )
-from xformers_jax.layers.dense import add_bias
+from xformers_jax.layers.dense import add_bias, residual
 from xformers_jax.layers.losses import chunked_cross_entropy, gather_positions
 from xformers_jax.models import outputs
 from xformers_jax.models.common import (
@@ -321,13 +321,14 @@ class Layer(nn.Module):
             kernel_init=nn.initializers.normal(cfg.initializer_range), name="mlp",
         )  # fmt: skip
         new_cache = None
+        x = residual(x)
         if cfg.pre_ln:
             a, probs, *new_cache = attn(norm("attention_norm")(x), mask, head_mask, index, cache)
-            x = x + drop(a)
+            x = residual(x + drop(a))
             x = x + drop(mlp(norm("mlp_norm")(x)))
         else:
             a, probs, *new_cache = attn(x, mask, head_mask, index, cache)
-            x = norm("attention_norm")(x + drop(a))
+            x = residual(norm("attention_norm")(x + drop(a)))
             x = norm("mlp_norm")(x + drop(mlp(x)))
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
         if cache is not None:
