@@ -130,8 +130,9 @@ def _residual_cpu_bwd(_, dx):
     # XLA's CPU pipeline drops optimization barriers before fusion, but does not fuse across a
     # conditional: its operand is materialised. Both branches return `dx` (the `+ 0` only keeps
     # the two branch computations distinct, or XLA folds the conditional away); the predicate
-    # is data-dependent (is the first element NaN) so it cannot be constant-folded.
-    first = dx.reshape(-1)[0]
+    # is data-dependent (is the first element NaN) so it cannot be constant-folded. Sharded over
+    # several CPU devices, the predicate costs one scalar all-reduce.
+    first = dx[(0,) * dx.ndim]
     return (jax.lax.cond(first != first, lambda d: d + 0, lambda d: d, dx),)
 
 
