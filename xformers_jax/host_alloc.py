@@ -61,5 +61,7 @@ def tune_for_xla_cpu() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     ok = mallopt(M_ARENA_MAX, 1) and mallopt(M_MMAP_MAX, 0)
-    ok = ok and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    # -1 disables trimming (mallopt(3)); a positive threshold is an int, and steps whose
+    # temporaries exceed 2 GiB were trimmed at INT_MAX and faulted back in every few calls.
+    ok = ok and mallopt(M_TRIM_THRESHOLD, -1)
     return bool(ok)
