@@ -6,9 +6,12 @@ tail of a finished beam with its fill value (EOS when pad is 0), we fill with pa
 compared up to each row's first EOS, and the output lengths must agree.
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from xformers_jax import decoding
 from xformers_jax.models import mt5
 
 torch = pytest.importorskip("torch")
@@ -125,11 +128,6 @@ def test_generate_refuses_non_generative_heads(tmp_path):
 def test_chunked_top_k_equals_lax(n):
     """Beam search's chunked top-k is `lax.top_k`: values and indices, with -inf (blocked
     tokens), ties and a length that is no multiple of the chunk."""
-    import jax
-    import jax.numpy as jnp
-
-    from xformers_jax import decoding
-
     rng = np.random.RandomState(n)
     x = rng.standard_normal((3, n)).astype(np.float32)
     x[0, ::7] = -np.inf
@@ -146,11 +144,6 @@ def test_chunked_top_k_equals_lax(n):
 def test_take_rows_equals_take(axis):
     """Beam search's cache reorder (one take per leading index for a row axis > 0) is
     `jnp.take` along the row axis, repeated and dropped rows included."""
-    import jax
-    import jax.numpy as jnp
-
-    from xformers_jax import decoding
-
     x = np.arange(3 * 4 * 5 * 2, dtype=np.float32).reshape(3, 4, 5, 2)
     rows = jnp.asarray([2, 2, 0, 1][: x.shape[axis]] if axis < 2 else [4, 0, 0, 3, 1])
     got = jax.jit(decoding._take_rows, static_argnums=2)(jnp.asarray(x), rows, axis)

@@ -47,6 +47,10 @@ ATTN_TYPES = ("bi", "uni")
 SUMMARY_TYPES = ("last", "first", "mean", "cls_index", "attn")
 _NEG = 1e30  # transformers subtracts 1e30 * mask (not -inf): fully masked rows become uniform
 
+# Slot axis of `XLNetModel`'s layer-major `kv_cache`: keys `[layers, b, heads, d_head, S]`,
+# values `[layers, b, heads, S, d_head]`.
+KV_SLOT_AXIS = {"k": 4, "v": 3}
+
 
 @dataclasses.dataclass(frozen=True)
 class XLNetConfig:
@@ -582,7 +586,7 @@ class XLNetModel(nn.Module):
                 raise ValueError("kv_cache excludes mems, mems_mask and token_type_ids")
             if cfg.attn_type != "bi" or cfg.bi_data:
                 raise ValueError("kv_cache needs attn_type='bi' and bi_data=False")
-            slots = kv_cache["v"].shape[3]
+            slots = kv_cache["v"].shape[KV_SLOT_AXIS["v"]]
             mems_mask = jnp.broadcast_to(kv_cache["visible"], (batch, slots))
             mlen = slots
         mask_h, mask_g = attention_masks(cfg, qlen, mlen, input_mask, perm_mask, mems_mask)

@@ -23,7 +23,13 @@ from xformers_jax.layers import DenseGeneral, LayerNorm, get_activation, param_i
 from xformers_jax.layers.dense import add_bias
 from xformers_jax.models import outputs
 from xformers_jax.models.common import cross_entropy_with_ignore, dtype_from_name
-from xformers_jax.models.xlnet import _NEG, XLNetConfig, XLNetModel, kv_position_keys
+from xformers_jax.models.xlnet import (
+    _NEG,
+    KV_SLOT_AXIS,
+    XLNetConfig,
+    XLNetModel,
+    kv_position_keys,
+)
 
 # The base model's inputs every head forwards unchanged.
 _BASE_ARGS = (
@@ -73,11 +79,6 @@ def _mems_slots(cfg: XLNetConfig, max_length: int) -> int:
     """Slots of the generation mems buffer: transformers' cache never holds more than
     `max_length` states (prompt, dummy and one more per step), nor more than `mem_len`."""
     return min(cfg.mem_len, max_length) if cfg.mem_len else max_length
-
-
-# Slot axis of generation's layer-major K/V cache: keys `[layers, b, heads, d_head, S]`, values
-# `[layers, b, heads, S, d_head]` (`XLNetModel`'s `kv_cache`).
-_KV_SLOT_AXIS = {"k": 4, "v": 3}
 
 
 def _kv_cacheable(cfg: XLNetConfig, max_length: int) -> bool:
@@ -208,7 +209,7 @@ class XLNetLMHeadModel(nn.Module):
             for name, spec in (("k", "lbth,lhnd->lbndt"), ("v", "lbth,lhnd->lbntd")):
                 x = jnp.einsum(spec, out.mems.astype(dt), jnp.asarray(weights[name], dt))
                 pad = [(0, 0)] * 5
-                pad[_KV_SLOT_AXIS[name]] = (p + 1 - n, max_length - p - 1)
+                pad[KV_SLOT_AXIS[name]] = (p + 1 - n, max_length - p - 1)
                 kv[name] = jnp.pad(x, pad)
             return dict(common, kv=kv, r=kv_position_keys(params, cfg, max_length))
         size = _mems_slots(cfg, max_length)
@@ -258,7 +259,7 @@ class XLNetLMHeadModel(nn.Module):
             start = index - 1
 
             def prefilled_kv(mdl, ctx):
-                old = tuple(jax.lax.dynamic_slice_in_dim(ctx["kv"][n], start, 2, _KV_SLOT_AXIS[n])
+                old = tuple(jax.lax.dynamic_slice_in_dim(ctx["kv"][n], start, 2, KV_SLOT_AXIS[n])
                             for n in ("k", "v"))  # fmt: skip
                 return ctx["logits"], old
 
@@ -267,7 +268,7 @@ class XLNetLMHeadModel(nn.Module):
 
             logits, new = nn.cond(first, prefilled_kv, step_kv, self, context)
             kv = {name: jax.lax.dynamic_update_slice_in_dim(context["kv"][name], x, start,
-                                                            _KV_SLOT_AXIS[name])
+                                                            KV_SLOT_AXIS[name])
                   for name, x in zip(("k", "v"), new)}  # fmt: skip
             return logits, dict(context, kv=kv, last=tokens)
 
@@ -294,7 +295,7 @@ class XLNetLMHeadModel(nn.Module):
         ids = jnp.stack([prev, tokens, jnp.zeros_like(tokens)], axis=1)
         start = index - 1
         kv = context["kv"]
-        slots = jnp.arange(kv["v"].shape[_KV_SLOT_AXIS["v"]])
+        slots = jnp.arange(kv["v"].shape[KV_SLOT_AXIS["v"]])
         visible = slots < start
         if cfg.mem_len:
             visible &= slots >= start + 2 - cfg.mem_len
