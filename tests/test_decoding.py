@@ -61,6 +61,10 @@ def assert_same_tokens(got, want, eos):
         dict(num_beams=3, length_penalty=1.5, eos_token_id=68, early_stopping="never"),
         dict(min_length=6, eos_token_id=22),
         dict(num_beams=4, num_return_sequences=2, eos_token_id=64),
+        # 81 decoder positions: many beam reorders.
+        dict(max_new_tokens=80, min_new_tokens=80),
+        dict(num_beams=4, max_new_tokens=80, min_new_tokens=80),
+        dict(num_beams=3, max_new_tokens=80, eos_token_id=64),
     ],
     ids=[
         "greedy",
@@ -71,15 +75,19 @@ def assert_same_tokens(got, want, eos):
         "beam3-never",
         "min-len",
         "beam4-return2",
+        "greedy-81",
+        "beam4-81",
+        "beam3-81-eos",
     ],
 )
 def test_generate_matches_transformers(models, kwargs):
     hf, model = models
     ids, mask = padded_batch()
+    kwargs = dict(dict(max_new_tokens=10), **kwargs)
     with torch.no_grad():
         want = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                           max_new_tokens=10, **kwargs).numpy()  # fmt: skip
-    got = model.generate(ids, attention_mask=mask, max_new_tokens=10, **kwargs)
+                           **kwargs).numpy()  # fmt: skip
+    got = model.generate(ids, attention_mask=mask, **kwargs)
     assert_same_tokens(got, want, kwargs.get("eos_token_id", 1))
 
 

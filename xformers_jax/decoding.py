@@ -18,6 +18,15 @@ for a leaf that holds one row per *input* and is the same for all its beams (the
 cross-attention K/V): beam search neither repeats nor reorders it, and `decode_step` sees
 `rows = inputs * num_beams` rows against it (row `i * num_beams + j` is beam j of input i).
 
+A head may also declare append-only caches with a static method `decoding_slot_caches(context) ->
+pytree` (the context's structure, a bool per leaf): True for a leaf that a step writes only at
+slot `index` of every row, in place, leaving the other slots as they were (MT5's self-attention
+K/V). Beam search never reorders such a leaf: it keeps `slot_rows` `[rows, max_length]` int32,
+the row of the leaf that holds slot s of beam r (the row its ancestor occupied when slot s was
+written), reorders that small table instead, and passes it to `decode_step` as
+`context["slot_rows"]` (absent outside beam search); the step reads slot s of row r from row
+`slot_rows[r, s]`. Reordering the cache itself would copy all of it every step.
+
 A head with options of its own (e.g. XLNet's `use_mems`) also has a static method
 `decoding_options(config, **options) -> dict` that validates them and fills their defaults; the
 keyword arguments of `generate` that are not its own go there (a TypeError for a head without
@@ -37,7 +46,8 @@ penalty over generated tokens only).
 
 Shapes never change inside the loop (the cache has `max_length` slots and each step writes one),
 so the whole generation compiles once per (batch, input length, settings). Beam search keeps the
-beams flattened into the batch (`[batch * num_beams, ...]`) and reorders the context with a gather.
+beams flattened into the batch (`[batch * num_beams, ...]`) and reorders the context with a gather
+(all but the slot caches).
 
 The search follows transformers' `generate` for encoder-decoders, so outputs match token for token:
 sequences start with `decoder_start_token_id`; finished rows are padded with `pad_token_id`; beam
@@ -171,16 +181,22 @@ def _take_rows(x, rows, axis: int):
     return jnp.stack([_take_rows(x[i], rows, axis - 1) for i in range(x.shape[0])])
 
 
-def _beam_loop(step, context, axes, *, batch, num_beams, max_length, seqs, prompt_len, eos, pad,
-               min_length, length_penalty, early_stopping, num_return_sequences):  # fmt: skip
+def _beam_loop(step, context, axes, slot_caches, *, batch, num_beams, max_length, seqs,
+               prompt_len, eos, pad, min_length, length_penalty, early_stopping,
+               num_return_sequences):  # fmt: skip
     """transformers' vectorised beam search from the `[b, max_length]` buffer `seqs` (first
     `prompt_len` tokens given); returns `(sequences, lengths)` of the best beams."""
     k, b, big_k = num_beams, batch, 2 * num_beams
     # The context arrives with one row per input; every beam starts from the same one. Leaves
     # with no row axis (None) stay per input.
+    is_none = lambda a: a is None  # noqa: E731
     per_leaf = lambda f: lambda a, x: x if a is None else f(x, a)  # noqa: E731
     context = jax.tree.map(per_leaf(lambda x, a: jnp.repeat(x, k, axis=a)), axes, context,
-                           is_leaf=lambda a: a is None)  # fmt: skip
+                           is_leaf=is_none)  # fmt: skip
+    # Slot caches are never reordered: `slot_rows[r, s]` is the row that holds slot s of beam r.
+    reorder = jax.tree.map(lambda a, lazy: None if lazy else a, axes, slot_caches, is_leaf=is_none)
+    lazy = any(jax.tree.leaves(slot_caches))
+    rows = jnp.arange(b * k, dtype=jnp.int32)
     seqs = jnp.repeat(seqs[:, None], k, axis=1)
     state = dict(
         run_seqs=seqs, run_scores=jnp.zeros((b, k)).at[:, 1:].set(NEG_INF),
@@ -188,6 +204,8 @@ def _beam_loop(step, context, axes, *, batch, num_beams, max_length, seqs, promp
         unsatisfied=jnp.ones((b, 1), bool), any_open=jnp.bool_(True), cur=jnp.int32(prompt_len),
         ctx=context,
     )  # fmt: skip
+    if lazy:
+        state["slot_rows"] = jnp.broadcast_to(rows[:, None], (b * k, max_length))
     top_mask = jnp.arange(big_k) < k
 
     def cond(s):
@@ -195,7 +213,10 @@ def _beam_loop(step, context, axes, *, batch, num_beams, max_length, seqs, promp
 
     def body(s):
         cur = s["cur"]
-        logits, ctx = step(s["run_seqs"][:, :, cur - 1].reshape(b * k), cur - 1, s["ctx"])
+        ctx = dict(s["ctx"], slot_rows=s["slot_rows"]) if lazy else s["ctx"]
+        logits, ctx = step(s["run_seqs"][:, :, cur - 1].reshape(b * k), cur - 1, ctx)
+        if lazy:
+            ctx = {key: value for key, value in ctx.items() if key != "slot_rows"}
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         logp = apply_min_length(logp, cur, min_length, eos)
         vocab = logp.shape[-1]
@@ -212,8 +233,11 @@ def _beam_loop(step, context, axes, *, batch, num_beams, max_length, seqs, promp
         run_seqs = _gather_beams(top_seqs, next_idx)
         run_scores = _gather_beams(run_lp, next_idx)
         flat_parent = (_gather_beams(parent, next_idx) + jnp.arange(b)[:, None] * k).reshape(-1)
-        ctx = jax.tree.map(per_leaf(lambda x, a: _take_rows(x, flat_parent, a)), axes, ctx,
-                           is_leaf=lambda a: a is None)  # fmt: skip
+        ctx = jax.tree.map(per_leaf(lambda x, a: _take_rows(x, flat_parent, a)), reorder, ctx,
+                           is_leaf=is_none)  # fmt: skip
+        extra = {}
+        if lazy:  # this step wrote slot cur - 1 of every row in place; then the beams moved
+            extra["slot_rows"] = s["slot_rows"].at[:, cur - 1].set(rows)[flat_parent]
 
         # Candidates among the top num_beams that stopped compete with the finished hypotheses.
         just_done = hits & top_mask[None]
@@ -241,7 +265,7 @@ def _beam_loop(step, context, axes, *, batch, num_beams, max_length, seqs, promp
         any_open = jnp.any(unsatisfied) & open_beam & ~jnp.all(hits)
         return dict(run_seqs=run_seqs, run_scores=run_scores, seqs=seqs, scores=scores,
                     finished=finished, unsatisfied=unsatisfied, any_open=any_open, cur=cur,
-                    ctx=ctx)  # fmt: skip
+                    ctx=ctx, **extra)  # fmt: skip
 
     out = jax.lax.while_loop(cond, body, state)
     seqs = out["seqs"][:, :num_return_sequences].reshape(b * num_return_sequences, max_length)
@@ -275,9 +299,13 @@ def _build(module: Any, settings: tuple):
                                method="init_decoding", **dict(opts["head_options"]))  # fmt: skip
         batch_axes = getattr(type(module), "decoding_batch_axes", None)
         axes = jax.tree.map(lambda _: 0, context) if batch_axes is None else batch_axes(context)
+        slot_caches = getattr(type(module), "decoding_slot_caches", None)
+        no = lambda tree: jax.tree.map(lambda _: False, tree)  # noqa: E731
+        slot_caches = no(context) if slot_caches is None else slot_caches(context)
         if constants is not None:
             context = dict(context, constants=constants)
             axes = dict(axes, constants=jax.tree.map(lambda _: None, constants))
+            slot_caches = dict(slot_caches, constants=no(constants))
 
         def step(tokens, index, ctx):
             logits, new = module.apply(variables, tokens, index, ctx, method="decode_step")
@@ -298,7 +326,7 @@ def _build(module: Any, settings: tuple):
                       eos=opts["eos"], pad=opts["pad"], min_length=opts["min_length"])  # fmt: skip
         if opts["num_beams"] > 1:
             return _beam_loop(
-                step, context, axes, num_beams=opts["num_beams"],
+                step, context, axes, slot_caches, num_beams=opts["num_beams"],
                 length_penalty=opts["length_penalty"], early_stopping=opts["early_stopping"],
                 num_return_sequences=opts["num_return_sequences"], **common,
             )  # fmt: skip

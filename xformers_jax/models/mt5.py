@@ -11,7 +11,9 @@ fixed-size self-attention cache) and `decode_step` (one token for every row). De
 layer-major and head-major (`[layers, rows, heads, positions, d_kv]`: a layer's slice is contiguous
 and feeds the score matmul without a transpose); a step attends over the cache plus its own key,
 and the new keys / values of all layers are written once after the layers. The cross-attention
-K/V keep one row per input: beams of an input share it (`decoding_batch_axes`).
+K/V keep one row per input: beams of an input share it (`decoding_batch_axes`); beam search never
+moves the self-attention cache, a step reads each slot from the row that wrote it
+(`decoding_slot_caches`).
 """
 
 from __future__ import annotations
@@ -251,7 +253,7 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(self.k(x), _ACT_HEADS)
         return k, nn.with_logical_constraint(self.v(x), _ACT_HEADS)
 
-    def step(self, x, k_cache, v_cache, mask, bias=None, own_bias=None):
+    def step(self, x, k_cache, v_cache, mask, bias=None, own_bias=None, slot_rows=None):
         """One query position per row against a head-major cache (decoding).
 
         Args:
@@ -262,6 +264,8 @@ class Attention(nn.Module):
           bias: `[1, heads, 1, n]` float32 relative-position bias, or None.
           own_bias: `[1, heads, 1, 1]` (self-attention): this position's own key and value, which
             are not in the cache yet, join the keys with this bias.
+          slot_rows: `[rows, n]` int (beam search, see `xformers_jax.decoding`): slot s of row r
+            is read from cache row `slot_rows[r, s]`.
 
         Returns:
           `([rows, 1, d_model], (k, v) [rows, heads, d_kv] of this position, or None)`.
@@ -270,6 +274,9 @@ class Attention(nn.Module):
         q = self.q(x)[:, 0]
         rows, heads, d = q.shape
         n = k_cache.shape[2]
+        if slot_rows is not None:
+            at = (slot_rows[:, None, :], jnp.arange(heads)[:, None], jnp.arange(n))
+            k_cache, v_cache = k_cache[at], v_cache[at]
         r = rows // k_cache.shape[0]
         qg = q.reshape(-1, r, heads, d).transpose(0, 2, 1, 3)  # [cache_rows, heads, r, d]
         scores = jnp.einsum("bhrd,bhnd->bhrn", qg, k_cache, preferred_element_type=jnp.float32)
@@ -380,6 +387,7 @@ class Stack(nn.Module):
     def __call__(
         self, x, attention_mask=None, enc=None, enc_mask=None, *, deterministic=True,
         output_hidden_states=False, output_attentions=False, mode="full", index=None, cache=None,
+        slot_rows=None,
     ):  # fmt: skip
         cfg = self.config
         dtype, pdtype = _dtypes(cfg)
@@ -401,7 +409,7 @@ class Stack(nn.Module):
             mask = (jnp.arange(length) < index)[None, None, None, :]
             bias = relpos(jnp.reshape(index, (1,)), length)
             own_bias = jax.lax.dynamic_slice_in_dim(bias, index, 1, axis=3)
-            x, (k, v) = scanned(x, mask, (bias, own_bias), None, cross_mask, cache)
+            x, (k, v) = scanned(x, mask, (bias, own_bias, slot_rows), None, cross_mask, cache)
             at = (0, 0, 0, index, 0)
             cache = dict(
                 cache,
@@ -602,6 +610,14 @@ class MT5ForConditionalGeneration(nn.Module):
         cache = dict(self_k=1, self_v=1, cross_k=None, cross_v=None)
         return dict(encoder_attention_mask=None, cache=cache)
 
+    @staticmethod
+    def decoding_slot_caches(context: dict[str, Any]) -> dict[str, Any]:
+        """A step writes the self-attention cache at its own slot only, so beam search leaves it
+        in place and a step reads it through `slot_rows` (see `xformers_jax.decoding`)."""
+        del context
+        cache = dict(self_k=True, self_v=True, cross_k=False, cross_v=False)
+        return dict(encoder_attention_mask=False, cache=cache)
+
     def decode_step(self, tokens, index, context):
         """One decoder position for every row.
 
@@ -616,7 +632,7 @@ class MT5ForConditionalGeneration(nn.Module):
         x = self.model.shared(tokens[:, None])
         x, cache = self.model.decoder(
             x, enc_mask=context["encoder_attention_mask"], mode="step", index=index,
-            cache=context["cache"],
+            cache=context["cache"], slot_rows=context.get("slot_rows"),
         )  # fmt: skip
         return self.logits(x)[:, 0], dict(context, cache=cache)
 
