@@ -117,12 +117,22 @@ def test_cli_dispatch_and_errors(monkeypatch):
     monkeypatch.setattr(bench, "main", lambda *a, **k: calls.append((a, k)))
     assert cli.main(["bench", "--family", "xlnet"]) == 0  # default suite: today's train bench
     assert cli.main(["bench", "--suite", "train", "--n", "3"]) == 0
-    assert calls == [("device", None), ((["xlnet"], None), {}), ("device", None),
-                     ((None, None), {"n": 3})]  # fmt: skip
+    default = dict(config="default", dtype="float32", overrides=None)
+    assert calls == [("device", None), ((["xlnet"], None), default), ("device", None),
+                     ((None, None), dict(default, n=3))]  # fmt: skip
+    calls.clear()
+    assert cli.main(["bench", "--bench-config", "xlmr_xl_512", "--bench-set", "layers=36",
+                     "--bench-set", "batch=4", "--dtype", "bfloat16"]) == 0  # fmt: skip
+    assert calls == [("device", None), ((None, None), dict(config="xlmr_xl_512",
+                     dtype="bfloat16", overrides={"layers": 36, "batch": 4}))]  # fmt: skip
     with pytest.raises(UserError, match="family"):
         bench_scaling.main("yoso", families=["xlnet"])
-    with pytest.raises(UserError, match="float32"):
-        bench_scaling.main("train", dtype="bfloat16")
+    with pytest.raises(UserError, match="configure the train suite"):
+        bench_scaling.main("yoso", config="mt5_base")
+    with pytest.raises(UserError, match="unknown bench config 'nope'"):
+        bench_scaling.main("train", config="nope")
     with pytest.raises(UserError, match="unknown bench suite"):
         bench_scaling.main("nope")
+    for bad in ("layers", "layers=", "=3", "layers=two"):
+        assert cli.main(["bench", "--bench-set", bad]) == 2
     assert cli.main(["bench", "--suite", "nope"]) == 2

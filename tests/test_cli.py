@@ -205,7 +205,8 @@ def test_os_errors_from_implementations(monkeypatch, tmp_path, capsys):
 def test_bench_and_convert_dispatch(monkeypatch):
     seen = {}
     bench = types.ModuleType("xformers_jax.bench")
-    bench.main = lambda families, out_dir: seen.update(bench=(families, out_dir))
+    bench.main = lambda families, out_dir, **kw: seen.update(bench=(families, out_dir, kw))
+    bench.bench_config = lambda name, overrides: dict(name=name)
     hub = types.ModuleType("xformers_jax.hub")
     hub.convert_hf_to_orbax = lambda hf, out, head=None: seen.update(convert=(hf, out, head))
     hub.export_orbax_to_hf = lambda ck, out: seen.update(export=(ck, out))
@@ -214,7 +215,8 @@ def test_bench_and_convert_dispatch(monkeypatch):
     assert cli.main(["bench", "--family", "yoso", "--out", "b"]) == 0
     assert cli.main(["convert", "--hf", "h", "--out", "o"]) == 0
     assert cli.main(["export", "--checkpoint", "c", "--hf-out", "e"]) == 0
-    assert seen == {"bench": (["yoso"], "b"), "convert": ("h", "o", None), "export": ("c", "e")}
+    kw = dict(config="default", dtype="float32", overrides=None)
+    assert seen == {"bench": (["yoso"], "b", kw), "convert": ("h", "o", None), "export": ("c", "e")}
 
 
 def test_bugs_still_raise(monkeypatch, config_file, tmp_path):

@@ -1,25 +1,33 @@
 """`xformers-jax bench`: our jitted train step and forward vs transformers' PyTorch, in one run.
 
-For each family, the bench config (hidden 256, 4 layers, 4 heads, ffn 1024, vocab 32000, batch 8,
-seq 128 unless the family says otherwise) is built twice -- our Flax module and the transformers
-PyTorch model with the same config and batch -- and timed alternately (ours, theirs, ours, ...),
-median of N after warm-up; each timed call directly follows an untimed call of the same side
-(steps back to back, as in a training loop). Our models run their layer scan unrolled
-(`scan_unroll` = the layer count: 3-10% faster steps on CPU; transformers' models are Python
-loops anyway). Reported: ms per train step (AdamW, float32) and per forward, the ratio ours /
-reference, model FLOPs per step (analytic, cross-checked with XLA's cost analysis), MFU against
-the matmul peak measured in the same run, and our compile time. Results go to
-`<out>/bench.json`, `<out>/bench.md` and `<out>/bench.png`.
+For each family, a named bench config (`CONFIGS`; the default: hidden 256, 4 layers, 4 heads,
+ffn 1024, vocab 32000, batch 8, seq 128, BEiT 224 px patch 16, MT5 decoder length 32) is built
+twice -- our Flax module and the transformers PyTorch model with the same config and batch -- and
+timed alternately (ours, theirs, ours, ...), median of N after warm-up; each timed call directly
+follows an untimed call of the same side (steps back to back, as in a training loop). Our models
+run their layer scan unrolled (`scan_unroll` = the layer count: 3-10% faster steps on CPU;
+transformers' models are Python loops anyway). Reported: ms per train step (AdamW) and per
+forward, the ratio ours / reference, model FLOPs per step (analytic, cross-checked with XLA's
+cost analysis), MFU against the matmul peak measured in the same run (a large matmul in the
+run's dtype on its device), and our compile time. Results go to `<out>/bench.json`,
+`<out>/bench.md` and `<out>/bench.png`.
+
+`dtype` bfloat16 computes in bfloat16 with float32 params and optimizer state on both sides
+(ours: the configs' `dtype`; transformers: `torch.autocast`). On a GPU the reference runs on the
+same GPU when torch has CUDA; otherwise (a TPU, a CPU-only torch) it is left out and only our
+figures are reported.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import jax
@@ -27,64 +35,57 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-BENCH = dict(hidden=256, layers=4, heads=4, ffn=1024, vocab=32000, batch=8, seq=128)
+_DEFAULT = dict(hidden=256, layers=4, heads=4, ffn=1024, vocab=32000, batch=8, seq=128,
+                decoder_len=32, image_size=224, patch_size=16, num_labels=10)  # fmt: skip
+# fmt: off
+CONFIGS: dict[str, dict[str, Any]] = {
+    # Every family, CPU-sized: the README's train figures.
+    "default": _DEFAULT,
+    # XLM-R-XL's layer shape (hidden 2560, 32 heads, ffn 10240, the 250,880 vocabulary) at
+    # seq 512; 8 of its 36 layers, so ours and the reference fit on one 80 GB GPU together
+    # with their float32 AdamW states (~20 GB each).
+    "xlmr_xl_512": dict(_DEFAULT, hidden=2560, layers=8, heads=32, ffn=10240, vocab=250880,
+                        seq=512, families=("xlm_roberta",)),
+    # mT5-base (d_model 768, 12 + 12 layers, 12 heads x 64, gated ffn 2048, 250,112 vocab,
+    # untied LM head), encoder 512 / decoder 128 tokens.
+    "mt5_base": dict(_DEFAULT, hidden=768, layers=12, heads=12, ffn=2048, vocab=250112,
+                     batch=16, seq=512, decoder_len=128, families=("mt5",)),
+}
+# fmt: on
 
 
 @dataclasses.dataclass
 class Case:
-    """One family's bench: builders for both sides and the analytic FLOPs of a train step."""
+    """One family's bench, for a bench config `b` (a `CONFIGS` entry) and a compute dtype:
+    builders for both sides and the analytic FLOPs of a train step."""
 
     family: str
-    build_ours: Callable[[], tuple[Any, Any, dict, Callable]]  # module, params, batch, loss_fn
-    build_torch: Callable[[], tuple[Any, dict]]  # model, batch (loss from model(**batch).loss)
-    flops_per_step: Callable[[], float]
+    build_ours: Callable[[dict, str], tuple[Any, Any, dict, Callable]]  # module, params, batch,
+    # loss_fn
+    build_torch: Callable[[dict], tuple[Any, dict]]  # model, batch (loss from model(**batch).loss)
+    flops_per_step: Callable[[dict], float]
 
 
 # --------------------------------------------------------------------------------- families
 
 
-def _xlmr_config():
+def _xlmr_config(b, dtype="float32"):
     from xformers_jax.models.xlm_roberta import XLMRobertaConfig
 
-    b = BENCH
     return XLMRobertaConfig(
         model_type="xlm-roberta-xl", vocab_size=b["vocab"], hidden_size=b["hidden"],
         num_hidden_layers=b["layers"], num_attention_heads=b["heads"],
         intermediate_size=b["ffn"], max_position_embeddings=b["seq"] + 2,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, scan_unroll=b["layers"],
+        dtype=dtype,
     )  # fmt: skip
 
 
-def _mlm_batch(seed: int = 0) -> dict[str, np.ndarray]:
+def _mlm_batch(b, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    b = BENCH
     ids = rng.integers(4, b["vocab"], (b["batch"], b["seq"])).astype(np.int32)
     labels = np.where(rng.random(ids.shape) < 0.15, ids, -100).astype(np.int32)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
-
-
-def _xlmr_ours():
-    from xformers_jax.models.xlm_roberta import XLMRobertaForMaskedLM
-
-    module = XLMRobertaForMaskedLM(_xlmr_config())
-    batch = _mlm_batch()
-    params = jax.jit(lambda r: module.init(r, batch["input_ids"][:1])["params"])(jax.random.key(0))
-
-    def loss_fn(p, b):
-        return module.apply({"params": p}, b["input_ids"], b["attention_mask"],
-                            labels=b["labels"]).loss  # fmt: skip
-
-    return module, params, batch, loss_fn
-
-
-def _xlmr_torch():
-    import torch
-    import transformers
-
-    cfg = _xlmr_config().to_hf_config()
-    model = transformers.XLMRobertaXLForMaskedLM(transformers.XLMRobertaXLConfig(**cfg))
-    batch = {k: torch.from_numpy(v.astype(np.int64)) for k, v in _mlm_batch().items()}
-    return model, batch
 
 
 def _encoder_flops(layers, hidden, ffn, seq, tokens, vocab) -> float:
@@ -95,189 +96,198 @@ def _encoder_flops(layers, hidden, ffn, seq, tokens, vocab) -> float:
     return 3 * 2 * tokens * (per_token + attn)
 
 
-def _text_case(family: str, make_cfg, ours_cls: str, torch_cls: str, torch_cfg_cls: str,
-               batch_fn, extra_flops: float = 0.0) -> Case:  # fmt: skip
-    """A text family's case: same config, same batch, HF's loss on both sides."""
+def _text_flops(b) -> float:
+    return _encoder_flops(b["layers"], b["hidden"], b["ffn"], b["seq"], b["batch"] * b["seq"],
+                          b["vocab"])  # fmt: skip
 
-    def ours():
+
+def _case(family: str, make_cfg, ours_cls: str, torch_cls: str, torch_cfg_cls: str, batch_fn,
+          flops: Callable[[dict], float]) -> Case:  # fmt: skip
+    """A family's case: same config, same batch, HF's loss on both sides."""
+
+    def ours(b, dtype):
         import importlib
 
-        module = getattr(importlib.import_module(f"xformers_jax.models.{family}"), ours_cls)(
-            make_cfg()
-        )
-        batch = batch_fn()
+        module_cls = getattr(importlib.import_module(f"xformers_jax.models.{family}"), ours_cls)
+        module = module_cls(make_cfg(b, dtype))
+        batch = batch_fn(b)
         init_kw = {k: v[:1] for k, v in batch.items()}  # labels too: MT5 derives decoder inputs
         params = jax.jit(lambda r: module.init(r, **init_kw)["params"])(jax.random.key(0))
-        return module, params, batch, lambda p, b: module.apply({"params": p}, **b).loss
+        return module, params, batch, lambda p, x: module.apply({"params": p}, **x).loss
 
-    def reference():
+    def reference(b):
         import torch
         import transformers
 
-        cfg = getattr(transformers, torch_cfg_cls)(**make_cfg().to_hf_config())
+        cfg = getattr(transformers, torch_cfg_cls)(**make_cfg(b).to_hf_config())
         model = getattr(transformers, torch_cls)(cfg)
         tb = {}
-        for k, v in batch_fn().items():
+        for k, v in batch_fn(b).items():
             t = torch.from_numpy(v)
             tb[k] = t.long() if v.dtype.kind in "iu" else t
         return model, tb
 
-    b = BENCH
-    tokens = b["batch"] * b["seq"]
-    return Case(
-        family, ours, reference,
-        lambda: _encoder_flops(b["layers"], b["hidden"], b["ffn"], b["seq"], tokens,
-                               b["vocab"]) + extra_flops,
-    )  # fmt: skip
+    return Case(family, ours, reference, flops)
 
 
-def _xlnet_config():
+def _xlnet_config(b, dtype="float32"):
     from xformers_jax.models.xlnet import XLNetConfig
 
-    b = BENCH
     return XLNetConfig(vocab_size=b["vocab"], d_model=b["hidden"], n_layer=b["layers"],
                        n_head=b["heads"], d_inner=b["ffn"], dropout=0.0, mem_len=None,
-                       scan_unroll=b["layers"])  # fmt: skip
+                       scan_unroll=b["layers"], dtype=dtype)  # fmt: skip
 
 
-def _xlnet_position_flops() -> float:
-    """XLNet's position term on top of `_encoder_flops`: every query against the `2 x seq`
+def _xlnet_flops(b) -> float:
+    """`_encoder_flops` plus XLNet's position term: every query against the `2 x seq`
     relative-position keys, and those keys' projection (once per step, batch-free)."""
-    b = BENCH
     rel = 2 * b["seq"]
     per_layer = b["batch"] * b["seq"] * rel * b["hidden"] + rel * b["hidden"] ** 2
-    return 3 * 2 * b["layers"] * per_layer
+    return _text_flops(b) + 3 * 2 * b["layers"] * per_layer
 
 
-def _lm_batch() -> dict[str, np.ndarray]:
+def _lm_batch(b) -> dict[str, np.ndarray]:
     """Causal/permutation LM style: labels are the inputs (XLNet's plain LM loss)."""
-    ids = _mlm_batch()["input_ids"]
+    ids = _mlm_batch(b)["input_ids"]
     return {"input_ids": ids, "labels": ids.copy()}
 
 
-def _yoso_config():
+def _yoso_config(b, dtype="float32"):
     from xformers_jax.models.yoso import YosoConfig
 
-    b = BENCH
     return YosoConfig(
         vocab_size=b["vocab"], hidden_size=b["hidden"], num_hidden_layers=b["layers"],
         num_attention_heads=b["heads"], intermediate_size=b["ffn"],
         max_position_embeddings=b["seq"], hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0, use_expectation=True, scan_unroll=b["layers"],
+        dtype=dtype,
     )  # fmt: skip
 
 
-def _mt5_config():
+def _mt5_config(b, dtype="float32"):
     from xformers_jax.models.mt5 import MT5Config
 
-    b = BENCH
     return MT5Config(vocab_size=b["vocab"], d_model=b["hidden"], d_kv=b["hidden"] // b["heads"],
                      d_ff=b["ffn"], num_layers=b["layers"], num_heads=b["heads"],
-                     dropout_rate=0.0, scan_unroll=b["layers"])  # fmt: skip
+                     dropout_rate=0.0, scan_unroll=b["layers"], dtype=dtype)  # fmt: skip
 
 
-def _seq2seq_batch() -> dict[str, np.ndarray]:
+def _seq2seq_batch(b) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    b = BENCH
     ids = rng.integers(2, b["vocab"], (b["batch"], b["seq"])).astype(np.int32)
-    labels = rng.integers(2, b["vocab"], (b["batch"], BENCH_DECODER_LEN)).astype(np.int32)
+    labels = rng.integers(2, b["vocab"], (b["batch"], b["decoder_len"])).astype(np.int32)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
 
 
-BENCH_DECODER_LEN = 32
-BEIT = dict(image_size=224, patch_size=16, num_labels=10)
-
-
-def _beit_config():
-    from xformers_jax.models.beit import BeitConfig
-
-    b = BENCH
-    return BeitConfig(
-        image_size=BEIT["image_size"], patch_size=BEIT["patch_size"], hidden_size=b["hidden"],
-        num_hidden_layers=b["layers"], num_attention_heads=b["heads"],
-        intermediate_size=b["ffn"], num_labels=BEIT["num_labels"], hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, drop_path_rate=0.0, use_relative_position_bias=True,
-        scan_unroll=b["layers"],
-    )  # fmt: skip
-
-
-def _image_batch() -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    n, size = BENCH["batch"], BEIT["image_size"]
-    return {
-        "pixel_values": rng.standard_normal((n, 3, size, size)).astype(np.float32),
-        "labels": rng.integers(0, BEIT["num_labels"], (n,)).astype(np.int32),
-    }
-
-
-def _mt5_flops() -> float:
-    b = BENCH
-    h, f, L = b["hidden"], b["ffn"], b["layers"]
-    enc_t, dec_t = b["batch"] * b["seq"], b["batch"] * BENCH_DECODER_LEN
+def _mt5_flops(b) -> float:
+    h, f, L, dec_len = b["hidden"], b["ffn"], b["layers"], b["decoder_len"]
+    enc_t, dec_t = b["batch"] * b["seq"], b["batch"] * dec_len
     gated = 3 * h * f  # wi_0, wi_1, wo
     enc = enc_t * (L * (4 * h * h + gated) + L * 2 * b["seq"] * h)
-    dec = dec_t * (L * (8 * h * h + gated) + L * 2 * (BENCH_DECODER_LEN + b["seq"]) * h)
+    dec = dec_t * (L * (8 * h * h + gated) + L * 2 * (dec_len + b["seq"]) * h)
     return 3 * 2 * (enc + dec + dec_t * h * b["vocab"])
 
 
-def _beit_flops() -> float:
-    b = BENCH
-    n_tok = (BEIT["image_size"] // BEIT["patch_size"]) ** 2 + 1
+def _beit_config(b, dtype="float32"):
+    from xformers_jax.models.beit import BeitConfig
+
+    return BeitConfig(
+        image_size=b["image_size"], patch_size=b["patch_size"], hidden_size=b["hidden"],
+        num_hidden_layers=b["layers"], num_attention_heads=b["heads"],
+        intermediate_size=b["ffn"], num_labels=b["num_labels"], hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, drop_path_rate=0.0, use_relative_position_bias=True,
+        scan_unroll=b["layers"], dtype=dtype,
+    )  # fmt: skip
+
+
+def _image_batch(b) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    n, size = b["batch"], b["image_size"]
+    return {
+        "pixel_values": rng.standard_normal((n, 3, size, size)).astype(np.float32),
+        "labels": rng.integers(0, b["num_labels"], (n,)).astype(np.int32),
+    }
+
+
+def _beit_flops(b) -> float:
+    n_tok = (b["image_size"] // b["patch_size"]) ** 2 + 1
     h = b["hidden"]
-    patch = 3 * BEIT["patch_size"] ** 2 * h
+    patch = 3 * b["patch_size"] ** 2 * h
     per_token = b["layers"] * (4 * h * h + 2 * h * b["ffn"] + 2 * n_tok * h) + patch
     return 3 * 2 * b["batch"] * n_tok * per_token
 
 
 CASES: dict[str, Case] = {
-    "xlm_roberta": Case(
+    "xlm_roberta": _case(
         "xlm_roberta",
-        _xlmr_ours,
-        _xlmr_torch,
-        lambda: _encoder_flops(
-            BENCH["layers"],
-            BENCH["hidden"],
-            BENCH["ffn"],
-            BENCH["seq"],
-            BENCH["batch"] * BENCH["seq"],
-            BENCH["vocab"],
-        ),  # fmt: skip
-    ),
-    "xlnet": _text_case(
+        _xlmr_config,
+        "XLMRobertaForMaskedLM",
+        "XLMRobertaXLForMaskedLM",
+        "XLMRobertaXLConfig",
+        _mlm_batch,
+        _text_flops,
+    ),  # fmt: skip
+    "xlnet": _case(
         "xlnet",
         _xlnet_config,
         "XLNetLMHeadModel",
         "XLNetLMHeadModel",
         "XLNetConfig",
         _lm_batch,
-        extra_flops=_xlnet_position_flops(),
+        _xlnet_flops,
     ),  # fmt: skip
-    "yoso": _text_case(
-        "yoso", _yoso_config, "YosoForMaskedLM", "YosoForMaskedLM", "YosoConfig", _mlm_batch
+    "yoso": _case(
+        "yoso",
+        _yoso_config,
+        "YosoForMaskedLM",
+        "YosoForMaskedLM",
+        "YosoConfig",
+        _mlm_batch,
+        _text_flops,
     ),  # fmt: skip
-    "mt5": dataclasses.replace(
-        _text_case(
-            "mt5",
-            _mt5_config,
-            "MT5ForConditionalGeneration",
-            "MT5ForConditionalGeneration",
-            "MT5Config",
-            _seq2seq_batch,
-        ),
-        flops_per_step=_mt5_flops,
+    "mt5": _case(
+        "mt5",
+        _mt5_config,
+        "MT5ForConditionalGeneration",
+        "MT5ForConditionalGeneration",
+        "MT5Config",
+        _seq2seq_batch,
+        _mt5_flops,
     ),  # fmt: skip
-    "beit": dataclasses.replace(
-        _text_case(
-            "beit",
-            _beit_config,
-            "BeitForImageClassification",
-            "BeitForImageClassification",
-            "BeitConfig",
-            _image_batch,
-        ),
-        flops_per_step=_beit_flops,
+    "beit": _case(
+        "beit",
+        _beit_config,
+        "BeitForImageClassification",
+        "BeitForImageClassification",
+        "BeitConfig",
+        _image_batch,
+        _beit_flops,
     ),  # fmt: skip
 }
+
+
+def bench_config(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The named bench config with `overrides` (e.g. `{"layers": 36}`) applied.
+
+    Raises:
+      config_lib.UserError: an unknown name or key, or a value that is not a positive int.
+    """
+    from xformers_jax.config_lib import UserError
+
+    if name not in CONFIGS:
+        raise UserError(f"unknown bench config {name!r}; known: {', '.join(CONFIGS)}")
+    b = dict(CONFIGS[name])
+    for key, value in (overrides or {}).items():
+        if key not in b or key == "families":
+            known = ", ".join(k for k in b if k != "families")
+            raise UserError(f"bench config {name!r} has no field {key!r}; fields: {known}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"bench config field {key} must be a positive int, got {value!r}")
+        b[key] = value
+    if b["hidden"] % b["heads"]:
+        raise UserError(f"bench config: hidden {b['hidden']} is not a multiple of heads "
+                        f"{b['heads']}")  # fmt: skip
+    return b
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -292,33 +302,62 @@ def _median_ms(fn: Callable[[], Any], n: int) -> float:
     return statistics.median(times)
 
 
-def matmul_peak(n: int = 2048, reps: int = 10) -> dict[str, float]:
-    """Measured float32 matmul FLOP/s of this machine, for jax and torch (the MFU denominator):
-    the median of `reps` calls (`run` measures it before and after the families and keeps the
+def _torch_device() -> str | None:
+    """Where the reference runs: the GPU when ours does and torch has CUDA, the CPU when ours
+    runs there, else None (no like-for-like reference on this machine)."""
+    import torch
+
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "cpu"
+    if backend in ("gpu", "cuda", "rocm") and torch.cuda.is_available():
+        return "cuda"
+    return None
+
+
+def _sync(device: str | None) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype: str = "float32", reps: int = 10, n: int | None = None) -> dict[str, float]:
+    """Measured matmul FLOP/s of this machine in `dtype`, for jax and (where the reference runs)
+    torch: the MFU denominator. A `n^3` matmul (2048 on a CPU, 8192 on an accelerator), the
+    median of `reps` calls (`run` measures it before and after the families and keeps the
     higher, so a slow spell of a shared VM does not inflate every MFU)."""
     import torch
 
-    a = jnp.ones((n, n), jnp.float32)
+    n = n or (2048 if jax.default_backend() == "cpu" else 8192)
+    a = jnp.ones((n, n), dtype)
     mm = jax.jit(lambda x: x @ x)
     mm(a).block_until_ready()
-    jax_ms = _median_ms(lambda: mm(a).block_until_ready(), reps)
-    t = torch.ones((n, n))
-    torch.mm(t, t)
-    torch_ms = _median_ms(lambda: torch.mm(t, t), reps)
     flops = 2.0 * n**3
-    return {"jax_flops": flops / (jax_ms / 1e3), "torch_flops": flops / (torch_ms / 1e3)}
+    out = {"jax_flops": flops / (_median_ms(lambda: mm(a).block_until_ready(), reps) / 1e3)}
+    device = _torch_device()
+    if device is not None:
+        t = torch.ones((n, n), dtype=getattr(torch, dtype), device=device)
+
+        def torch_mm():
+            torch.mm(t, t)
+            _sync(device)
+
+        torch_mm()
+        out["torch_flops"] = flops / (_median_ms(torch_mm, reps) / 1e3)
+    return out
 
 
-def _bench_case(case: Case, n: int) -> dict[str, Any]:
+def _bench_case(case: Case, b: dict, dtype: str, n: int) -> dict[str, Any]:
     import torch
 
-    module, params, batch, loss_fn = case.build_ours()
+    module, params, batch, loss_fn = case.build_ours(b, dtype)
     tx = optax.adamw(1e-4)
     opt_state = tx.init(params)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
 
-    def step(p, o, b):
-        loss, grads = jax.value_and_grad(loss_fn)(p, b)
+    def step(p, o, x):
+        loss, grads = jax.value_and_grad(loss_fn)(p, x)
         updates, o = tx.update(grads, o, p)
         return optax.apply_updates(p, updates), o, loss
 
@@ -331,28 +370,43 @@ def _bench_case(case: Case, n: int) -> dict[str, Any]:
     fwd = jax.jit(loss_fn)
     fwd(params, batch).block_until_ready()
     state = {"p": params, "o": opt_state}
+    del params, opt_state  # donated to the first step
 
     def ours_step():
         state["p"], state["o"], loss = compiled(state["p"], state["o"], batch)
         loss.block_until_ready()
 
-    ours_step()
-    tmodel, tbatch = case.build_torch()
-    topt = torch.optim.AdamW(tmodel.parameters(), lr=1e-4)
-
-    def torch_step():
-        topt.zero_grad(set_to_none=True)
-        tmodel(**tbatch).loss.backward()
-        topt.step()
-
-    def torch_fwd():
-        with torch.no_grad():
-            tmodel(**tbatch).loss.item()
-
-    torch_step()
-
     def ours_fwd_call():
         fwd(state["p"], batch).block_until_ready()
+
+    ours_step()
+    calls = {"train": ours_step, "fwd": ours_fwd_call}
+    device = _torch_device()
+    if device is not None:
+        tmodel, tbatch = case.build_torch(b)
+        tmodel = tmodel.to(device)
+        tbatch = {k: v.to(device) for k, v in tbatch.items()}
+        topt = torch.optim.AdamW(tmodel.parameters(), lr=1e-4)
+        autocast = (
+            (lambda: torch.autocast(device, dtype=torch.bfloat16))
+            if dtype == "bfloat16"
+            else nullcontext
+        )
+
+        def torch_step():
+            topt.zero_grad(set_to_none=True)
+            with autocast():
+                loss = tmodel(**tbatch).loss
+            loss.backward()
+            topt.step()
+            _sync(device)
+
+        def torch_fwd():
+            with torch.no_grad(), autocast():
+                tmodel(**tbatch).loss.item()
+
+        torch_step()
+        calls.update(ref_train=torch_step, ref_fwd=torch_fwd)
 
     def settled_ms(fn):
         # Untimed call first: every timed call runs back to back with one of its own side, as
@@ -363,75 +417,113 @@ def _bench_case(case: Case, n: int) -> dict[str, Any]:
         fn()
         return _median_ms(fn, 1)
 
-    ours_train, ref_train, ours_fwd, ref_fwd = [], [], [], []
+    times = {name: [] for name in calls}
     for _ in range(n):  # alternate so machine noise hits both sides alike
-        ours_train.append(settled_ms(ours_step))
-        ref_train.append(settled_ms(torch_step))
-        ours_fwd.append(settled_ms(ours_fwd_call))
-        ref_fwd.append(settled_ms(torch_fwd))
-    med = statistics.median
-    return {
+        for name in ("train", "ref_train", "fwd", "ref_fwd"):
+            if name in calls:
+                times[name].append(settled_ms(calls[name]))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    ref = device is not None
+    row = {
         "family": case.family,
-        "train_ms": med(ours_train),
-        "ref_train_ms": med(ref_train),
-        "train_ratio": med(ours_train) / med(ref_train),
-        "forward_ms": med(ours_fwd),
-        "ref_forward_ms": med(ref_fwd),
-        "forward_ratio": med(ours_fwd) / med(ref_fwd),
-        "flops_per_step": case.flops_per_step(),
+        "train_ms": med["train"],
+        "ref_train_ms": med["ref_train"] if ref else None,
+        "train_ratio": med["train"] / med["ref_train"] if ref else None,
+        "forward_ms": med["fwd"],
+        "ref_forward_ms": med["ref_fwd"] if ref else None,
+        "forward_ratio": med["fwd"] / med["ref_fwd"] if ref else None,
+        "flops_per_step": case.flops_per_step(b),
         "xla_flops_per_step": xla_flops,
         "compile_s": compile_s,
     }
+    return row
 
 
-def run(families: list[str] | None = None, n: int = 10) -> dict[str, Any]:
-    """Benchmarks `families` (default: all); returns the JSON-able results."""
+def run(
+    families: list[str] | None = None,
+    n: int = 10,
+    config: str = "default",
+    dtype: str = "float32",
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Benchmarks `families` (default: the config's, else all) on the named bench config in
+    `dtype`; returns the JSON-able results.
+
+    Raises:
+      config_lib.UserError: an unknown family, config, config field or dtype.
+    """
     import torch
 
+    from xformers_jax.config_lib import UserError
+
+    b = bench_config(config, overrides)
+    if dtype not in ("float32", "bfloat16"):
+        raise UserError(f"bench dtype must be float32 or bfloat16, got {dtype!r}")
     torch.set_num_threads(os.cpu_count() or 1)
-    names = families or list(CASES)
+    names = families or list(b.get("families", CASES))
     unknown = [f for f in names if f not in CASES]
     if unknown:
-        from xformers_jax.config_lib import UserError
-
         raise UserError(f"unknown bench family {unknown[0]!r}; known: {sorted(CASES)}")
-    first = matmul_peak()
-    rows = [_bench_case(CASES[name], n) for name in names]
-    last = matmul_peak()  # measured again after the families: the higher of the two counts
+    first = matmul_peak(dtype)
+    rows = []
+    for name in names:
+        rows.append(_bench_case(CASES[name], b, dtype, n))
+        gc.collect()  # this family's models and optimizer states: gone before the next one's
+        if _torch_device() == "cuda":
+            torch.cuda.empty_cache()
+    last = matmul_peak(dtype)  # measured again after the families: the higher of the two counts
     peak = {k: max(first[k], last[k]) for k in first}
     for r in rows:
         r["mfu"] = r["flops_per_step"] / (r["train_ms"] / 1e3) / peak["jax_flops"]
-        r["ref_mfu"] = r["flops_per_step"] / (r["ref_train_ms"] / 1e3) / peak["torch_flops"]
+        ref = r["ref_train_ms"] is not None and "torch_flops" in peak
+        r["ref_mfu"] = (
+            r["flops_per_step"] / (r["ref_train_ms"] / 1e3) / peak["torch_flops"] if ref else None
+        )
     return {
         "device": jax.devices()[0].device_kind,
         "backend": jax.default_backend(),
+        "reference_device": _torch_device(),
         "threads": torch.get_num_threads(),
-        "bench_config": BENCH,
+        "config_name": config,
+        "bench_config": {k: v for k, v in b.items() if k != "families"},
+        "dtype": dtype,
         "peak": peak,
         "results": rows,
     }
 
 
+def _f(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
 def markdown(res: dict[str, Any]) -> str:
-    peak = res["peak"]["jax_flops"] / 1e9
+    peak, torch_peak = res["peak"]["jax_flops"], res["peak"].get("torch_flops")
+    b = res["bench_config"]
+    shape = (f"hidden {b['hidden']}, {b['layers']} layers, {b['heads']} heads, ffn {b['ffn']}, "
+             f"vocab {b['vocab']}, batch {b['batch']}, seq {b['seq']}")  # fmt: skip
+    ref = res["reference_device"]
     lines = [
-        f"Device: {res['device']} ({res['backend']}), {res['threads']} threads; measured matmul "
-        f"peak {peak:.1f} GFLOP/s (jax), {res['peak']['torch_flops'] / 1e9:.1f} (torch): a "
-        "2048^3 float32 matmul, median of 10, the higher of before and after the families. "
-        "Median of the timed calls, ours and transformers alternated; each timed call directly "
-        "follows an untimed call of the same side.",
+        f"Device: {res['device']} ({res['backend']}), {res['threads']} host threads; bench config "
+        f"{res['config_name']!r} ({shape}), {res['dtype']}. Measured {res['dtype']} matmul peak "
+        f"{peak / 1e9:.1f} GFLOP/s (jax), "
+        + (f"{torch_peak / 1e9:.1f} (torch)" if torch_peak else "no torch reference")
+        + ": median of 10, the higher of before and after the families. Median of the timed "
+        "calls, ours and transformers alternated; each timed call directly follows an untimed "
+        "call of the same side. "
+        + (f"Reference: transformers on {ref}." if ref else
+           "Reference: none (torch cannot run on this backend here); ours only."),
         "",
         "| family | train ms (ours) | train ms (HF torch) | ratio | fwd ms (ours) | fwd ms (HF) "
         "| ratio | GFLOP/step (analytic / XLA count) | MFU ours | MFU HF | compile s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    ]  # fmt: skip
     for r in res["results"]:
         lines.append(
-            f"| {r['family']} | {r['train_ms']:.1f} | {r['ref_train_ms']:.1f} | "
-            f"{r['train_ratio']:.2f} | {r['forward_ms']:.1f} | {r['ref_forward_ms']:.1f} | "
-            f"{r['forward_ratio']:.2f} | {r['flops_per_step'] / 1e9:.1f} / "
-            f"{r['xla_flops_per_step'] / 1e9:.1f} | {r['mfu']:.0%} | {r['ref_mfu']:.0%} | "
-            f"{r['compile_s']:.1f} |"
+            f"| {r['family']} | {r['train_ms']:.1f} | {_f(r['ref_train_ms'], '.1f')} | "
+            f"{_f(r['train_ratio'], '.2f')} | {r['forward_ms']:.1f} | "
+            f"{_f(r['ref_forward_ms'], '.1f')} | {_f(r['forward_ratio'], '.2f')} | "
+            f"{r['flops_per_step'] / 1e9:.1f} / {r['xla_flops_per_step'] / 1e9:.1f} | "
+            f"{r['mfu']:.0%} | {_f(r['ref_mfu'], '.0%')} | {r['compile_s']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -442,22 +534,33 @@ def plot(res: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fams = [r["family"] for r in res["results"]]
+    rows = res["results"]
+    fams = [r["family"] for r in rows]
     x = np.arange(len(fams))
     fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(fams)), 3.5), dpi=110)
-    ax.bar(x - 0.2, [r["train_ms"] for r in res["results"]], 0.4, label="ours (jax)")
-    ax.bar(x + 0.2, [r["ref_train_ms"] for r in res["results"]], 0.4, label="transformers (torch)")
+    ax.bar(x - 0.2, [r["train_ms"] for r in rows], 0.4, label="ours (jax)")
+    ref = [r["ref_train_ms"] or 0.0 for r in rows]
+    ax.bar(x + 0.2, ref, 0.4, label="transformers (torch)")
     ax.set_xticks(x, fams)
     ax.set_ylabel("train step ms (lower is better)")
+    ax.set_title(f"{res['config_name']}, {res['dtype']}, {res['device']}", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def main(families: list[str] | None = None, out_dir: str | None = None, n: int = 10) -> dict:
-    """Runs the bench, prints the table and writes JSON / Markdown / PNG into `out_dir`."""
-    res = run(families, n)
+def main(
+    families: list[str] | None = None,
+    out_dir: str | None = None,
+    n: int = 10,
+    config: str = "default",
+    dtype: str = "float32",
+    overrides: dict[str, Any] | None = None,
+) -> dict:
+    """Runs the bench (see `run`), prints the table and writes JSON / Markdown / PNG into
+    `out_dir` (default `bench_out`)."""
+    res = run(families, n, config=config, dtype=dtype, overrides=overrides)
     table = markdown(res)
     print(table)
     out_dir = out_dir or "bench_out"

@@ -878,6 +878,8 @@ def main(
     n: int | None = None,
     device: str | None = None,
     dtype: str = "float32",
+    config: str = "default",
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`xformers-jax bench`: the train suite (`bench.main`) and/or the scaling suites.
 
@@ -887,14 +889,16 @@ def main(
       out_dir: output directory (default `bench_out`).
       n: timed rounds per case (default 10 for train, `DEFAULT_N` otherwise).
       device: `'cpu'`, `'gpu'` or `'tpu'`: the jax backend to run on (default: jax's default).
-      dtype: compute dtype of the scaling suites (the train suite always runs float32).
+      dtype: compute dtype, float32 or bfloat16 (float32 params and optimizer state).
+      config / overrides: the train suite's named bench config (`bench.CONFIGS`) and field
+        overrides, e.g. `("xlmr_xl_512", {"layers": 36})`.
 
     Returns:
       `{suite: results}` for every suite run.
 
     Raises:
-      config_lib.UserError: unknown suite or dtype, `--family` with a scaling suite only, a
-        device this machine lacks.
+      config_lib.UserError: unknown suite, dtype, bench config or field, `--family` or a bench
+        config with a scaling suite only, a device this machine lacks.
     """
     from xformers_jax.config_lib import UserError
 
@@ -908,16 +912,23 @@ def main(
         raise UserError(f"--family selects train-suite families; suite {suite!r} has none")
     if dtype not in ("float32", "bfloat16"):
         raise UserError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
-    if dtype != "float32" and suite == "train":
-        raise UserError("the train suite runs float32 only; --dtype applies to the scaling suites")
+    if "train" not in names and (config != "default" or overrides):
+        raise UserError(f"--bench-config / --bench-set configure the train suite; suite {suite!r} "
+                        "has none")  # fmt: skip
+    train_suite = importlib.import_module("xformers_jax.bench") if "train" in names else None
+    if train_suite is not None:
+        train_suite.bench_config(config, overrides)  # a bad name or field fails before any work
+    # Ours and the torch reference share an accelerator: jax must not claim 75% of its memory
+    # up front (no effect on a CPU, or once jax's backends are up).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     select_device(device)
     results = {}
     for name in names:
         if name == "train":
-            # Imported only when run: the train suite is its own module (`xformers_jax.bench`).
-            train = importlib.import_module("xformers_jax.bench").main
-            args = (list(families) if families else None, out_dir)
-            results[name] = train(*args) if n is None else train(*args, n=n)
+            kw = dict(config=config, dtype=dtype, overrides=overrides)
+            if n is not None:
+                kw["n"] = n
+            results[name] = train_suite.main(list(families) if families else None, out_dir, **kw)
         else:
             results[name] = run_suite(name, out_dir, n or DEFAULT_N, dtype, device)
     return results

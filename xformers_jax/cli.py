@@ -6,6 +6,7 @@
   xformers-jax export  --checkpoint ORBAX_DIR --hf-out HF_DIR
   xformers-jax bench   [--suite train|yoso|decoding|mlm_logits|all] [--family F ...] [--out DIR]
                        [--n N] [--device cpu|gpu|tpu] [--dtype float32|bfloat16]
+                       [--bench-config default|xlmr_xl_512|mt5_base] [--bench-set KEY=INT ...]
 
 `--config.K=V` (or `--config.K V`) overrides any config field; see `config_lib.apply_overrides`.
 User errors (bad config key or type, unknown preset, missing or unwritable path) print one line
@@ -105,7 +106,20 @@ def _build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=("float32", "bfloat16"),
         default="float32",
-        help="compute dtype of the scaling suites (train runs float32)",
+        help="compute dtype (params and optimizer state stay float32)",
+    )
+    p.add_argument(
+        "--bench-config",
+        default="default",
+        metavar="NAME",
+        help="train suite's named config: default, xlmr_xl_512, mt5_base (xformers_jax.bench)",
+    )
+    p.add_argument(
+        "--bench-set",
+        action="append",
+        default=[],
+        metavar="KEY=INT",
+        help="override a bench config field, e.g. --bench-set layers=36 (repeatable)",
     )
     return parser
 
@@ -225,9 +239,23 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         _impl("xformers_jax.hub", "export_orbax_to_hf")(args.checkpoint, args.hf_out)
     elif args.command == "bench":
         _impl("xformers_jax.bench_scaling", "main")(
-            args.suite, args.family, args.out, n=args.n, device=args.device, dtype=args.dtype
-        )
+            args.suite, args.family, args.out, n=args.n, device=args.device, dtype=args.dtype,
+            config=args.bench_config, overrides=_bench_overrides(args.bench_set),
+        )  # fmt: skip
     return 0
+
+
+def _bench_overrides(items: list[str]) -> dict[str, int] | None:
+    """`["layers=36", ...]` -> `{"layers": 36}`; a UserError naming a malformed item."""
+    out = {}
+    for item in items:
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not (sep and key and value.lstrip("-").isdigit()):
+            raise config_lib.UserError(
+                f"--bench-set expects KEY=INT (e.g. layers=36), got {item!r}"
+            )
+        out[key] = int(value)
+    return out or None
 
 
 def _one_line(e: BaseException) -> str:
