@@ -62,8 +62,8 @@ class Case:
     builders for both sides and the analytic FLOPs of a train step."""
 
     family: str
-    build_ours: Callable[[dict, str], tuple[Any, Any, dict, Callable]]  # module, params, batch,
-    # loss_fn
+    # (config, dtype) -> module, params, batch, loss_fn
+    build_ours: Callable[[dict, str], tuple[Any, Any, dict, Callable]]
     build_torch: Callable[[dict], tuple[Any, dict]]  # model, batch (loss from model(**batch).loss)
     flops_per_step: Callable[[dict], float]
 
@@ -90,17 +90,13 @@ def _mlm_batch(b, seed: int = 0) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
 
 
-def _encoder_flops(layers, hidden, ffn, seq, tokens, vocab) -> float:
-    """6 x multiply-adds per token (2 flops each, forward + 2x backward): projections, FFN,
-    attention scores and values, the LM head."""
-    per_token = layers * (4 * hidden * hidden + 2 * hidden * ffn) + hidden * hidden + hidden * vocab
-    attn = layers * 2 * seq * hidden  # multiply-adds of q.k and p.v per token
-    return 3 * 2 * tokens * (per_token + attn)
-
-
 def _text_flops(b) -> float:
-    return _encoder_flops(b["layers"], b["hidden"], b["ffn"], b["seq"], b["batch"] * b["seq"],
-                          b["vocab"])  # fmt: skip
+    """An encoder LM's train step: 6 x multiply-adds per token (2 flops each, forward + 2x
+    backward) of the projections, FFN, attention scores and values, and the LM head."""
+    h = b["hidden"]
+    per_token = b["layers"] * (4 * h * h + 2 * h * b["ffn"]) + h * h + h * b["vocab"]
+    attn = b["layers"] * 2 * b["seq"] * h  # multiply-adds of q.k and p.v per token
+    return 3 * 2 * b["batch"] * b["seq"] * (per_token + attn)
 
 
 def _case(family: str, make_cfg, ours_cls: str, torch_cls: str, torch_cfg_cls: str, batch_fn,
@@ -141,7 +137,7 @@ def _xlnet_config(b, dtype="float32"):
 
 
 def _xlnet_flops(b) -> float:
-    """`_encoder_flops` plus XLNet's position term: every query against the `2 x seq`
+    """`_text_flops` plus XLNet's position term: every query against the `2 x seq`
     relative-position keys, and those keys' projection (once per step, batch-free)."""
     rel = 2 * b["seq"]
     per_layer = b["batch"] * b["seq"] * rel * b["hidden"] + rel * b["hidden"] ** 2
@@ -324,9 +320,11 @@ def _sync(device: str | None) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(dtype: str = "float32", reps: int = 10, n: int | None = None) -> dict[str, float]:
-    """Measured matmul FLOP/s of this machine in `dtype`, for jax and (where the reference runs)
-    torch: the MFU denominator. A `n^3` matmul (2048 on a CPU, 8192 on an accelerator), the
+def matmul_peak(
+    dtype: str = "float32", device: str | None = "cpu", reps: int = 10, n: int | None = None
+) -> dict[str, float]:
+    """Measured matmul FLOP/s of this machine in `dtype`, for jax and torch on `device` (None:
+    jax only): the MFU denominator. A `n^3` matmul (2048 on a CPU, 8192 on an accelerator), the
     median of `reps` calls (`run` measures it before and after the families and keeps the
     higher, so a slow spell of a shared VM does not inflate every MFU)."""
     import torch
@@ -337,7 +335,6 @@ def matmul_peak(dtype: str = "float32", reps: int = 10, n: int | None = None) ->
     mm(a).block_until_ready()
     flops = 2.0 * n**3
     out = {"jax_flops": flops / (_median_ms(lambda: mm(a).block_until_ready(), reps) / 1e3)}
-    device = _torch_device()
     if device is not None:
         t = torch.ones((n, n), dtype=getattr(torch, dtype), device=device)
 
@@ -350,7 +347,8 @@ def matmul_peak(dtype: str = "float32", reps: int = 10, n: int | None = None) ->
     return out
 
 
-def _bench_case(case: Case, b: dict, dtype: str, n: int) -> dict[str, Any]:
+def _bench_case(case: Case, b: dict, dtype: str, n: int, device: str | None) -> dict[str, Any]:
+    """One family: ours and (on torch `device`, unless None) the reference, timed alternately."""
     import torch
 
     module, params, batch, loss_fn = case.build_ours(b, dtype)
@@ -383,7 +381,6 @@ def _bench_case(case: Case, b: dict, dtype: str, n: int) -> dict[str, Any]:
 
     ours_step()
     calls = {"train": ours_step, "fwd": ours_fwd_call}
-    device = _torch_device()
     if device is not None:
         tmodel, tbatch = case.build_torch(b)
         tmodel = tmodel.to(device)
@@ -426,7 +423,7 @@ def _bench_case(case: Case, b: dict, dtype: str, n: int) -> dict[str, Any]:
                 times[name].append(settled_ms(calls[name]))
     med = {name: statistics.median(t) for name, t in times.items()}
     ref = device is not None
-    row = {
+    return {
         "family": case.family,
         "train_ms": med["train"],
         "ref_train_ms": med["ref_train"] if ref else None,
@@ -438,7 +435,6 @@ def _bench_case(case: Case, b: dict, dtype: str, n: int) -> dict[str, Any]:
         "xla_flops_per_step": xla_flops,
         "compile_s": compile_s,
     }
-    return row
 
 
 def run(
@@ -466,25 +462,27 @@ def run(
     unknown = [f for f in names if f not in CASES]
     if unknown:
         raise UserError(f"unknown bench family {unknown[0]!r}; known: {sorted(CASES)}")
-    first = matmul_peak(dtype)
+    device = _torch_device()
+    first = matmul_peak(dtype, device)
     rows = []
     for name in names:
-        rows.append(_bench_case(CASES[name], b, dtype, n))
+        rows.append(_bench_case(CASES[name], b, dtype, n, device))
         gc.collect()  # this family's models and optimizer states: gone before the next one's
-        if _torch_device() == "cuda":
+        if device == "cuda":
             torch.cuda.empty_cache()
-    last = matmul_peak(dtype)  # measured again after the families: the higher of the two counts
+    last = matmul_peak(dtype, device)  # again after the families: the higher of the two counts
     peak = {k: max(first[k], last[k]) for k in first}
     for r in rows:
         r["mfu"] = r["flops_per_step"] / (r["train_ms"] / 1e3) / peak["jax_flops"]
-        ref = r["ref_train_ms"] is not None and "torch_flops" in peak
         r["ref_mfu"] = (
-            r["flops_per_step"] / (r["ref_train_ms"] / 1e3) / peak["torch_flops"] if ref else None
+            r["flops_per_step"] / (r["ref_train_ms"] / 1e3) / peak["torch_flops"]
+            if device is not None
+            else None
         )
     return {
         "device": jax.devices()[0].device_kind,
         "backend": jax.default_backend(),
-        "reference_device": _torch_device(),
+        "reference_device": device,
         "threads": torch.get_num_threads(),
         "config_name": config,
         "bench_config": {k: v for k, v in b.items() if k != "families"},
