@@ -13,7 +13,7 @@ from xformers_jax.data import DataError
 from xformers_jax.data import dialog as dg
 from xformers_jax.data.t5_tokenizer import T5Tokenizer
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "mt5", "dialog.py")
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "mt5", "dialog.py")
 LANGS = ["english", "spanish", "japanese"]
 
 

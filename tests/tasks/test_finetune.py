@@ -12,7 +12,7 @@ import pytest
 from xformers_jax import convert, hub, models, train
 from xformers_jax.data import finetune_data
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 TASKS = {
     "classification": "accuracy",
     "token_classification": "f1",

@@ -8,7 +8,7 @@
 * YOSO's examples are right padded with YOSO's pad id, so its absolute positions (counted from 2
   at `<s>`, as in transformers) do not depend on the padded length;
 * a tiny model of each family, trained a few steps from an exported random-init checkpoint,
-  lowers the eval loss and reports the task metric (as `tests/test_finetune.py` does for XLM-R);
+  lowers the eval loss and reports the task metric (as `tasks/test_finetune.py` does for XLM-R);
 * a PLM pretraining workdir initialises XLNet fine-tuning together with its tokenizer.
 """
 
@@ -28,7 +28,7 @@ from xformers_jax.tasks.mlm import tokenizer_for
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 TASKS = ("classification", "token_classification", "qa", "multiple_choice")
 METRIC = {
     "classification": "accuracy",
@@ -284,7 +284,7 @@ def small_config(family, task, tokenizer, steps=60):
     if family == "xlnet":
         c.model.d_model, c.model.n_layer, c.model.n_head, c.model.d_inner = 32, 2, 4, 64
         c.model.dropout = 0.0
-    else:  # still sampled attention, with fewer and shorter hashes (as tests/test_yoso_train.py)
+    else:  # still sampled attention, with fewer and shorter hashes (as tasks/test_yoso_train.py)
         c.model.hidden_size, c.model.num_hidden_layers = 32, 2
         c.model.num_attention_heads, c.model.intermediate_size = 4, 64
         c.model.hidden_dropout_prob = c.model.attention_probs_dropout_prob = 0.0

@@ -17,7 +17,7 @@ from xformers_jax.data.masking import MaskingGenerator
 from xformers_jax.data.visual_tokenizer import KMeansPatchTokenizer, PrecomputedTokenizer
 from xformers_jax.tasks.image_classification import export_for_finetuning
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "beit")
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "beit")
 
 
 def test_masking_count_and_blocks():

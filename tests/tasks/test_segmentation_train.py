@@ -19,7 +19,7 @@ from xformers_jax import config_lib, convert, hub, models, optim, sharding, task
 from xformers_jax.data.images import default_scenes, segmentation_dataset
 from xformers_jax.tasks import segmentation
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "configs", "beit", "segmentation.py")
 STEPS = 20
 

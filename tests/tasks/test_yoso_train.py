@@ -8,7 +8,7 @@ import pytest
 from tests.helpers import tiny_corpus
 from xformers_jax import models, train
 
-_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "yoso", "pretrain_mlm.py")
+_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "yoso", "pretrain_mlm.py")
 
 
 def tiny_yoso_config(corpus: str):
