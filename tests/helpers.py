@@ -1,8 +1,11 @@
-"""Small shared builders for the trainer tests: a tiny MLM config on a tiny corpus."""
+"""Small shared builders for the trainer and task tests: a tiny MLM config on a tiny corpus, config
+overrides, and the exact-resume check of a data iterator."""
 
 from __future__ import annotations
 
 import os
+
+import numpy as np
 
 from xformers_jax.data import chatterbot_texts
 
@@ -32,3 +35,21 @@ def tiny_mlm_config(corpus: str, **overrides):
             section, key = k.split("__")
             c[section][key] = v
     return c
+
+
+def assert_resumes_exactly(make_iterator, skip: int, n: int) -> list[dict]:
+    """Takes `skip` batches from `iter(make_iterator())`, saves its state, takes `n` more; a fresh
+    iterator restored from that state must give the same `n` batches (every key equal). Returns
+    them."""
+    it = iter(make_iterator())
+    for _ in range(skip):
+        next(it)
+    state = it.get_state()
+    want = [next(it) for _ in range(n)]
+    again = iter(make_iterator())
+    again.set_state(state)
+    for w in want:
+        got = next(again)
+        for k in w:
+            np.testing.assert_array_equal(got[k], w[k])
+    return want
