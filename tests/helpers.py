@@ -37,6 +37,21 @@ def tiny_mlm_config(corpus: str, **overrides):
     return c
 
 
+def finetune_run(c, task: str, tokenizer: str, steps: int):
+    """The run settings the fine-tuning tests share, set on config `c` (returned): vocabulary
+    1000, sequences of 32 tokens (48 for QA), batch 16, `steps` steps with a checkpoint at the
+    end, one 4-batch eval only when training ends, lr 3e-3 after 2 warmup steps."""
+    c.model.vocab_size, c.data.vocab_size = 1000, 1000
+    c.data.tokenizer = tokenizer
+    c.data.seq_len = 32 if task != "qa" else 48
+    c.train.batch_size, c.train.steps = 16, steps
+    c.train.eval_every_steps, c.train.eval_steps = 1000, 4
+    c.optim.lr, c.optim.warmup_steps = 3e-3, 2
+    c.checkpoint.every_steps = steps
+    c.log.progress = False
+    return c
+
+
 def assert_resumes_exactly(make_iterator, skip: int, n: int) -> list[dict]:
     """Takes `skip` batches from `iter(make_iterator())`, saves its state, takes `n` more; a fresh
     iterator restored from that state must give the same `n` batches (every key equal). Returns

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.helpers import finetune_run
 from xformers_jax import convert, hub, models, train
 from xformers_jax.data import finetune_data
 
@@ -43,16 +44,8 @@ def small_config(task, tokenizer_path, steps=24):
     c = load_config(task)
     c.model.hidden_size, c.model.num_hidden_layers = 32, 2
     c.model.num_attention_heads, c.model.intermediate_size = 4, 64
-    c.model.vocab_size, c.data.vocab_size = 1000, 1000
     c.model.hidden_dropout_prob = c.model.attention_probs_dropout_prob = 0.0
-    c.data.tokenizer = tokenizer_path
-    c.data.seq_len = 32 if task != "qa" else 48
-    c.train.batch_size, c.train.steps = 16, steps
-    c.train.eval_every_steps, c.train.eval_steps = 1000, 4
-    c.optim.lr, c.optim.warmup_steps = 3e-3, 2
-    c.checkpoint.every_steps = steps
-    c.log.progress = False
-    return c
+    return finetune_run(c, task, tokenizer_path, steps)
 
 
 def export_init(config, task, path, orbax=False):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import finetune_run
 from xformers_jax import config_lib, convert, hub, models, train
 from xformers_jax.data import finetune_data
 from xformers_jax.tasks.mlm import tokenizer_for
@@ -289,15 +290,7 @@ def small_config(family, task, tokenizer, steps=60):
         c.model.num_attention_heads, c.model.intermediate_size = 4, 64
         c.model.hidden_dropout_prob = c.model.attention_probs_dropout_prob = 0.0
         c.model.hash_code_len, c.model.num_hash = 4, 8
-    c.model.vocab_size, c.data.vocab_size = 1000, 1000
-    c.data.tokenizer = tokenizer
-    c.data.seq_len = 32 if task != "qa" else 48
-    c.train.batch_size, c.train.steps = 16, steps
-    c.train.eval_every_steps, c.train.eval_steps = 1000, 4
-    c.optim.lr, c.optim.warmup_steps = 3e-3, 2
-    c.checkpoint.every_steps = steps
-    c.log.progress = False
-    return c
+    return finetune_run(c, task, tokenizer, steps)
 
 
 def export_init(config, task, path):
