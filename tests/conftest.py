@@ -51,3 +51,9 @@ def corpus(tmp_path_factory):
     from tests.helpers import tiny_corpus
 
     return tiny_corpus(str(tmp_path_factory.mktemp("corpus")))
+
+
+@pytest.fixture
+def config_file():
+    """`tests/configs/presets.py`: base_config, presets `tiny` / `base` and two placeholders."""
+    return os.path.join(os.path.dirname(__file__), "configs", "presets.py")
