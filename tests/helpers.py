@@ -52,6 +52,19 @@ def finetune_run(c, task: str, tokenizer: str, steps: int):
     return c
 
 
+def assert_finetune_learns(c, workdir, metric: str, capsys) -> None:
+    """Trains config `c` (with an `init_from`) in `workdir`: the eval loss falls, `metric` is
+    reported in [0, 1], and the log names the initialisation."""
+    from xformers_jax import train
+
+    result = train.train_and_evaluate(c, str(workdir))
+    first, final = result["first_eval"], result["final_eval"]
+    assert final["loss"] < first["loss"], (first, final)
+    assert metric in final and 0.0 <= final[metric] <= 1.0
+    out = capsys.readouterr().out
+    assert "Initialised params from" in out and metric in out
+
+
 def assert_resumes_exactly(make_iterator, skip: int, n: int) -> list[dict]:
     """Takes `skip` batches from `iter(make_iterator())`, saves its state, takes `n` more; a fresh
     iterator restored from that state must give the same `n` batches (every key equal). Returns

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import finetune_run
+from tests.helpers import assert_finetune_learns, finetune_run
 from xformers_jax import convert, hub, models, train
 from xformers_jax.data import finetune_data
 
@@ -63,12 +63,7 @@ def test_finetune_from_export_lowers_loss(task, tokenizer_path, tmp_path, capsys
     # Language id needs a few more steps than the others to move a balanced eval set.
     c = small_config(task, tokenizer_path, steps=60 if task == "classification" else 24)
     c.init_from = export_init(c, task, tmp_path / "init", orbax=True)
-    result = train.train_and_evaluate(c, str(tmp_path / "run"))
-    first, final = result["first_eval"], result["final_eval"]
-    assert final["loss"] < first["loss"], (first, final)
-    assert TASKS[task] in final and 0.0 <= final[TASKS[task]] <= 1.0
-    out = capsys.readouterr().out
-    assert "Initialised params from" in out and TASKS[task] in out
+    assert_finetune_learns(c, tmp_path / "run", TASKS[task], capsys)
 
 
 def test_datasets_are_well_formed(tokenizer_path):
