@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import xformers_jax as xj  # noqa: E402
-from tests.parity import TINY_XLMR, random_hf_model, save_hf  # noqa: E402
+from tests.parity import ATOL, TINY_XLMR, random_hf_model, save_hf  # noqa: E402
 from xformers_jax import hub  # noqa: E402
 
 CONFIG = TINY_XLMR
@@ -86,7 +86,7 @@ def test_model_attributes_and_call_conventions(model, hf_dir):
         model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)),
     ]
     for out in outs:
-        np.testing.assert_allclose(np.asarray(out.logits), want, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(np.asarray(out.logits), want, atol=ATOL, rtol=0)
     assert len(model._fns) == 1
     with pytest.raises(ValueError, match="dropout_rng"):
         model(ids, deterministic=False)
@@ -163,7 +163,7 @@ def test_save_pretrained_loads_in_transformers(model, hf_dir, tmp_path, caplog):
     np.testing.assert_allclose(
         hf_logits(loaded.eval(), ids, mask),
         np.asarray(model(ids, attention_mask=mask).logits),
-        atol=1e-4,
+        atol=ATOL,
         rtol=0,
     )
     # And back into ours: identical params.
