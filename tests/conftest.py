@@ -43,3 +43,17 @@ def _float32_matmuls():
 
     with jax.default_matmul_precision("float32"):
         yield
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A tiny multilingual text corpus (`helpers.tiny_corpus`), one per test module."""
+    from tests.helpers import tiny_corpus
+
+    return tiny_corpus(str(tmp_path_factory.mktemp("corpus")))
+
+
+@pytest.fixture
+def config_file():
+    """`tests/configs/presets.py`: base_config, presets `tiny` / `base` and two placeholders."""
+    return os.path.join(os.path.dirname(__file__), "configs", "presets.py")

@@ -4,35 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
-import textwrap
 import types
 
 import pytest
 
 from xformers_jax import cli, config_lib
-
-CONFIG_FILE = textwrap.dedent(
-    """
-    \"\"\"A tiny test config.\"\"\"
-    from xformers_jax import config_lib
-
-    PRESETS = {"tiny": 2, "base": 12}
-
-
-    def get_config(arg=None):
-        c = config_lib.base_config()
-        c.model.family = "xlm_roberta"
-        c.model.preset = config_lib.parse_arg(arg, PRESETS, "tiny")
-        return c
-    """
-)
-
-
-@pytest.fixture
-def config_file(tmp_path):
-    path = tmp_path / "job.py"
-    path.write_text(CONFIG_FILE)
-    return str(path)
 
 
 @pytest.fixture

@@ -3,41 +3,12 @@
 from __future__ import annotations
 
 import json
-import textwrap
 
 import ml_collections
 import pytest
 
 from xformers_jax import config_lib
 from xformers_jax.config_lib import ConfigError
-
-CONFIG_FILE = textwrap.dedent(
-    """
-    \"\"\"A tiny test config: base_config + presets + a placeholder.\"\"\"
-    from ml_collections import config_dict
-
-    from xformers_jax import config_lib
-
-    PRESETS = {"tiny": 2, "base": 12}
-
-
-    def get_config(arg=None):
-        c = config_lib.base_config()
-        c.model.family = "xlm_roberta"
-        c.model.preset = config_lib.parse_arg(arg, PRESETS, "tiny")
-        c.model.num_layers = PRESETS[c.model.preset]
-        c.model.dropout = config_dict.placeholder(float)
-        c.model.max_len = config_dict.placeholder(int)
-        return c
-    """
-)
-
-
-@pytest.fixture
-def config_file(tmp_path):
-    path = tmp_path / "job.py"
-    path.write_text(CONFIG_FILE)
-    return str(path)
 
 
 @pytest.fixture

@@ -18,19 +18,16 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import xformers_jax as xj  # noqa: E402
+from tests.parity import TINY_MT5, load_hf, random_hf_model  # noqa: E402
 
-TINY = dict(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, relative_attention_max_distance=20,
-            dropout_rate=0.0)  # fmt: skip
+TINY = dict(TINY_MT5, dropout_rate=0.0)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    torch.manual_seed(0)
-    hf = transformers.MT5ForConditionalGeneration(transformers.MT5Config(**TINY)).eval()
-    path = tmp_path_factory.mktemp("mt5")
-    hf.save_pretrained(path)
-    return hf, xj.from_pretrained(path)
+    config = transformers.MT5Config(**TINY)
+    hf = random_hf_model(transformers.MT5ForConditionalGeneration, config, perturb=False)
+    return hf, load_hf(hf, tmp_path_factory.mktemp("mt5"))
 
 
 def padded_batch():

@@ -13,14 +13,19 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import xformers_jax as xj  # noqa: E402
+from tests.parity import TINY_XLMR, load_hf, random_hf_model  # noqa: E402
 from xformers_jax.models import xlm_roberta  # noqa: E402
 
 PAD = 1
-TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=64, max_position_embeddings=64, is_decoder=True,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=PAD,
-            bos_token_id=0, eos_token_id=2)  # fmt: skip
+TINY = dict(
+    TINY_XLMR,
+    is_decoder=True,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    pad_token_id=PAD,
+    bos_token_id=0,
+    eos_token_id=2,
+)
 VARIANTS = {
     "xl": (transformers.XLMRobertaXLConfig, transformers.XLMRobertaXLForCausalLM, {}),
     "xlmr": (transformers.XLMRobertaConfig, transformers.XLMRobertaForCausalLM, {}),
@@ -36,11 +41,8 @@ NEW = 12
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def models(request, tmp_path_factory):
     config_cls, model_cls, extra = VARIANTS[request.param]
-    torch.manual_seed(0)
-    hf = model_cls(config_cls(**TINY, **extra)).eval()
-    path = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(path)
-    return hf, xj.from_pretrained(path)
+    hf = random_hf_model(model_cls, config_cls(**TINY, **extra), perturb=False)
+    return hf, load_hf(hf, tmp_path_factory.mktemp(request.param))
 
 
 def left_padded_batch():

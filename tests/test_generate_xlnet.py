@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-import xformers_jax as xj  # noqa: E402
+from tests.parity import load_hf, random_hf_model  # noqa: E402
 from xformers_jax.models import xlnet, xlnet_heads  # noqa: E402
 
 TINY = dict(vocab_size=100, d_model=32, n_layer=2, n_head=4, d_inner=64, dropout=0.0,
@@ -25,10 +25,9 @@ NEW = 100
 
 
 def build(path, **kw):
-    torch.manual_seed(0)
-    hf = transformers.XLNetLMHeadModel(transformers.XLNetConfig(**{**TINY, **kw})).eval()
-    hf.save_pretrained(path)
-    return hf, xj.from_pretrained(path)
+    config = transformers.XLNetConfig(**{**TINY, **kw})
+    hf = random_hf_model(transformers.XLNetLMHeadModel, config, perturb=False)
+    return hf, load_hf(hf, path)
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import xformers_jax as xj  # noqa: E402
+from tests.parity import ATOL, TINY_XLMR, random_hf_model, save_hf  # noqa: E402
 from xformers_jax import hub  # noqa: E402
 
-CONFIG = dict(
-    vocab_size=100,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=64,
-)
+CONFIG = TINY_XLMR
 
 
 def make_hf_dir(path, cls="XLMRobertaXLForMaskedLM", seed=0, safe=True, **overrides):
@@ -33,14 +27,8 @@ def make_hf_dir(path, cls="XLMRobertaXLForMaskedLM", seed=0, safe=True, **overri
     config_cls = getattr(
         transformers, "XLMRobertaXLConfig" if "RobertaXL" in cls else "XLMRobertaConfig"
     )
-    torch.manual_seed(seed)
-    model = getattr(transformers, cls)(config_cls(**{**CONFIG, **overrides})).eval()
-    with torch.no_grad():  # non-trivial norms and biases, so a wrong map shows
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(path, safe_serialization=safe)
-    return model, str(path)
+    model = random_hf_model(cls, config_cls(**{**CONFIG, **overrides}), seed)
+    return model, save_hf(model, path, safe)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +86,7 @@ def test_model_attributes_and_call_conventions(model, hf_dir):
         model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)),
     ]
     for out in outs:
-        np.testing.assert_allclose(np.asarray(out.logits), want, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(np.asarray(out.logits), want, atol=ATOL, rtol=0)
     assert len(model._fns) == 1
     with pytest.raises(ValueError, match="dropout_rng"):
         model(ids, deterministic=False)
@@ -175,7 +163,7 @@ def test_save_pretrained_loads_in_transformers(model, hf_dir, tmp_path, caplog):
     np.testing.assert_allclose(
         hf_logits(loaded.eval(), ids, mask),
         np.asarray(model(ids, attention_mask=mask).logits),
-        atol=1e-4,
+        atol=ATOL,
         rtol=0,
     )
     # And back into ours: identical params.

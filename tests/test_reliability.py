@@ -19,16 +19,11 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import TINY_CONFIG, tiny_corpus, tiny_mlm_config
+from tests.helpers import TINY_CONFIG, tiny_mlm_config
 from xformers_jax import checkpoint as ckpt_lib
 from xformers_jax import sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return tiny_corpus(str(tmp_path_factory.mktemp("corpus")))
 
 
 # Restarted processes reuse each other's compiled steps: a persistent compilation cache.

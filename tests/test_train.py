@@ -6,13 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from tests.helpers import tiny_corpus, tiny_mlm_config
+from tests.helpers import tiny_mlm_config
 from xformers_jax import train
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return tiny_corpus(str(tmp_path_factory.mktemp("corpus")))
 
 
 def _train_losses(workdir):

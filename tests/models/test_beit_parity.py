@@ -13,8 +13,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import xformers_jax as xj  # noqa: E402
+from tests.parity import ATOL, random_hf_model  # noqa: E402
+from tests.parity import assert_close as _close  # noqa: E402
+from tests.parity import load_hf as load  # noqa: E402
 
-ATOL = 1e-4
 SIZE, PATCH = 32, 8
 
 VARIANTS = {
@@ -38,8 +40,7 @@ def make_hf(model_cls, seed=0, **kw):
     ) | kw  # fmt: skip
     config = transformers.BeitConfig(**kw)
     config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(config).eval()
+    model = random_hf_model(model_cls, config, seed, perturb=False)
     with torch.no_grad():
         for name, t in model.state_dict().items():
             if not t.is_floating_point():
@@ -51,19 +52,8 @@ def make_hf(model_cls, seed=0, **kw):
     return model
 
 
-def load(model, tmp_path):
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    return xj.from_pretrained(tmp_path)
-
-
 def _pixels(batch=2, size=SIZE, seed=1):
     return np.random.default_rng(seed).normal(size=(batch, 3, size, size)).astype(np.float32)
-
-
-def _close(ours, theirs, what):
-    theirs = theirs.detach().numpy()
-    assert np.shape(ours) == theirs.shape, what
-    np.testing.assert_allclose(np.asarray(ours), theirs, atol=ATOL, rtol=0, err_msg=what)
 
 
 @pytest.mark.parametrize("variant", ["all_cls_pool", "rel_shared"])

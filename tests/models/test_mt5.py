@@ -17,11 +17,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import xformers_jax as xj  # noqa: E402
+from tests.parity import TINY_MT5, load_hf, random_hf_model  # noqa: E402
+from tests.parity import assert_close as close  # noqa: E402
 
-ATOL = 1e-4
 VOCAB = 100
-TINY = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, relative_attention_max_distance=20)  # fmt: skip
+TINY = TINY_MT5
 HEADS = (
     "MT5Model",
     "MT5ForConditionalGeneration",
@@ -35,18 +35,11 @@ HEADS = (
 def make_hf(head, seed=0, **overrides):
     """A seeded random-init tiny transformers mT5 in eval mode, norms perturbed off ones."""
     config = transformers.MT5Config(**{**TINY, "dropout_rate": 0.0, **overrides})
-    torch.manual_seed(seed)
-    model = getattr(transformers, head)(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_norm" in name or name.endswith("bias") and "relative" not in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return random_hf_model(head, config, seed)
 
 
 def load(hf, tmp_path):
-    hf.save_pretrained(tmp_path / "hf")
-    return xj.from_pretrained(tmp_path / "hf")
+    return load_hf(hf, tmp_path / "hf")
 
 
 def batch():
@@ -61,13 +54,6 @@ def batch():
     dec[1, 4:], dec_mask[1, 4:] = 0, 0
     labels = np.where(dec_mask > 0, dec, -100)
     return ids, mask, dec, dec_mask, labels
-
-
-def close(ours, theirs, what):
-    theirs = theirs.detach().numpy() if hasattr(theirs, "detach") else np.asarray(theirs)
-    ours = np.asarray(ours)
-    assert ours.shape == theirs.shape, f"{what}: {ours.shape} != {theirs.shape}"
-    np.testing.assert_allclose(ours, theirs, atol=ATOL, rtol=0, err_msg=what)
 
 
 # ---- shapes -----------------------------------------------------------------------------------

@@ -15,9 +15,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import xformers_jax as xj  # noqa: E402
+from tests.parity import TINY_XLMR, assert_close, random_hf_model  # noqa: E402
 from xformers_jax.models import xlm_roberta as xr  # noqa: E402
 
-ATOL = 1e-4
 VOCAB, HIDDEN, LAYERS, HEADS, LENGTH = 100, 32, 2, 4, 10
 VARIANTS = ("xlm-roberta-xl", "xlm-roberta")
 POSITION_TYPES = ("absolute", "relative_key", "relative_key_query")
@@ -47,18 +47,13 @@ def make_hf(model_type, kind, pos, seed=0):
         transformers, "XLMRobertaXLConfig" if model_type == "xlm-roberta-xl" else "XLMRobertaConfig"
     )
     config = config_cls(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        intermediate_size=64, max_position_embeddings=64, position_embedding_type=pos,
-        num_labels=num_labels(kind, pos), is_decoder=kind == "ForCausalLM",
+        **TINY_XLMR,
+        position_embedding_type=pos,
+        num_labels=num_labels(kind, pos),
+        is_decoder=kind == "ForCausalLM",
         attn_implementation="eager",
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    model = getattr(transformers, hf_name(model_type, kind))(config).eval()
-    with torch.no_grad():  # random-init norms and biases are ones/zeros: perturb them
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    )
+    return random_hf_model(hf_name(model_type, kind), config, seed)
 
 
 def inputs_for(kind, pos, type_vocab_size):
@@ -102,13 +97,9 @@ FIELDS = ("loss", "logits", "start_logits", "end_logits")
 
 def assert_outputs_close(ours, theirs, what):
     for field in FIELDS:
-        a, b = getattr(ours, field, None), getattr(theirs, field, None)
-        if b is None:
-            continue
-        b = b.detach().numpy()
-        a = np.asarray(a)
-        assert a.shape == b.shape, f"{what} {field}: {a.shape} != {b.shape}"
-        np.testing.assert_allclose(a, b, atol=ATOL, rtol=0, err_msg=f"{what} {field}")
+        b = getattr(theirs, field, None)
+        if b is not None:
+            assert_close(getattr(ours, field, None), b, f"{what} {field}")
 
 
 def torch_inputs(batch):

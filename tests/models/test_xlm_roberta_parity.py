@@ -14,8 +14,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import xformers_jax as xj  # noqa: E402
+from tests.parity import TINY_XLMR, assert_close, random_hf_model, save_hf  # noqa: E402
 
-ATOL = 1e-4
 MODEL_TYPES = ("xlm-roberta-xl", "xlm-roberta")
 POSITION_TYPES = ("absolute", "relative_key", "relative_key_query")
 VOCAB, HIDDEN, LAYERS, HEADS = 100, 32, 2, 4
@@ -33,28 +33,11 @@ def make_hf(model_type, head, position_embedding_type="absolute", seed=0):
     """A seeded random-init tiny transformers model in eval mode."""
     config_cls, model_cls = (getattr(transformers, n) for n in _HF[(model_type, head)])
     config = config_cls(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        intermediate_size=64,
-        max_position_embeddings=64,
+        **TINY_XLMR,
         position_embedding_type=position_embedding_type,
         attn_implementation="eager",  # relative positions and head_mask need it anyway
     )
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
-    # Random-init LayerNorms and biases are ones/zeros: perturb them so the maps are checked.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def save_hf(model, path, safe=True):
-    model.save_pretrained(path, safe_serialization=safe)
-    return str(path)
+    return random_hf_model(model_cls, config, seed)
 
 
 def padded_batch(type_vocab_size=1):
@@ -65,13 +48,6 @@ def padded_batch(type_vocab_size=1):
     ids[1, 6:], mask[1, 6:] = 1, 0  # pad_token_id = 1
     types = rng.randint(0, type_vocab_size, size=ids.shape)
     return ids, mask, types
-
-
-def assert_close(ours, theirs, what):
-    theirs = theirs.detach().numpy() if hasattr(theirs, "detach") else np.asarray(theirs)
-    ours = np.asarray(ours)
-    assert ours.shape == theirs.shape, f"{what}: shape {ours.shape} != {theirs.shape}"
-    np.testing.assert_allclose(ours, theirs, atol=ATOL, rtol=0, err_msg=what)
 
 
 @pytest.mark.parametrize("position_embedding_type", POSITION_TYPES)

@@ -14,9 +14,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import xformers_jax as xj  # noqa: E402
+from tests.parity import assert_close as close  # noqa: E402
+from tests.parity import assert_tree_close as close_tree  # noqa: E402
+from tests.parity import load_hf as load  # noqa: E402
+from tests.parity import random_hf_model  # noqa: E402
 from xformers_jax.convert import ConversionError  # noqa: E402
 
-ATOL = 1e-4
 VOCAB, D, LAYERS, HEADS, LEN = 100, 32, 2, 4, 8
 HEAD_CLASSES = (
     "XLNetModel", "XLNetLMHeadModel", "XLNetForSequenceClassification",
@@ -32,18 +35,7 @@ def hf_config(**kw):
 
 
 def make_hf(cls_name, seed=0, **kw):
-    torch.manual_seed(seed)
-    model = getattr(transformers, cls_name)(hf_config(**kw)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "layer_norm" in name or "LayerNorm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def load(hf, path, **kw):
-    hf.save_pretrained(path)
-    return xj.from_pretrained(str(path), **kw)
+    return random_hf_model(cls_name, hf_config(**kw), seed)
 
 
 @pytest.fixture(scope="module")
@@ -88,23 +80,6 @@ def torch_call(hf, inputs, **kw):
         t["attention_mask"] = t["attention_mask"].float()
     with torch.no_grad():
         return hf(**t, **kw)
-
-
-def close(ours, theirs, what):
-    theirs = theirs.detach().numpy() if hasattr(theirs, "detach") else np.asarray(theirs)
-    ours = np.asarray(ours)
-    assert ours.shape == theirs.shape, f"{what}: {ours.shape} != {theirs.shape}"
-    np.testing.assert_allclose(ours, theirs, atol=ATOL, rtol=0, err_msg=what)
-    return float(np.max(np.abs(ours - theirs))) if ours.size else 0.0
-
-
-def close_tree(ours, theirs, what):
-    if isinstance(theirs, (tuple, list)):
-        assert len(ours) == len(theirs), what
-        for i, (a, b) in enumerate(zip(ours, theirs)):
-            close_tree(a, b, f"{what}[{i}]")
-    else:
-        close(ours, theirs, what)
 
 
 def test_base_model_padded_hidden_states_attentions_mems(pairs):

@@ -17,9 +17,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import xformers_jax as xj  # noqa: E402
+from tests.parity import ATOL, TINY_XLMR, assert_close, random_hf_model  # noqa: E402
 from xformers_jax.models import yoso  # noqa: E402
 
-ATOL = 1e-4
 VOCAB, HIDDEN, LAYERS, HEADS, LENGTH = 100, 32, 2, 4, 10
 HEADS_HF = (
     "YosoModel",
@@ -33,21 +33,12 @@ HEADS_HF = (
 
 def hf_config(**kw):
     return transformers.YosoConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        intermediate_size=64, max_position_embeddings=64, type_vocab_size=2, conv_window=3,
-        hash_code_len=6, num_labels=3, **kw,
-    )  # fmt: skip
+        **TINY_XLMR, type_vocab_size=2, conv_window=3, hash_code_len=6, num_labels=3, **kw
+    )
 
 
 def make_hf(name, seed=0):
-    torch.manual_seed(seed)
-    model = getattr(transformers, name)(hf_config()).eval()
-    # Random-init LayerNorms and biases are ones/zeros: perturb them so the maps are checked.
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("bias") or "LayerNorm" in n:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return random_hf_model(name, hf_config(), seed)
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +85,12 @@ def compare(ours, theirs, what):
         b = getattr(theirs, field, None)
         if b is None:
             continue
-        a = np.asarray(getattr(ours, field))
-        assert a.shape == tuple(b.shape), f"{what}.{field}: {a.shape} != {tuple(b.shape)}"
-        np.testing.assert_allclose(a, b.numpy(), atol=ATOL, rtol=0, err_msg=f"{what}.{field}")
+        assert_close(getattr(ours, field), b, f"{what}.{field}")
         n += 1
     for i, (a, b) in enumerate(zip(ours.hidden_states, theirs.hidden_states, strict=True)):
-        np.testing.assert_allclose(a, b.numpy(), atol=ATOL, rtol=0, err_msg=f"{what} hs[{i}]")
+        assert_close(a, b, f"{what} hs[{i}]")
     for i, (a, b) in enumerate(zip(ours.attentions, theirs.attentions, strict=True)):
-        np.testing.assert_allclose(a, b.numpy(), atol=ATOL, rtol=0, err_msg=f"{what} att[{i}]")
+        assert_close(a, b, f"{what} att[{i}]")
     assert n >= 1
 
 

@@ -8,7 +8,7 @@
 * YOSO's examples are right padded with YOSO's pad id, so its absolute positions (counted from 2
   at `<s>`, as in transformers) do not depend on the padded length;
 * a tiny model of each family, trained a few steps from an exported random-init checkpoint,
-  lowers the eval loss and reports the task metric (as `tests/test_finetune.py` does for XLM-R);
+  lowers the eval loss and reports the task metric (as `tasks/test_finetune.py` does for XLM-R);
 * a PLM pretraining workdir initialises XLNet fine-tuning together with its tokenizer.
 """
 
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import assert_finetune_learns, finetune_run
 from xformers_jax import config_lib, convert, hub, models, train
 from xformers_jax.data import finetune_data
 from xformers_jax.tasks.mlm import tokenizer_for
@@ -28,7 +29,7 @@ from xformers_jax.tasks.mlm import tokenizer_for
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 TASKS = ("classification", "token_classification", "qa", "multiple_choice")
 METRIC = {
     "classification": "accuracy",
@@ -284,20 +285,12 @@ def small_config(family, task, tokenizer, steps=60):
     if family == "xlnet":
         c.model.d_model, c.model.n_layer, c.model.n_head, c.model.d_inner = 32, 2, 4, 64
         c.model.dropout = 0.0
-    else:  # still sampled attention, with fewer and shorter hashes (as tests/test_yoso_train.py)
+    else:  # still sampled attention, with fewer and shorter hashes (as tasks/test_yoso_train.py)
         c.model.hidden_size, c.model.num_hidden_layers = 32, 2
         c.model.num_attention_heads, c.model.intermediate_size = 4, 64
         c.model.hidden_dropout_prob = c.model.attention_probs_dropout_prob = 0.0
         c.model.hash_code_len, c.model.num_hash = 4, 8
-    c.model.vocab_size, c.data.vocab_size = 1000, 1000
-    c.data.tokenizer = tokenizer
-    c.data.seq_len = 32 if task != "qa" else 48
-    c.train.batch_size, c.train.steps = 16, steps
-    c.train.eval_every_steps, c.train.eval_steps = 1000, 4
-    c.optim.lr, c.optim.warmup_steps = 3e-3, 2
-    c.checkpoint.every_steps = steps
-    c.log.progress = False
-    return c
+    return finetune_run(c, task, tokenizer, steps)
 
 
 def export_init(config, task, path):
@@ -316,12 +309,7 @@ def export_init(config, task, path):
 def test_finetune_from_export_lowers_loss(family, task, xlnet_spm, fairseq_spm, tmp_path, capsys):
     c = small_config(family, task, xlnet_spm if family == "xlnet" else fairseq_spm)
     c.init_from = export_init(c, task, tmp_path / "init")
-    result = train.train_and_evaluate(c, str(tmp_path / "run"))
-    first, final = result["first_eval"], result["final_eval"]
-    assert final["loss"] < first["loss"], (first, final)
-    assert METRIC[task] in final and 0.0 <= final[METRIC[task]] <= 1.0
-    out = capsys.readouterr().out
-    assert "Initialised params from" in out and METRIC[task] in out
+    assert_finetune_learns(c, tmp_path / "run", METRIC[task], capsys)
 
 
 @pytest.mark.slow  # the two other tasks of each family: 4 more runs of ~20 s

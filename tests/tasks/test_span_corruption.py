@@ -10,7 +10,7 @@ from tests.helpers import tiny_corpus
 from xformers_jax import config_lib, train
 from xformers_jax.data import span_corruption as sc
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "mt5", "pretrain_span.py")
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "mt5", "pretrain_span.py")
 
 
 def test_random_spans_helper_matches_t5():

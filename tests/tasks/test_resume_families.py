@@ -14,7 +14,7 @@ from tests.helpers import TINY_CONFIG, tiny_corpus
 from xformers_jax import checkpoint as ckpt_lib
 from xformers_jax import config_lib, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _load(path: str, corpus: str, **fields):

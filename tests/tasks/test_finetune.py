@@ -9,10 +9,11 @@ import jax
 import numpy as np
 import pytest
 
+from tests.helpers import assert_finetune_learns, finetune_run
 from xformers_jax import convert, hub, models, train
 from xformers_jax.data import finetune_data
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 TASKS = {
     "classification": "accuracy",
     "token_classification": "f1",
@@ -43,16 +44,8 @@ def small_config(task, tokenizer_path, steps=24):
     c = load_config(task)
     c.model.hidden_size, c.model.num_hidden_layers = 32, 2
     c.model.num_attention_heads, c.model.intermediate_size = 4, 64
-    c.model.vocab_size, c.data.vocab_size = 1000, 1000
     c.model.hidden_dropout_prob = c.model.attention_probs_dropout_prob = 0.0
-    c.data.tokenizer = tokenizer_path
-    c.data.seq_len = 32 if task != "qa" else 48
-    c.train.batch_size, c.train.steps = 16, steps
-    c.train.eval_every_steps, c.train.eval_steps = 1000, 4
-    c.optim.lr, c.optim.warmup_steps = 3e-3, 2
-    c.checkpoint.every_steps = steps
-    c.log.progress = False
-    return c
+    return finetune_run(c, task, tokenizer_path, steps)
 
 
 def export_init(config, task, path, orbax=False):
@@ -70,12 +63,7 @@ def test_finetune_from_export_lowers_loss(task, tokenizer_path, tmp_path, capsys
     # Language id needs a few more steps than the others to move a balanced eval set.
     c = small_config(task, tokenizer_path, steps=60 if task == "classification" else 24)
     c.init_from = export_init(c, task, tmp_path / "init", orbax=True)
-    result = train.train_and_evaluate(c, str(tmp_path / "run"))
-    first, final = result["first_eval"], result["final_eval"]
-    assert final["loss"] < first["loss"], (first, final)
-    assert TASKS[task] in final and 0.0 <= final[TASKS[task]] <= 1.0
-    out = capsys.readouterr().out
-    assert "Initialised params from" in out and TASKS[task] in out
+    assert_finetune_learns(c, tmp_path / "run", TASKS[task], capsys)
 
 
 def test_datasets_are_well_formed(tokenizer_path):

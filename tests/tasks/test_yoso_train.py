@@ -3,12 +3,9 @@
 import importlib.util
 import os
 
-import pytest
-
-from tests.helpers import tiny_corpus
 from xformers_jax import models, train
 
-_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "yoso", "pretrain_mlm.py")
+_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "yoso", "pretrain_mlm.py")
 
 
 def tiny_yoso_config(corpus: str):
@@ -40,11 +37,6 @@ def tiny_yoso_config(corpus: str):
     c.log.progress = False
     c.mesh.data = -1
     return c
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return tiny_corpus(str(tmp_path_factory.mktemp("corpus")))
 
 
 def test_config_builds_both_presets():

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from tests.helpers import assert_resumes_exactly
 from xformers_jax import config_lib, train
 from xformers_jax.data.images import (
     ImageSet,
@@ -17,7 +18,7 @@ from xformers_jax.data.masking import MaskingGenerator
 from xformers_jax.data.visual_tokenizer import KMeansPatchTokenizer, PrecomputedTokenizer
 from xformers_jax.tasks.image_classification import export_for_finetuning
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "beit")
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "beit")
 
 
 def test_masking_count_and_blocks():
@@ -67,17 +68,9 @@ def test_pipelines_shapes_and_exact_resume():
     images = default_images("train", 32, ("digits", "sample_images"), num_crops=16)
     tok = KMeansPatchTokenizer.fit(images.render_many(100, 0), patch_size=8, vocab_size=16)
     masking = MaskingGenerator(4, 6, 2)
-    it = iter(mim_dataset(images, tok, masking, batch_size=4, seed=0))
-    for _ in range(3):
-        next(it)
-    state = it.get_state()
-    want = [next(it) for _ in range(3)]
-    it2 = iter(mim_dataset(images, tok, masking, batch_size=4, seed=0))
-    it2.set_state(state)
-    for w in want:
-        got = next(it2)
-        for k in w:
-            np.testing.assert_array_equal(got[k], w[k])
+    want = assert_resumes_exactly(
+        lambda: mim_dataset(images, tok, masking, batch_size=4, seed=0), skip=3, n=3
+    )
     b = want[0]
     assert b["pixel_values"].shape == (4, 3, 32, 32) and b["pixel_values"].dtype == np.float32
     assert b["bool_masked_pos"].shape == (4, 16) and b["bool_masked_pos"].dtype == bool

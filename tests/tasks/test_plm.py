@@ -49,7 +49,7 @@ def test_plm_example_layout_and_reuse():
 def _config(corpus):
     spec = importlib.util.spec_from_file_location(
         "pretrain_plm",
-        os.path.join(os.path.dirname(__file__), "..", "configs", "xlnet", "pretrain_plm.py"),
+        os.path.join(os.path.dirname(__file__), "..", "..", "configs", "xlnet", "pretrain_plm.py"),
     )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

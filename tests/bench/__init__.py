@@ -1,0 +1,1 @@
+"""Tests of `xformers_jax.bench`."""

@@ -1,0 +1,1 @@
+"""Tests of `xformers_jax.kernels` (the Pallas kernels under `kernels/`)."""
