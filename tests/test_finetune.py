@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from xformers_jax import convert, hub, models, train
+from xformers_jax import checkpoint, convert, hub, models, train
 from xformers_jax.data import finetune_data
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -61,7 +61,7 @@ def export_init(config, task, path, orbax=False):
     inputs = convert.example_inputs(cfg, arch)
     params = nn.meta.unbox(module.init(jax.random.key(7), **inputs)["params"])
     model = hub.PretrainedModel(cfg, module, params, arch)
-    (hub.save_orbax if orbax else hub.save_pretrained)(model, path)
+    (checkpoint.save_orbax if orbax else hub.save_pretrained)(model, path)
     return str(path)
 
 

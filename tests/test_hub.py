@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import xformers_jax as xj  # noqa: E402
-from xformers_jax import hub  # noqa: E402
+from xformers_jax import checkpoint, hf_files, hub  # noqa: E402
 
 CONFIG = dict(
     vocab_size=100,
@@ -67,7 +67,7 @@ def hf_logits(hf_model, ids, mask):
 
 def tensors(path):
     """All tensors of an HF dir, as transformers would read them (HF names)."""
-    return hub.load_state_dict(path)
+    return hf_files.load_state_dict(path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,14 +235,14 @@ def test_bfloat16_safetensors_load(tmp_path):
 def test_convert_to_orbax_and_export_back_is_lossless(hf_dir, tmp_path):
     _, src = hf_dir
     orbax_dir = tmp_path / "orbax"
-    hub.convert_hf_to_orbax(src, orbax_dir)
+    checkpoint.convert_hf_to_orbax(src, orbax_dir)
     assert sorted(os.listdir(orbax_dir)) == ["config.json", "params"]
     assert json.loads((orbax_dir / "config.json").read_text())["architectures"] == [
         "XLMRobertaXLForMaskedLM"
     ]
     with pytest.raises(FileExistsError):
-        hub.convert_hf_to_orbax(src, orbax_dir)
-    hub.export_orbax_to_hf(orbax_dir, tmp_path / "hf")
+        checkpoint.convert_hf_to_orbax(src, orbax_dir)
+    checkpoint.export_orbax_to_hf(orbax_dir, tmp_path / "hf")
     ours, theirs = tensors(tmp_path / "hf"), tensors(src)
     assert sorted(ours) == sorted(theirs)
     for k in theirs:
@@ -258,8 +258,6 @@ class _TrainState:  # the trainer's TrainState fields; Orbax stores them by name
 
 
 def test_export_trainer_checkpoint(model, hf_dir, tmp_path):
-    from xformers_jax import checkpoint
-
     workdir = tmp_path / "run"
     ckpt = checkpoint.Checkpointer(
         str(workdir / "checkpoints"), every_steps=1, max_to_keep=3, async_save=False
@@ -272,19 +270,19 @@ def test_export_trainer_checkpoint(model, hf_dir, tmp_path):
     run = {"task": "mlm", "model": {"family": "xlm_roberta", "preset": "tiny", **CONFIG}}
     (workdir / "config.json").write_text(json.dumps(run))
 
-    params, config, arch = hub.load_params_from_checkpoint(workdir)
+    params, config, arch = checkpoint.load_params_from_checkpoint(workdir)
     assert arch == "XLMRobertaXLForMaskedLM" and config.hidden_size == CONFIG["hidden_size"]
     jax.tree.map(np.testing.assert_array_equal, params, model.params)
-    first, _, _ = hub.load_params_from_checkpoint(workdir / "checkpoints", step=1)
+    first, _, _ = checkpoint.load_params_from_checkpoint(workdir / "checkpoints", step=1)
     assert not np.any(np.asarray(jax.tree.leaves(first)[0]))
 
-    hub.export_orbax_to_hf(workdir, tmp_path / "hf")  # the latest step
+    checkpoint.export_orbax_to_hf(workdir, tmp_path / "hf")  # the latest step
     ours, theirs = tensors(tmp_path / "hf"), tensors(hf_dir[1])
     assert sorted(ours) == sorted(theirs)
     for k in theirs:
         np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
     with pytest.raises(ValueError, match="no step 7"):
-        hub.load_params_from_checkpoint(workdir, step=7)
+        checkpoint.load_params_from_checkpoint(workdir, step=7)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,10 +385,10 @@ def test_untied_output_weights_are_refused(hf_dir, tmp_path):
 
 def test_export_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        hub.export_orbax_to_hf(tmp_path / "nowhere", tmp_path / "out")
+        checkpoint.export_orbax_to_hf(tmp_path / "nowhere", tmp_path / "out")
     (tmp_path / "junk").mkdir()
     with pytest.raises(FileNotFoundError, match="params-only export"):
-        hub.export_orbax_to_hf(tmp_path / "junk", tmp_path / "out")
+        checkpoint.export_orbax_to_hf(tmp_path / "junk", tmp_path / "out")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(ValueError, match="no complete checkpoint"):
-        hub.export_orbax_to_hf(tmp_path / "run", tmp_path / "out")
+        checkpoint.export_orbax_to_hf(tmp_path / "run", tmp_path / "out")

@@ -345,8 +345,8 @@ def test_export_to_transformers_with_running_stats(tmp_path):
     train.export_to_hf(str(workdir), str(out))
     ours = train.load_trained_model(str(workdir))
     jax.tree.map(np.testing.assert_array_equal, ours.collections, stats)
-    # `xformers-jax export` (hub) carries them too.
-    hub.export_orbax_to_hf(str(workdir), str(tmp_path / "hf_cli"))
+    # `xformers-jax export` (checkpoint.export_orbax_to_hf) carries them too.
+    ckpt_lib.export_orbax_to_hf(str(workdir), str(tmp_path / "hf_cli"))
     cli_model = hub.from_pretrained(str(tmp_path / "hf_cli"))
     jax.tree.map(np.testing.assert_array_equal, cli_model.collections, stats)
     ref = transformers.BeitForSemanticSegmentation.from_pretrained(str(out)).eval()

@@ -163,12 +163,12 @@ def _with_fresh_heads(state_dict: dict, s: Setup, init: TrainState) -> dict:
     sd = common.adapt_prefix(state_dict, pmap)
     if not any(k.startswith(pmap.prefix) for k in sd):
         return state_dict
-    params = jax.tree.map(hub._to_host, init.params)
+    params = jax.tree.map(hub.to_host, init.params)
     fresh = convert.params_to_hf(params, cfg, arch)
     missing = sorted(k for k in fresh if not k.startswith(pmap.prefix) and k not in sd)
     if not missing:
         return state_dict
-    stats = convert.collections_to_hf(jax.tree.map(hub._to_host, init.model_state), cfg, arch)
+    stats = convert.collections_to_hf(jax.tree.map(hub.to_host, init.model_state), cfg, arch)
     known = set(fresh) | set(stats)
     kept = {k: v for k, v in sd.items() if k.startswith(pmap.prefix) or k in known}
     dropped = sorted(set(sd) - set(kept))
@@ -190,11 +190,10 @@ def _load_init_params(path: str, s: Setup, init: TrainState) -> tuple[Any, Any]:
     the source where it has them (HF `running_mean` / `running_var`, a trainer checkpoint's
     `model_state`); the others keep their init values.
     """
-    from xformers_jax import convert, hub
+    from xformers_jax import convert, hf_files, hub
 
-    hf_files = (hub.SAFE_WEIGHTS, hub.SAFE_INDEX, hub.TORCH_WEIGHTS, hub.TORCH_INDEX)
-    if any(os.path.isfile(os.path.join(path, f)) for f in hf_files):
-        state_dict = hub.load_state_dict(path)
+    if hf_files.has_weights(path):
+        state_dict = hf_files.load_state_dict(path)
     else:
         src = load_trained_model(path)
         state_dict = convert.params_to_hf(src.params, src.config, src.architecture)
@@ -217,7 +216,7 @@ def _load_init_params(path: str, s: Setup, init: TrainState) -> tuple[Any, Any]:
 def load_trained_model(checkpoint_dir: str | os.PathLike, step: int | None = None) -> Any:
     """The trained head of a trainer workdir (or a params-only export) as a `PretrainedModel`.
 
-    Same as `hub.load_orbax`: from a trainer checkpoint the task's mutable collections
+    Same as `checkpoint.load_orbax`: from a trainer checkpoint the task's mutable collections
     (`TrainState.model_state`, e.g. BatchNorm running statistics) are read too and become the
     model's `collections`, so `hub.save_pretrained(load_trained_model(workdir), hf_dir)` writes
     them (HF `running_mean` / `running_var`). Arrays are on the host CPU.
@@ -227,9 +226,7 @@ def load_trained_model(checkpoint_dir: str | os.PathLike, step: int | None = Non
         params-only Orbax export.
       step: for trainer checkpoints, the step (default: the latest).
     """
-    from xformers_jax import hub
-
-    return hub.load_orbax(checkpoint_dir, step)
+    return ckpt_lib.load_orbax(checkpoint_dir, step)
 
 
 def export_to_hf(checkpoint_dir: str | os.PathLike, hf_out: str | os.PathLike,
