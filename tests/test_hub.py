@@ -285,6 +285,41 @@ def test_export_trainer_checkpoint(model, hf_dir, tmp_path):
         checkpoint.load_params_from_checkpoint(workdir, step=7)
 
 
+def test_restore_into_another_head(model, tmp_path):
+    """Our export of an MLM (or of the bare model) initialises a classification head leaf by leaf:
+    the body is the saved one, the classifier keeps its init, lm_head (or the pooler) is dropped;
+    a checkpoint that does not fit is one line naming the paths."""
+    import flax.linen as nn
+
+    from xformers_jax import convert
+
+    def init(config, arch):
+        ids = np.zeros((1, 2), np.int32)
+        module = convert.init_module(config, arch)
+        return module, nn.meta.unbox(module.init(jax.random.key(2), input_ids=ids)["params"])
+
+    checkpoint.save_orbax(model, tmp_path / "mlm")
+    bare, bare_params = init(model.config, "XLMRobertaXLModel")
+    bare_params = {**bare_params, **model.params["model"]}  # the MLM's body, a fresh pooler
+    bare_model = hub.PretrainedModel(model.config, bare, bare_params, "XLMRobertaXLModel")
+    checkpoint.save_orbax(bare_model, tmp_path / "bare")
+    arch = "XLMRobertaXLForSequenceClassification"
+    _, fresh = init(model.config, arch)
+    for src in ("mlm", "bare"):
+        params, state = checkpoint.restore_into(tmp_path / src, model.config, arch, fresh)
+        assert state == {}
+        jax.tree.map(np.testing.assert_array_equal, params["model"], model.params["model"])
+        jax.tree.map(np.testing.assert_array_equal, params["classifier"], fresh["classifier"])
+    # The same head must fit leaf for leaf: a resized vocabulary is named with both shapes.
+    small = model.config.replace(vocab_size=50)
+    _, fresh = init(small, model.architecture)
+    with pytest.raises(ValueError) as e:
+        checkpoint.restore_into(tmp_path / "mlm", small, model.architecture, fresh)
+    msg = str(e.value)
+    assert "\n" not in msg and "does not fit XLMRobertaXLForMaskedLM" in msg
+    assert "model/embeddings/word_embeddings/embedding (100, 32) (model (50, 32))" in msg
+
+
 # --------------------------------------------------------------------------------------------------
 # Errors: each names the problem
 # --------------------------------------------------------------------------------------------------

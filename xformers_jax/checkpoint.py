@@ -18,14 +18,19 @@ family, head and sizes are known without the trainer's config). `load_orbax` and
 from __future__ import annotations
 
 import errno
+import logging
 import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 from xformers_jax import convert, hf_files, hub
+from xformers_jax.convert.common import ConversionError, flatten, listing, path_str, unflatten
 from xformers_jax.hf_files import CONFIG_NAME, CheckpointError
+
+log = logging.getLogger(__name__)
 
 PARAMS_DIR = "params"
 
@@ -241,26 +246,33 @@ def load_orbax(checkpoint_dir: str | os.PathLike, step: int | None = None) -> hu
         `load_params_from_checkpoint` accepts.
       step: for trainer checkpoints, the step (default: the latest).
     """
-    path = os.path.abspath(os.fspath(checkpoint_dir))
-    if not os.path.isdir(path):
-        raise hf_files.not_found("No such checkpoint directory", path)
-    export = os.path.isdir(os.path.join(path, PARAMS_DIR))
-    if export:
-        hf_config = hf_files.read_hf_config(path)
-        config, architecture = hub.resolve(hf_config, source=os.path.join(path, CONFIG_NAME))
-        shapes = convert.abstract_params(config, architecture)
-        params = load_params(path, _cpu_abstract(shapes))
+    item_dir, key, config, architecture = _find_saved(checkpoint_dir, step)
+    shapes = convert.abstract_params(config, architecture)
+    if key is None:
+        params = load_params(os.path.dirname(item_dir), _cpu_abstract(shapes))
     else:
-        params, config, architecture = load_params_from_checkpoint(path, step)
-        shapes = convert.abstract_params(config, architecture)
+        params = restore_partial(item_dir, {key: _cpu_abstract(shapes)})[key]
     convert.check_tree(params, shapes)
     module = convert.init_module(config, architecture)
     collections = convert.hf_to_collections({}, config, architecture)
-    if collections and not export:
-        _, step_dir = _locate_trainer_checkpoint(path, step)
-        saved = load_model_state(os.path.join(step_dir, "state"), collections)
-        collections = {**collections, **saved}
+    if collections and key is not None:
+        collections = {**collections, **load_model_state(item_dir, collections)}
     return hub.PretrainedModel(config, module, params, architecture, collections=collections)
+
+
+def _find_saved(path: str | os.PathLike, step: int | None) -> tuple[str, str | None, Any, str]:
+    """`(item dir, key of the params in it, config, architecture)` of a params-only export (key
+    None: the item is the params tree) or a trainer checkpoint (`'params'` of its `state`)."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path):
+        raise hf_files.not_found("No such checkpoint directory", path)
+    if os.path.isdir(os.path.join(path, PARAMS_DIR)):
+        hf_config = hf_files.read_hf_config(path)
+        config, architecture = hub.resolve(hf_config, source=os.path.join(path, CONFIG_NAME))
+        return os.path.join(path, PARAMS_DIR), None, config, architecture
+    workdir, step_dir = _locate_trainer_checkpoint(path, step)
+    config, architecture = _trainer_model(workdir)
+    return os.path.join(step_dir, "state"), "params", config, architecture
 
 
 def export_orbax_to_hf(checkpoint_dir: str | os.PathLike, hf_out: str | os.PathLike) -> None:
@@ -348,3 +360,142 @@ def load_params_from_checkpoint(
     target = _cpu_abstract(convert.abstract_params(config, architecture))
     restored = restore_partial(os.path.join(step_dir, "state"), {"params": target})
     return restored["params"], config, architecture
+
+
+# ==================================================================================================
+# init_from: our own checkpoints into a run's freshly initialised state
+# ==================================================================================================
+
+Path = tuple[str, ...]
+
+
+def merge_plan(
+    saved: Mapping[Path, Any],
+    init: Mapping[Path, Any],
+    *,
+    exact: bool,
+    may_keep_init: Callable[[Path], bool],
+    what: str,
+) -> tuple[list[Path], list[Path], list[Path]]:
+    """Which leaves of a run's tree a checkpoint fills, as big_vision's `merge_params`.
+
+    A saved leaf replaces the init's at the same path; an init leaf the checkpoint lacks keeps its
+    init value where `may_keep_init` allows (a fresh head), and a saved leaf the run lacks is
+    dropped (another head) unless `exact`.
+
+    Args:
+      saved: path -> shape of the saved leaves, in the run's tree paths.
+      init: path -> shape of the run's leaves.
+      exact: the trees must hold the same paths (a checkpoint of the same head).
+      may_keep_init: which run leaves the checkpoint may lack.
+      what: the error message's subject.
+
+    Returns:
+      `(loaded, kept_init, dropped)` paths.
+
+    Raises:
+      ConversionError: one line naming every missing, unexpected and mis-shaped path.
+    """
+    loaded = sorted(p for p in init if p in saved)
+    kept = sorted(p for p in init if p not in saved)
+    dropped = sorted(p for p in saved if p not in init)
+    missing = [path_str(p) for p in kept if exact or not may_keep_init(p)]
+    unexpected = [path_str(p) for p in dropped] if exact else []
+    shapes = [
+        f"{path_str(p)} {tuple(saved[p])} (model {tuple(init[p])})"
+        for p in loaded
+        if tuple(saved[p]) != tuple(init[p])
+    ]
+    problems = [
+        f"{name} {listing(paths)}"
+        for name, paths in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+        if paths
+    ]
+    if problems:
+        raise ConversionError(f"{what}: " + "; ".join(problems))
+    return loaded, kept, dropped
+
+
+def _rebase(paths: Any, src_root: Path, dst_root: Path) -> dict[Path, Path]:
+    """{run path: saved path}: the saved base model (under `src_root`) moved to `dst_root`; saved
+    leaves outside it (another head's) are left out when the roots differ."""
+    if src_root == dst_root:
+        return {p: p for p in paths}
+    n = len(src_root)
+    return {(*dst_root, *p[n:]): p for p in paths if p[:n] == src_root}
+
+
+def restore_into(
+    path: str | os.PathLike,
+    config: Any,
+    architecture: str,
+    params: Any,
+    model_state: Mapping[str, Any] | None = None,
+    step: int | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """A run's init `params` (and `model_state`) with what our checkpoint at `path` holds.
+
+    The saved leaves are read straight onto the shardings (and dtypes) of the init arrays, no
+    detour through HF names. Into the head it was saved from, a checkpoint must fit leaf for leaf.
+    Into another head of the family (a pretraining checkpoint into a fine-tuning head) the base
+    model is matched by its place (`ParamMap.root`), head params the checkpoint lacks and poolers
+    keep their init (transformers initialises them fresh), and other heads' leaves are dropped.
+    Model state (BatchNorm statistics) loads where a trainer checkpoint holds it.
+
+    Args:
+      path: a params-only export or a trainer workdir (see `load_orbax`).
+      config: the run's family config.
+      architecture: the run's head (transformers class name).
+      params: the run's initialised params (arrays placed with their shardings).
+      model_state: the run's initialised mutable collections, `{collection: tree}`.
+      step: for trainer checkpoints, the step (default: the latest).
+
+    Returns:
+      `(params, model_state)` with the same trees, shapes, dtypes and shardings as given.
+
+    Raises:
+      ConversionError: one line naming every missing, unexpected or mis-shaped leaf.
+    """
+    item_dir, key, src_config, src_arch = _find_saved(path, step)
+    saved = flatten(_saved_tree(item_dir))
+    src_root = convert.head_layout(src_config, src_arch)[0]
+    root, fresh = convert.head_layout(config, architecture)
+    # The trees to fill, by where they sit in the saved item: the params, then each collection
+    # of the model state a trainer checkpoint holds (leaves it lacks keep their init).
+    trees = {("params",) if key else (): params}
+    for name, tree in (model_state or {}).items():
+        if key and any(p[:2] == ("model_state", name) for p in saved):
+            trees[("model_state", name)] = tree
+    plans: dict[Path, dict[Path, Path]] = {}  # tree -> {run path: saved path}
+    targets = {}
+    for at, tree in trees.items():
+        is_params = at in ((), ("params",))
+        inside = [p[len(at) :] for p in saved if p[: len(at)] == at]
+        where = _rebase(inside, src_root, root)
+        init = flatten(tree)
+        loaded, kept, _ = merge_plan(
+            {p: saved[(*at, *s)].shape for p, s in where.items()},
+            {p: x.shape for p, x in init.items()},
+            exact=is_params and src_arch == architecture,
+            may_keep_init=lambda p: not is_params or p in fresh or p[: len(root)] != root,
+            what=f"init_from {path} ({src_arch}) does not fit {architecture}",
+        )
+        if is_params and kept:
+            log.warning("init_from: newly initialised %s", listing(map(path_str, kept)))
+        if is_params and len(inside) > len(loaded):
+            log.info("init_from: dropped %d params of other heads", len(inside) - len(loaded))
+        plans[at] = {p: (*at, *where[p]) for p in loaded}
+        for p, s in plans[at].items():
+            targets[s] = jax.ShapeDtypeStruct(
+                init[p].shape, init[p].dtype, sharding=init[p].sharding
+            )
+    restored = flatten(restore_partial(item_dir, unflatten(targets))) if targets else {}
+
+    def fill(at: Path, tree: Any) -> Any:
+        plan = plans.get(at, {})
+        return unflatten(
+            {p: restored[plan[p]] if p in plan else x for p, x in flatten(tree).items()}
+        )
+
+    state = {n: fill(("model_state", n), t) for n, t in (model_state or {}).items()}
+    return fill(("params",) if key else (), params), state

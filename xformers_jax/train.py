@@ -156,9 +156,8 @@ def _with_fresh_heads(state_dict: dict, s: Setup, init: TrainState) -> dict:
     from xformers_jax.convert import common
 
     cfg, arch = s.task.model_config, s.task.architecture
-    family = convert.converter(cfg)
-    pmap = family.param_map(cfg, arch) if hasattr(family, "param_map") else None
-    if pmap is None or not pmap.prefix:
+    pmap = convert.converter(cfg).param_map(cfg, arch)
+    if not pmap.prefix:
         return state_dict
     sd = common.adapt_prefix(state_dict, pmap)
     if not any(k.startswith(pmap.prefix) for k in sd):
@@ -172,10 +171,12 @@ def _with_fresh_heads(state_dict: dict, s: Setup, init: TrainState) -> dict:
     known = set(fresh) | set(stats)
     kept = {k: v for k, v in sd.items() if k.startswith(pmap.prefix) or k in known}
     dropped = sorted(set(sd) - set(kept))
-    _log(jax.process_index() == 0,
-         f"init_from: newly initialised {len(missing)} head tensors ({', '.join(missing[:4])}"
-         f"{', ...' if len(missing) > 4 else ''}); dropped {len(dropped)} tensors of other "
-         f"heads")  # fmt: skip
+    more = ", ..." if len(missing) > 4 else ""
+    _log(
+        jax.process_index() == 0,
+        f"init_from: newly initialised {len(missing)} head tensors ({', '.join(missing[:4])}"
+        f"{more}); dropped {len(dropped)} tensors of other heads",
+    )
     return {**kept, **{k: fresh[k] for k in missing}}
 
 
@@ -183,33 +184,30 @@ def _load_init_params(path: str, s: Setup, init: TrainState) -> tuple[Any, Any]:
     """(params, model_state) of the task head from an HF dir, a params-only Orbax export or a
     trainer workdir; `init` is the run's freshly initialised state.
 
-    Everything goes through the HF name map into the *task's* config and head, so a pretraining
-    checkpoint initialises a fine-tuning head as transformers does: the shared body is loaded,
-    missing head params are initialised fresh (`_with_fresh_heads`) and other heads' tensors are
-    dropped. The mutable collections (`model_state`, e.g. BatchNorm running statistics) come from
-    the source where it has them (HF `running_mean` / `running_var`, a trainer checkpoint's
-    `model_state`); the others keep their init values.
+    Our own checkpoints load straight onto the run's shardings (`checkpoint.restore_into`: saved
+    leaves replace the init's by tree path). An HF dir goes through the family's name map into the
+    task's config and head. Either way a pretraining checkpoint initialises a fine-tuning head as
+    transformers does: the shared body is loaded, head params the source lacks keep the run's
+    fresh init and other heads' weights are dropped. The mutable collections (`model_state`, e.g.
+    BatchNorm running statistics) come from the source where it has them (HF `running_mean` /
+    `running_var`, a trainer checkpoint's `model_state`); the others keep their init values.
     """
-    from xformers_jax import convert, hf_files, hub
+    from xformers_jax import hf_files, hub
 
-    if hf_files.has_weights(path):
-        state_dict = hf_files.load_state_dict(path)
-    else:
-        src = load_trained_model(path)
-        state_dict = convert.params_to_hf(src.params, src.config, src.architecture)
-        state_dict.update(convert.collections_to_hf(src.collections, src.config,
-                                                    src.architecture))  # fmt: skip
-    state_dict = _with_fresh_heads(state_dict, s, init)
-    model = hub.from_state_dict(state_dict, s.task.model_config, s.task.architecture)
+    cfg, arch = s.task.model_config, s.task.architecture
+    if not hf_files.has_weights(path):
+        return ckpt_lib.restore_into(path, cfg, arch, init.params, init.model_state)
+    state_dict = _with_fresh_heads(hf_files.load_state_dict(path), s, init)
+    model = hub.from_state_dict(state_dict, cfg, arch)
     params = jax.device_put(model.params, s.param_shardings)
     loaded = {}
     for name, value in init.model_state.items():
         new = model.collections.get(name)
-        fits = new is not None and jax.tree.structure(new) == jax.tree.structure(value) and all(
-            np.shape(a) == b.shape for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(value))
-        )  # fmt: skip
-        loaded[name] = jax.tree.map(lambda a, b: np.asarray(a, b.dtype), new, value) if (
-            fits) else value  # fmt: skip
+        fits = new is not None and jax.tree.structure(new) == jax.tree.structure(value)
+        pairs = zip(jax.tree.leaves(new), jax.tree.leaves(value)) if fits else ()
+        if fits and all(np.shape(a) == b.shape for a, b in pairs):
+            value = jax.tree.map(lambda a, b: np.asarray(a, b.dtype), new, value)
+        loaded[name] = value
     return params, jax.device_put(loaded, s.state_shardings.model_state)
 
 
@@ -227,14 +225,6 @@ def load_trained_model(checkpoint_dir: str | os.PathLike, step: int | None = Non
       step: for trainer checkpoints, the step (default: the latest).
     """
     return ckpt_lib.load_orbax(checkpoint_dir, step)
-
-
-def export_to_hf(checkpoint_dir: str | os.PathLike, hf_out: str | os.PathLike,
-                 step: int | None = None) -> None:  # fmt: skip
-    """A trainer workdir (or params-only export) -> an HF directory, model state included."""
-    from xformers_jax import hub
-
-    hub.save_pretrained(load_trained_model(checkpoint_dir, step), hf_out)
 
 
 def _host_metrics(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:

@@ -38,6 +38,7 @@ __all__ = [
     "example_inputs",
     "hf_architecture",
     "hf_to_collections",
+    "head_layout",
     "hf_to_params",
     "init_module",
     "params_to_hf",
@@ -132,6 +133,20 @@ def collections_to_hf(
     if not collections or not hasattr(conv, "collections_to_hf"):
         return {}
     return conv.collections_to_hf(collections, config, architecture)
+
+
+def head_layout(
+    config: Any, architecture: str
+) -> tuple[tuple[str, ...], frozenset[tuple[str, ...]]]:
+    """Where a head keeps what in our param tree, for loading our own checkpoints across heads.
+
+    Returns:
+      `(root, fresh)`: the path of the base model's params (`ParamMap.root`: `()` for a bare model,
+      e.g. `('model',)` for a head) and the paths of params transformers initialises fresh when a
+      checkpoint lacks them (poolers, classifiers; the rules marked `init`).
+    """
+    pmap = converter(config).param_map(config, architecture)
+    return pmap.root, frozenset(r.path for r in pmap.rules if r.init is not None)
 
 
 def hf_architecture(config: Any, architecture: str) -> str:

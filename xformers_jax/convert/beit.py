@@ -149,6 +149,7 @@ def param_map(config: Any, architecture: str) -> common.ParamMap:
         base_prefix=BASE_PREFIX if architecture != "BeitBackbone" else "",
         ignore=ignore,
         init_std=config.initializer_range,
+        root=root,
     )
 
 

@@ -55,6 +55,7 @@ def param_map(config: Any, architecture: str) -> common.ParamMap:
         base_prefix=p,
         ignore=tuple(ignore),
         init_std=config.initializer_factor * config.d_model**-0.5,
+        root=root,
     )
 
 

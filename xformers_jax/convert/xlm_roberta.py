@@ -102,6 +102,7 @@ def param_map(config: Any, architecture: str) -> common.ParamMap:
         ignore=tuple(ignore),
         unused=unused,
         init_std=config.initializer_range,
+        root=root,
     )
 
 

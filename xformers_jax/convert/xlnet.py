@@ -116,6 +116,7 @@ def param_map(config: Any, architecture: str) -> common.ParamMap:
         prefix=p,
         base_prefix=BASE_PREFIX,
         init_std=config.initializer_range,
+        root=root,
     )
 
 
