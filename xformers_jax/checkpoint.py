@@ -27,7 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from xformers_jax import convert, hf_files, hub
-from xformers_jax.convert.common import ConversionError, flatten, listing, path_str, unflatten
+from xformers_jax.convert.param_map import ConversionError, flatten, listing, path_str, unflatten
 from xformers_jax.hf_files import CONFIG_NAME, CheckpointError
 
 log = logging.getLogger(__name__)

@@ -153,13 +153,13 @@ def _with_fresh_heads(state_dict: dict, s: Setup, init: TrainState) -> dict:
     model (keys under the architecture's base prefix); anything missing there stays missing, so
     the converter names it."""
     from xformers_jax import convert, hub
-    from xformers_jax.convert import common
+    from xformers_jax.convert import param_map
 
     cfg, arch = s.task.model_config, s.task.architecture
     pmap = convert.converter(cfg).param_map(cfg, arch)
     if not pmap.prefix:
         return state_dict
-    sd = common.adapt_prefix(state_dict, pmap)
+    sd = param_map.adapt_prefix(state_dict, pmap)
     if not any(k.startswith(pmap.prefix) for k in sd):
         return state_dict
     params = jax.tree.map(hub.to_host, init.params)

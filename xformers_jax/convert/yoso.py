@@ -10,13 +10,11 @@ Ours: `attention/{query,key,value,conv}`, `out`, `attention_norm`, `mlp/{wi,wo}`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from xformers_jax.convert import common
-from xformers_jax.convert.common import Rule, dense_rules, embed_rule, norm_rules
+from xformers_jax.convert.param_map import ParamMap, Rule, dense_rules, embed_rule, norm_rules
 
 BASE_PREFIX = "yoso."
 
@@ -97,7 +95,7 @@ def _base_rules(config: Any, root: tuple[str, ...], p: str) -> list[Rule]:
     return rules
 
 
-def param_map(config: Any, architecture: str) -> common.ParamMap:
+def param_map(config: Any, architecture: str) -> ParamMap:
     """The name map of `architecture` (an HF class name) for `config` (a YosoConfig)."""
     kind = head_kind(architecture)
     bare = kind == "Model"
@@ -116,7 +114,7 @@ def param_map(config: Any, architecture: str) -> common.ParamMap:
         # transformers builds the absolute table for every model and reads it only if absolute.
         shape = (config.max_position_embeddings + 2, config.hidden_size)
         unused[f"{p}embeddings.position_embeddings.weight"] = shape
-    return common.ParamMap(
+    return ParamMap(
         rules=tuple(rules),
         num_layers=config.num_hidden_layers,
         prefix=p,
@@ -132,23 +130,3 @@ def example_inputs(config: Any, architecture: str) -> dict[str, Any]:
     """Smallest inputs that `init` the head (multiple choice wants `[batch, choices, length]`)."""
     shape = (1, 1, 2) if head_kind(architecture) == "ForMultipleChoice" else (1, 2)
     return {"input_ids": np.zeros(shape, np.int32)}
-
-
-def hf_to_params(
-    state_dict: Mapping[str, np.ndarray],
-    config: Any,
-    architecture: str,
-    shapes: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """HF state dict -> our params (nested numpy dict). See `common.hf_to_params`."""
-    from xformers_jax.convert import abstract_params
-
-    shapes = abstract_params(config, architecture) if shapes is None else shapes
-    return common.hf_to_params(state_dict, param_map(config, architecture), shapes)
-
-
-def params_to_hf(
-    params: Mapping[str, Any], config: Any, architecture: str
-) -> dict[str, np.ndarray]:
-    """Our params -> HF state dict (torch layouts, HF names). See `common.params_to_hf`."""
-    return common.params_to_hf(params, param_map(config, architecture))

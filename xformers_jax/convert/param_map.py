@@ -1,4 +1,4 @@
-"""The machinery shared by every family's HF <-> ours name map.
+"""ParamMap and Rule: the name-map machinery every family's HF <-> ours converter is built from.
 
 A family's convert module describes its checkpoint as a `ParamMap`: one `Rule` per param of ours,
 naming the HF tensor (with `{i}` standing for the layer index of params stacked on the `nn.scan`
