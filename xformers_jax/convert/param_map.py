@@ -397,6 +397,42 @@ def embed_rule(path: tuple[str, ...], hf: str, **kw) -> Rule:
     return Rule((*path, "embedding"), f"{hf}.weight", **kw)
 
 
+def encoder_map(
+    config: Any,
+    rules: Sequence[Rule],
+    prefix: str,
+    base_prefix: str,
+    root: tuple[str, ...],
+    ignore: Sequence[str],
+    position_rows: int,
+) -> ParamMap:
+    """The map of a BERT-style encoder config (`num_hidden_layers`, `initializer_range`, ...).
+
+    transformers builds the absolute position table (`position_rows` rows) even for relative
+    position models and never reads it: it is `unused` there (dropped on load, zeros on save).
+    """
+    unused = {}
+    if config.position_embedding_type != "absolute":
+        shape = (position_rows, config.hidden_size)
+        unused[f"{prefix}embeddings.position_embeddings.weight"] = shape
+    return ParamMap(
+        rules=tuple(rules),
+        num_layers=config.num_hidden_layers,
+        prefix=prefix,
+        base_prefix=base_prefix,
+        ignore=tuple(ignore),
+        unused=unused,
+        init_std=config.initializer_range,
+        root=root,
+    )
+
+
+def token_inputs(multiple_choice: bool) -> dict[str, np.ndarray]:
+    """The smallest `input_ids` that `init` a text head (`[batch, choices, length]` for multiple
+    choice)."""
+    return {"input_ids": np.zeros((1, 1, 2) if multiple_choice else (1, 2), np.int32)}
+
+
 def check_tree(params: Mapping[str, Any], shapes: Mapping[str, Any]) -> None:
     """Raises ConversionError unless `params` has exactly the paths and shapes of `shapes`.
 

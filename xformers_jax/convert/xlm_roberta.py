@@ -11,9 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from xformers_jax.convert.param_map import ParamMap, Rule, dense_rules, embed_rule, norm_rules
+from xformers_jax.convert.param_map import (
+    ParamMap,
+    Rule,
+    dense_rules,
+    embed_rule,
+    encoder_map,
+    norm_rules,
+    token_inputs,
+)
 
 BASE_PREFIX = "roberta."
 
@@ -87,27 +93,21 @@ def param_map(config: Any, architecture: str) -> ParamMap:
         if kind in ("ForMaskedLM", "ForCausalLM"):
             word = rules[0]
             rules[0] = Rule(word.path, word.hf, aliases=("lm_head.decoder.weight",))
-    unused = {}
-    if config.position_embedding_type != "absolute":
-        # HF builds the absolute table even for relative models and never reads it.
-        shape = (config.max_position_embeddings, config.hidden_size)
-        unused[f"{p}embeddings.position_embeddings.weight"] = shape
-    return ParamMap(
-        rules=tuple(rules),
-        num_layers=config.num_hidden_layers,
+    rows = config.max_position_embeddings
+    return encoder_map(
+        config,
+        rules,
         prefix=p,
         base_prefix=BASE_PREFIX,
-        ignore=tuple(ignore),
-        unused=unused,
-        init_std=config.initializer_range,
         root=root,
+        ignore=ignore,
+        position_rows=rows,
     )
 
 
 def example_inputs(config: Any, architecture: str) -> dict[str, Any]:
-    """Smallest inputs that `init` the head (multiple choice wants `[batch, choices, length]`)."""
-    shape = (1, 1, 2) if head_kind(architecture) == "ForMultipleChoice" else (1, 2)
-    return {"input_ids": np.zeros(shape, np.int32)}
+    """Smallest inputs that `init` the head."""
+    return token_inputs(head_kind(architecture) == "ForMultipleChoice")
 
 
 def _base_rules(config: Any, root: tuple[str, ...], p: str, pooler: bool) -> list[Rule]:
