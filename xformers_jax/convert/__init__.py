@@ -79,7 +79,7 @@ def example_inputs(config: Any, architecture: str) -> dict[str, Any]:
     conv = converter(config)
     if hasattr(conv, "example_inputs"):
         return conv.example_inputs(config, architecture)
-    return {"input_ids": np.zeros((1, 2), np.int32)}
+    return pm.token_inputs(architecture.endswith("ForMultipleChoice"))
 
 
 def _trace(config: Any, architecture: str) -> Any:

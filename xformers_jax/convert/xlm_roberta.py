@@ -18,7 +18,6 @@ from xformers_jax.convert.param_map import (
     embed_rule,
     encoder_map,
     norm_rules,
-    token_inputs,
 )
 
 BASE_PREFIX = "roberta."
@@ -94,20 +93,7 @@ def param_map(config: Any, architecture: str) -> ParamMap:
             word = rules[0]
             rules[0] = Rule(word.path, word.hf, aliases=("lm_head.decoder.weight",))
     rows = config.max_position_embeddings
-    return encoder_map(
-        config,
-        rules,
-        prefix=p,
-        base_prefix=BASE_PREFIX,
-        root=root,
-        ignore=ignore,
-        position_rows=rows,
-    )
-
-
-def example_inputs(config: Any, architecture: str) -> dict[str, Any]:
-    """Smallest inputs that `init` the head."""
-    return token_inputs(head_kind(architecture) == "ForMultipleChoice")
+    return encoder_map(config, rules, p, BASE_PREFIX, root, ignore, position_rows=rows)
 
 
 def _base_rules(config: Any, root: tuple[str, ...], p: str, pooler: bool) -> list[Rule]:

@@ -19,7 +19,6 @@ from xformers_jax.convert.param_map import (
     embed_rule,
     encoder_map,
     norm_rules,
-    token_inputs,
 )
 
 BASE_PREFIX = "yoso."
@@ -116,17 +115,4 @@ def param_map(config: Any, architecture: str) -> ParamMap:
             word = rules[0]
             rules[0] = Rule(word.path, word.hf, aliases=("cls.predictions.decoder.weight",))
     rows = config.max_position_embeddings + 2  # YOSO's table has two extra rows
-    return encoder_map(
-        config,
-        rules,
-        prefix=p,
-        base_prefix=BASE_PREFIX,
-        root=root,
-        ignore=ignore,
-        position_rows=rows,
-    )
-
-
-def example_inputs(config: Any, architecture: str) -> dict[str, Any]:
-    """Smallest inputs that `init` the head."""
-    return token_inputs(head_kind(architecture) == "ForMultipleChoice")
+    return encoder_map(config, rules, p, BASE_PREFIX, root, ignore, position_rows=rows)
