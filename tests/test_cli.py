@@ -160,7 +160,7 @@ def test_workdir_not_writable(config_file, tmp_path, fake_train, capsys, monkeyp
 
 
 def test_os_errors_from_implementations(monkeypatch, tmp_path, capsys):
-    mod = types.ModuleType("xformers_jax.hub")
+    mod = types.ModuleType("xformers_jax.checkpoint")
 
     def convert_hf_to_orbax(hf_dir, out_dir, head=None):
         raise FileNotFoundError(2, "No such file or directory", os.path.join(hf_dir, "config.json"))
@@ -169,7 +169,7 @@ def test_os_errors_from_implementations(monkeypatch, tmp_path, capsys):
         raise config_lib.UserError(f"no checkpoint in {checkpoint_dir}\n(run train first)")
 
     mod.convert_hf_to_orbax, mod.export_orbax_to_hf = convert_hf_to_orbax, export_orbax_to_hf
-    monkeypatch.setitem(sys.modules, "xformers_jax.hub", mod)
+    monkeypatch.setitem(sys.modules, "xformers_jax.checkpoint", mod)
     assert cli.main(["convert", "--hf", "hfdir", "--out", str(tmp_path)]) == 2
     assert _error_lines(capsys) == [
         "xformers-jax: error: No such file or directory: hfdir/config.json"
@@ -183,11 +183,11 @@ def test_bench_and_convert_dispatch(monkeypatch):
     bench = types.ModuleType("xformers_jax.bench")
     bench.main = lambda families, out_dir, **kw: seen.update(bench=(families, out_dir, kw))
     bench.bench_config = lambda name, overrides: dict(name=name)
-    hub = types.ModuleType("xformers_jax.hub")
-    hub.convert_hf_to_orbax = lambda hf, out, head=None: seen.update(convert=(hf, out, head))
-    hub.export_orbax_to_hf = lambda ck, out: seen.update(export=(ck, out))
+    ckpt = types.ModuleType("xformers_jax.checkpoint")
+    ckpt.convert_hf_to_orbax = lambda hf, out, head=None: seen.update(convert=(hf, out, head))
+    ckpt.export_orbax_to_hf = lambda ck, out: seen.update(export=(ck, out))
     monkeypatch.setitem(sys.modules, "xformers_jax.bench", bench)
-    monkeypatch.setitem(sys.modules, "xformers_jax.hub", hub)
+    monkeypatch.setitem(sys.modules, "xformers_jax.checkpoint", ckpt)
     assert cli.main(["bench", "--family", "yoso", "--out", "b"]) == 0
     assert cli.main(["convert", "--hf", "h", "--out", "o"]) == 0
     assert cli.main(["export", "--checkpoint", "c", "--hf-out", "e"]) == 0

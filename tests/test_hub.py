@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 import xformers_jax as xj  # noqa: E402
 from tests.parity import ATOL, TINY_XLMR, random_hf_model, save_hf  # noqa: E402
-from xformers_jax import hub  # noqa: E402
+from xformers_jax import checkpoint, hf_files, hub  # noqa: E402
 
 CONFIG = TINY_XLMR
 
@@ -55,7 +55,7 @@ def hf_logits(hf_model, ids, mask):
 
 def tensors(path):
     """All tensors of an HF dir, as transformers would read them (HF names)."""
-    return hub.load_state_dict(path)
+    return hf_files.load_state_dict(path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,14 +223,14 @@ def test_bfloat16_safetensors_load(tmp_path):
 def test_convert_to_orbax_and_export_back_is_lossless(hf_dir, tmp_path):
     _, src = hf_dir
     orbax_dir = tmp_path / "orbax"
-    hub.convert_hf_to_orbax(src, orbax_dir)
+    checkpoint.convert_hf_to_orbax(src, orbax_dir)
     assert sorted(os.listdir(orbax_dir)) == ["config.json", "params"]
     assert json.loads((orbax_dir / "config.json").read_text())["architectures"] == [
         "XLMRobertaXLForMaskedLM"
     ]
     with pytest.raises(FileExistsError):
-        hub.convert_hf_to_orbax(src, orbax_dir)
-    hub.export_orbax_to_hf(orbax_dir, tmp_path / "hf")
+        checkpoint.convert_hf_to_orbax(src, orbax_dir)
+    checkpoint.export_orbax_to_hf(orbax_dir, tmp_path / "hf")
     ours, theirs = tensors(tmp_path / "hf"), tensors(src)
     assert sorted(ours) == sorted(theirs)
     for k in theirs:
@@ -246,8 +246,6 @@ class _TrainState:  # the trainer's TrainState fields; Orbax stores them by name
 
 
 def test_export_trainer_checkpoint(model, hf_dir, tmp_path):
-    from xformers_jax import checkpoint
-
     workdir = tmp_path / "run"
     ckpt = checkpoint.Checkpointer(
         str(workdir / "checkpoints"), every_steps=1, max_to_keep=3, async_save=False
@@ -260,19 +258,54 @@ def test_export_trainer_checkpoint(model, hf_dir, tmp_path):
     run = {"task": "mlm", "model": {"family": "xlm_roberta", "preset": "tiny", **CONFIG}}
     (workdir / "config.json").write_text(json.dumps(run))
 
-    params, config, arch = hub.load_params_from_checkpoint(workdir)
+    params, config, arch = checkpoint.load_params_from_checkpoint(workdir)
     assert arch == "XLMRobertaXLForMaskedLM" and config.hidden_size == CONFIG["hidden_size"]
     jax.tree.map(np.testing.assert_array_equal, params, model.params)
-    first, _, _ = hub.load_params_from_checkpoint(workdir / "checkpoints", step=1)
+    first, _, _ = checkpoint.load_params_from_checkpoint(workdir / "checkpoints", step=1)
     assert not np.any(np.asarray(jax.tree.leaves(first)[0]))
 
-    hub.export_orbax_to_hf(workdir, tmp_path / "hf")  # the latest step
+    checkpoint.export_orbax_to_hf(workdir, tmp_path / "hf")  # the latest step
     ours, theirs = tensors(tmp_path / "hf"), tensors(hf_dir[1])
     assert sorted(ours) == sorted(theirs)
     for k in theirs:
         np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
     with pytest.raises(ValueError, match="no step 7"):
-        hub.load_params_from_checkpoint(workdir, step=7)
+        checkpoint.load_params_from_checkpoint(workdir, step=7)
+
+
+def test_restore_into_another_head(model, tmp_path):
+    """Our export of an MLM (or of the bare model) initialises a classification head leaf by leaf:
+    the body is the saved one, the classifier keeps its init, lm_head (or the pooler) is dropped;
+    a checkpoint that does not fit is one line naming the paths."""
+    import flax.linen as nn
+
+    from xformers_jax import convert
+
+    def init(config, arch):
+        ids = np.zeros((1, 2), np.int32)
+        module = convert.init_module(config, arch)
+        return module, nn.meta.unbox(module.init(jax.random.key(2), input_ids=ids)["params"])
+
+    checkpoint.save_orbax(model, tmp_path / "mlm")
+    bare, bare_params = init(model.config, "XLMRobertaXLModel")
+    bare_params = {**bare_params, **model.params["model"]}  # the MLM's body, a fresh pooler
+    bare_model = hub.PretrainedModel(model.config, bare, bare_params, "XLMRobertaXLModel")
+    checkpoint.save_orbax(bare_model, tmp_path / "bare")
+    arch = "XLMRobertaXLForSequenceClassification"
+    _, fresh = init(model.config, arch)
+    for src in ("mlm", "bare"):
+        params, state = checkpoint.restore_into(tmp_path / src, model.config, arch, fresh)
+        assert state == {}
+        jax.tree.map(np.testing.assert_array_equal, params["model"], model.params["model"])
+        jax.tree.map(np.testing.assert_array_equal, params["classifier"], fresh["classifier"])
+    # The same head must fit leaf for leaf: a resized vocabulary is named with both shapes.
+    small = model.config.replace(vocab_size=50)
+    _, fresh = init(small, model.architecture)
+    with pytest.raises(ValueError) as e:
+        checkpoint.restore_into(tmp_path / "mlm", small, model.architecture, fresh)
+    msg = str(e.value)
+    assert "\n" not in msg and "does not fit XLMRobertaXLForMaskedLM" in msg
+    assert "model/embeddings/word_embeddings/embedding (100, 32) (model (50, 32))" in msg
 
 
 # --------------------------------------------------------------------------------------------------
@@ -375,10 +408,10 @@ def test_untied_output_weights_are_refused(hf_dir, tmp_path):
 
 def test_export_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        hub.export_orbax_to_hf(tmp_path / "nowhere", tmp_path / "out")
+        checkpoint.export_orbax_to_hf(tmp_path / "nowhere", tmp_path / "out")
     (tmp_path / "junk").mkdir()
     with pytest.raises(FileNotFoundError, match="params-only export"):
-        hub.export_orbax_to_hf(tmp_path / "junk", tmp_path / "out")
+        checkpoint.export_orbax_to_hf(tmp_path / "junk", tmp_path / "out")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(ValueError, match="no complete checkpoint"):
-        hub.export_orbax_to_hf(tmp_path / "run", tmp_path / "out")
+        checkpoint.export_orbax_to_hf(tmp_path / "run", tmp_path / "out")

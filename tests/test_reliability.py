@@ -65,9 +65,9 @@ def _losses(workdir) -> dict[int, float]:
 
 
 def _final_params(workdir, step):
-    from xformers_jax import hub
+    from xformers_jax import checkpoint
 
-    params, _, _ = hub.load_params_from_checkpoint(str(workdir), step=step)
+    params, _, _ = checkpoint.load_params_from_checkpoint(str(workdir), step=step)
     return params
 
 

@@ -1,21 +1,38 @@
-"""Orbax CheckpointManager wrapper: the train state plus the data-iterator state, atomically.
+"""Orbax checkpoints: the trainer's (train state + data-iterator state) and params-only exports.
 
-Each checkpoint is a step directory `<dir>/<step>/` with two items: `state` (the sharded
+Each trainer checkpoint is a step directory `<dir>/<step>/` with two items: `state` (the sharded
 `TrainState`, written by every host for its shards) and `data` (the JSON iterator state of this
 run's input pipeline). Orbax writes into a temporary directory and renames it when complete, so a
 killed save never leaves a checkpoint that restore would pick up. Restoring takes an abstract state
 carrying the target shardings, so a checkpoint written on one mesh restores onto any other.
 `load_model_state` reads a step's model-state collections alone (BatchNorm statistics, for
-exports), as `hub.load_params_from_checkpoint` reads its params.
+exports), as `load_params_from_checkpoint` reads its params.
+
+Params-only export (`convert_hf_to_orbax`, `save_orbax`): `<dir>/params` (our param tree, Orbax
+`StandardCheckpointer`) and `<dir>/config.json` (the HF config `hub.hf_config_dict` writes, so the
+family, head and sizes are known without the trainer's config). `load_orbax` and
+`export_orbax_to_hf` read either a params-only export or a trainer workdir
+(`<workdir>/checkpoints/<step>/state` + `<workdir>/config.json`).
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from xformers_jax import convert, hf_files, hub
+from xformers_jax.convert.param_map import ConversionError, flatten, listing, path_str, unflatten
+from xformers_jax.hf_files import CONFIG_NAME, CheckpointError
+
+log = logging.getLogger(__name__)
+
+PARAMS_DIR = "params"
 
 
 class CheckpointMismatchError(ValueError):
@@ -105,12 +122,12 @@ class Checkpointer:
 def save_params(directory: str, params: Any) -> None:
     """Params-only export (`<directory>/params`), synchronous; the directory must not exist."""
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(os.path.abspath(directory), "params"), params)
+        ckptr.save(os.path.join(os.path.abspath(directory), PARAMS_DIR), params)
 
 
 def load_params(directory: str, abstract: Any | None = None) -> Any:
     """Reads a params-only export, onto `abstract`'s shardings when given (else host arrays)."""
-    path = os.path.join(os.path.abspath(directory), "params")
+    path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no params-only Orbax export at {path}")
     with ocp.StandardCheckpointer() as ckptr:
@@ -148,28 +165,337 @@ def load_model_state(state_dir: str, target: Any) -> dict[str, Any]:
     names = [c for c in target if isinstance(saved, dict) and c in saved]
     if not names:
         return {}
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    abstract = {
-        c: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), target[c])
-        for c in names
-    }
-    restore_args = jax.tree.map(
-        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
-        abstract,
-    )
+    abstract = _cpu_abstract({c: target[c] for c in names})
     try:
-        with ocp.PyTreeCheckpointer() as ckptr:
-            restored = ckptr.restore(
-                state_dir,
-                args=ocp.args.PyTreeRestore(
-                    item={"model_state": abstract},
-                    restore_args={"model_state": restore_args},
-                    partial_restore=True,
-                ),
-            )
+        restored = restore_partial(state_dir, {"model_state": abstract})
     except ValueError as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointMismatchError(
             f"the model state in {state_dir} does not fit {sorted(names)}: {first}"
         ) from e
     return dict(restored["model_state"])
+
+
+def restore_partial(item_dir: str, target: dict[str, Any]) -> dict[str, Any]:
+    """Reads only the subtrees `target` names from the Orbax PyTree item `item_dir`.
+
+    Args:
+      item_dir: an item directory (a step's `state`, an export's `params`).
+      target: nested dicts of `jax.ShapeDtypeStruct`s carrying the shardings (and dtypes) the
+        arrays are placed with; a subset of the saved tree. Nothing else leaves the disk.
+    """
+    restore_args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
+        target,
+    )
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return ckptr.restore(
+            item_dir,
+            args=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True
+            ),
+        )
+
+
+def _cpu_abstract(shapes: Any) -> Any:
+    """Restore targets on the host CPU device: exports are read to be written out again."""
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu), shapes)
+
+
+# ==================================================================================================
+# Params-only exports and trainer checkpoints as models
+# ==================================================================================================
+
+
+def save_orbax(model: hub.PretrainedModel, out_dir: str | os.PathLike) -> None:
+    """Writes the params-only export format (see the module docstring)."""
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    os.makedirs(out_dir, exist_ok=True)
+    save_params(out_dir, model.params)
+    tmp = os.path.join(out_dir, f".{CONFIG_NAME}.tmp")
+    hf_files.dump_json(hub.hf_config_dict(model.config, model.architecture), tmp)
+    os.replace(tmp, os.path.join(out_dir, CONFIG_NAME))
+
+
+def convert_hf_to_orbax(
+    hf_dir: str | os.PathLike, out_dir: str | os.PathLike, head: str | None = None
+) -> None:
+    """HF directory -> params-only Orbax export (`out_dir/params` + `out_dir/config.json`).
+
+    Raises:
+      FileExistsError: `out_dir` already holds an export.
+      (and everything `hub.from_pretrained` raises)
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(os.path.join(out_dir, PARAMS_DIR)):
+        raise FileExistsError(errno.EEXIST, "An Orbax export already exists", out_dir)
+    save_orbax(hub.from_pretrained(hf_dir, head=head), out_dir)
+
+
+def load_orbax(checkpoint_dir: str | os.PathLike, step: int | None = None) -> hub.PretrainedModel:
+    """A `PretrainedModel` (on the host CPU) from a params-only export or a trainer checkpoint.
+
+    From a trainer checkpoint the task's mutable collections (`TrainState.model_state`, e.g.
+    BatchNorm running statistics) are read too and become the model's `collections`, so
+    `hub.save_pretrained` writes them (HF `running_mean` / `running_var`). A params-only export
+    holds params only: other collections take their init values.
+
+    Args:
+      checkpoint_dir: a params-only export (`params/` + `config.json`), or anything
+        `load_params_from_checkpoint` accepts.
+      step: for trainer checkpoints, the step (default: the latest).
+    """
+    item_dir, key, config, architecture = _find_saved(checkpoint_dir, step)
+    shapes = convert.abstract_params(config, architecture)
+    if key is None:
+        params = load_params(os.path.dirname(item_dir), _cpu_abstract(shapes))
+    else:
+        params = restore_partial(item_dir, {key: _cpu_abstract(shapes)})[key]
+    convert.check_tree(params, shapes)
+    module = convert.init_module(config, architecture)
+    collections = convert.hf_to_collections({}, config, architecture)
+    if collections and key is not None:
+        collections = {**collections, **load_model_state(item_dir, collections)}
+    return hub.PretrainedModel(config, module, params, architecture, collections=collections)
+
+
+def _find_saved(path: str | os.PathLike, step: int | None) -> tuple[str, str | None, Any, str]:
+    """`(item dir, key of the params in it, config, architecture)` of a params-only export (key
+    None: the item is the params tree) or a trainer checkpoint (`'params'` of its `state`)."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path):
+        raise hf_files.not_found("No such checkpoint directory", path)
+    if os.path.isdir(os.path.join(path, PARAMS_DIR)):
+        hf_config = hf_files.read_hf_config(path)
+        config, architecture = hub.resolve(hf_config, source=os.path.join(path, CONFIG_NAME))
+        return os.path.join(path, PARAMS_DIR), None, config, architecture
+    workdir, step_dir = _locate_trainer_checkpoint(path, step)
+    config, architecture = _trainer_model(workdir)
+    return os.path.join(step_dir, "state"), "params", config, architecture
+
+
+def export_orbax_to_hf(checkpoint_dir: str | os.PathLike, hf_out: str | os.PathLike) -> None:
+    """Params-only export or trainer checkpoint -> HF directory (`hub.save_pretrained`)."""
+    hub.save_pretrained(load_orbax(checkpoint_dir), hf_out)
+
+
+# ==================================================================================================
+# Trainer workdirs: `<workdir>/config.json` + `<workdir>/checkpoints/<step>/state`
+# ==================================================================================================
+
+
+def _steps(ckpt_dir: str) -> list[int]:
+    # Orbax finalises a step by renaming its tmp dir to the bare step number.
+    return sorted(
+        int(n)
+        for n in os.listdir(ckpt_dir)
+        if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n, "state"))
+    )
+
+
+def _locate_trainer_checkpoint(path: str, step: int | None) -> tuple[str, str]:
+    """(workdir, step dir) for a workdir, its `checkpoints/` dir, or one `<step>/` dir."""
+    if os.path.isdir(os.path.join(path, "state")):
+        return os.path.dirname(os.path.dirname(path)), path
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        workdir, ckpt_dir = path, os.path.join(path, "checkpoints")
+    elif any(n.isdigit() for n in os.listdir(path)):
+        workdir, ckpt_dir = os.path.dirname(path), path
+    else:
+        raise hf_files.not_found(
+            "Neither a params-only export (params/ + config.json) nor a trainer workdir "
+            "(checkpoints/<step>/state)",
+            path,
+        )
+    steps = _steps(ckpt_dir)
+    if not steps:
+        raise CheckpointError(f"no complete checkpoint in {ckpt_dir}")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"no step {step} in {ckpt_dir}; steps: {steps}")
+    return workdir, os.path.join(ckpt_dir, str(step))
+
+
+def _trainer_model(workdir: str) -> tuple[Any, str]:
+    """(family config, head architecture) of the run whose config is `<workdir>/config.json`."""
+    from xformers_jax.models import build_model
+
+    run_file = os.path.join(workdir, CONFIG_NAME)
+    if not os.path.isfile(run_file):
+        raise hf_files.not_found("No run config next to the checkpoints", run_file)
+    run = hf_files.read_json(run_file)
+    if not isinstance(run.get("model"), dict) or "family" not in run["model"]:
+        raise CheckpointError(f"{run_file} has no model.family: not a trainer config")
+    try:
+        _, config, architecture = build_model(run["model"], task=run.get("task", "mlm"))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{run_file}: {e}") from None
+    return config, architecture
+
+
+def load_params_from_checkpoint(
+    checkpoint_dir: str | os.PathLike, step: int | None = None
+) -> tuple[Any, Any, str]:
+    """Our params, config and head from a trainer checkpoint, on the host CPU.
+
+    The trainer (`train.py` via `Checkpointer`) writes `<workdir>/config.json` (the resolved run
+    config: `task`, and `model` with `family`, `preset` and field overrides) and Orbax step
+    directories `<workdir>/checkpoints/<step>/` whose item `state` is the `TrainState` (`step`,
+    `params`, `opt_state`, `extra`). Only `state.params` is read (a partial restore: the optimizer
+    state never leaves the disk).
+
+    Args:
+      checkpoint_dir: the workdir, its `checkpoints/` directory, or one `<step>/` directory.
+      step: which step (default: the latest complete one; ignored for a `<step>/` directory).
+
+    Returns:
+      `(params, config, architecture)`: plain arrays in our layout, the family config, and the
+      transformers class name of the trained head.
+    """
+    path = os.path.abspath(os.fspath(checkpoint_dir))
+    workdir, step_dir = _locate_trainer_checkpoint(path, step)
+    config, architecture = _trainer_model(workdir)
+    target = _cpu_abstract(convert.abstract_params(config, architecture))
+    restored = restore_partial(os.path.join(step_dir, "state"), {"params": target})
+    return restored["params"], config, architecture
+
+
+# ==================================================================================================
+# init_from: our own checkpoints into a run's freshly initialised state
+# ==================================================================================================
+
+Path = tuple[str, ...]
+
+
+def merge_plan(
+    saved: Mapping[Path, Any],
+    init: Mapping[Path, Any],
+    *,
+    exact: bool,
+    may_keep_init: Callable[[Path], bool],
+    what: str,
+) -> tuple[list[Path], list[Path], list[Path]]:
+    """Which leaves of a run's tree a checkpoint fills, as big_vision's `merge_params`.
+
+    A saved leaf replaces the init's at the same path; an init leaf the checkpoint lacks keeps its
+    init value where `may_keep_init` allows (a fresh head), and a saved leaf the run lacks is
+    dropped (another head) unless `exact`.
+
+    Args:
+      saved: path -> shape of the saved leaves, in the run's tree paths.
+      init: path -> shape of the run's leaves.
+      exact: the trees must hold the same paths (a checkpoint of the same head).
+      may_keep_init: which run leaves the checkpoint may lack.
+      what: the error message's subject.
+
+    Returns:
+      `(loaded, kept_init, dropped)` paths.
+
+    Raises:
+      ConversionError: one line naming every missing, unexpected and mis-shaped path.
+    """
+    loaded = sorted(p for p in init if p in saved)
+    kept = sorted(p for p in init if p not in saved)
+    dropped = sorted(p for p in saved if p not in init)
+    missing = [path_str(p) for p in kept if exact or not may_keep_init(p)]
+    unexpected = [path_str(p) for p in dropped] if exact else []
+    shapes = [
+        f"{path_str(p)} {tuple(saved[p])} (model {tuple(init[p])})"
+        for p in loaded
+        if tuple(saved[p]) != tuple(init[p])
+    ]
+    problems = [
+        f"{name} {listing(paths)}"
+        for name, paths in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+        if paths
+    ]
+    if problems:
+        raise ConversionError(f"{what}: " + "; ".join(problems))
+    return loaded, kept, dropped
+
+
+def _rebase(paths: Any, src_root: Path, dst_root: Path) -> dict[Path, Path]:
+    """{run path: saved path}: the saved base model (under `src_root`) moved to `dst_root`; saved
+    leaves outside it (another head's) are left out when the roots differ."""
+    if src_root == dst_root:
+        return {p: p for p in paths}
+    n = len(src_root)
+    return {(*dst_root, *p[n:]): p for p in paths if p[:n] == src_root}
+
+
+def restore_into(
+    path: str | os.PathLike,
+    config: Any,
+    architecture: str,
+    params: Any,
+    model_state: Mapping[str, Any] | None = None,
+    step: int | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """A run's init `params` (and `model_state`) with what our checkpoint at `path` holds.
+
+    The saved leaves are read straight onto the shardings (and dtypes) of the init arrays, no
+    detour through HF names. Into the head it was saved from, a checkpoint must fit leaf for leaf.
+    Into another head of the family (a pretraining checkpoint into a fine-tuning head) the base
+    model is matched by its place (`ParamMap.root`), head params the checkpoint lacks and poolers
+    keep their init (transformers initialises them fresh), and other heads' leaves are dropped.
+    Model state (BatchNorm statistics) loads where a trainer checkpoint holds it.
+
+    Args:
+      path: a params-only export or a trainer workdir (see `load_orbax`).
+      config: the run's family config.
+      architecture: the run's head (transformers class name).
+      params: the run's initialised params (arrays placed with their shardings).
+      model_state: the run's initialised mutable collections, `{collection: tree}`.
+      step: for trainer checkpoints, the step (default: the latest).
+
+    Returns:
+      `(params, model_state)` with the same trees, shapes, dtypes and shardings as given.
+
+    Raises:
+      ConversionError: one line naming every missing, unexpected or mis-shaped leaf.
+    """
+    item_dir, key, src_config, src_arch = _find_saved(path, step)
+    saved = flatten(_saved_tree(item_dir))
+    src_root = convert.head_layout(src_config, src_arch)[0]
+    root, fresh = convert.head_layout(config, architecture)
+    # The trees to fill, by where they sit in the saved item: the params, then each collection
+    # of the model state a trainer checkpoint holds (leaves it lacks keep their init).
+    trees = {("params",) if key else (): params}
+    for name, tree in (model_state or {}).items():
+        if key and any(p[:2] == ("model_state", name) for p in saved):
+            trees[("model_state", name)] = tree
+    plans: dict[Path, dict[Path, Path]] = {}  # tree -> {run path: saved path}
+    targets = {}
+    for at, tree in trees.items():
+        is_params = at in ((), ("params",))
+        inside = [p[len(at) :] for p in saved if p[: len(at)] == at]
+        where = _rebase(inside, src_root, root)
+        init = flatten(tree)
+        loaded, kept, _ = merge_plan(
+            {p: saved[(*at, *s)].shape for p, s in where.items()},
+            {p: x.shape for p, x in init.items()},
+            exact=is_params and src_arch == architecture,
+            may_keep_init=lambda p: not is_params or p in fresh or p[: len(root)] != root,
+            what=f"init_from {path} ({src_arch}) does not fit {architecture}",
+        )
+        if is_params and kept:
+            log.warning("init_from: newly initialised %s", listing(map(path_str, kept)))
+        if is_params and len(inside) > len(loaded):
+            log.info("init_from: dropped %d params of other heads", len(inside) - len(loaded))
+        plans[at] = {p: (*at, *where[p]) for p in loaded}
+        for p, s in plans[at].items():
+            targets[s] = jax.ShapeDtypeStruct(
+                init[p].shape, init[p].dtype, sharding=init[p].sharding
+            )
+    restored = flatten(restore_partial(item_dir, unflatten(targets))) if targets else {}
+
+    def fill(at: Path, tree: Any) -> Any:
+        plan = plans.get(at, {})
+        return unflatten(
+            {p: restored[plan[p]] if p in plan else x for p, x in flatten(tree).items()}
+        )
+
+    state = {n: fill(("model_state", n), t) for n, t in (model_state or {}).items()}
+    return fill(("params",) if key else (), params), state

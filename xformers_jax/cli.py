@@ -234,9 +234,9 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         memory = importlib.import_module("xformers_jax.memory")
         print(memory.report(memory.estimate(config, args.devices, compile=args.compile)))
     elif args.command == "convert":
-        _impl("xformers_jax.hub", "convert_hf_to_orbax")(args.hf, args.out, head=args.head)
+        _impl("xformers_jax.checkpoint", "convert_hf_to_orbax")(args.hf, args.out, head=args.head)
     elif args.command == "export":
-        _impl("xformers_jax.hub", "export_orbax_to_hf")(args.checkpoint, args.hf_out)
+        _impl("xformers_jax.checkpoint", "export_orbax_to_hf")(args.checkpoint, args.hf_out)
     elif args.command == "bench":
         _impl("xformers_jax.bench_scaling", "main")(
             args.suite, args.family, args.out, n=args.n, device=args.device, dtype=args.dtype,

@@ -1,56 +1,32 @@
-"""Hugging Face checkpoints in and out: `from_pretrained`, `save_pretrained`, `PretrainedModel`.
+"""The model wrapper: `PretrainedModel`, `from_pretrained`, `save_pretrained`.
 
     model = from_pretrained("path/to/hf_dir")            # config.json + model.safetensors
     out = model(input_ids=ids, attention_mask=mask)      # HF argument and output names
     save_pretrained(model, "path/to/out")                # transformers loads it back unchanged
 
-Formats read: an HF model directory (`config.json` plus `model.safetensors`, a sharded
-`model.safetensors.index.json`, or `pytorch_model.bin` / its index when torch is installed).
-Formats written:
-
-* HF directory: `config.json` (the config's HF fields, `architectures`, `model_type`,
-  `torch_dtype: float32`, `transformers_version`) and float32 `model.safetensors` (sharded with an
-  index above `max_shard_size`), tied weights stored once as transformers stores them.
-* Params-only Orbax export (`convert_hf_to_orbax`): `<dir>/params` (our param tree, Orbax
-  `StandardCheckpointer`, via `checkpoint.save_params`) and `<dir>/config.json` (the same HF config
-  as above, so the family, head and sizes are known without the trainer's config).
-
-`export_orbax_to_hf` reads either a params-only export or a trainer checkpoint
-(`<workdir>/checkpoints/<step>/state` + `<workdir>/config.json`, see
-`load_params_from_checkpoint`) and writes an HF directory.
+An HF model directory (`config.json` plus `model.safetensors`, a sharded index, or
+`pytorch_model.bin` when torch is installed) is read and written by `hf_files`; `convert` maps its
+tensors to our params and back. `save_pretrained` writes `config.json` (the config's HF fields,
+`architectures`, `model_type`, `torch_dtype: float32`, `transformers_version`) and float32
+`model.safetensors`, tied weights stored once as transformers stores them. Orbax exports and
+trainer checkpoints are `checkpoint`'s.
 """
 
 from __future__ import annotations
 
-import errno
 import importlib.metadata
 import inspect
-import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from xformers_jax import convert
-from xformers_jax.config_lib import UserError
+from xformers_jax import convert, hf_files
+from xformers_jax.hf_files import CheckpointError
 
 log = logging.getLogger(__name__)
-
-CONFIG_NAME = "config.json"
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-TORCH_WEIGHTS = "pytorch_model.bin"
-TORCH_INDEX = "pytorch_model.bin.index.json"
-PARAMS_DIR = "params"
-DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes; transformers' default "5GB"
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be read: bad JSON, corrupt weights, unsupported architecture."""
 
 
 # ==================================================================================================
@@ -182,10 +158,8 @@ class PretrainedModel:
                 f"{self.architecture} does not support generate(); use a generative head "
                 "(e.g. MT5ForConditionalGeneration, XLNetLMHeadModel, a *ForCausalLM)"
             )
-        try:
-            from xformers_jax import decoding
-        except ImportError as e:
-            raise ImportError(f"generate() needs xformers_jax.decoding: {e}") from e
+        from xformers_jax import decoding
+
         return decoding.generate(self, input_ids, **kwargs)
 
     def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
@@ -216,148 +190,6 @@ def _split_inputs(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, 
         else:
             arrays[k] = _to_array(v)
     return static, arrays
-
-
-# ==================================================================================================
-# Reading HF directories.
-# ==================================================================================================
-
-
-def _not_found(what: str, path: str) -> FileNotFoundError:
-    return FileNotFoundError(errno.ENOENT, what, path)
-
-
-def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The `config.json` of an HF model directory as a dict.
-
-    Raises:
-      FileNotFoundError: the directory or its config.json does not exist (naming the path).
-      CheckpointError: config.json is not a JSON object.
-    """
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise _not_found("No such checkpoint directory", path)
-    file = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(file):
-        raise _not_found("No config.json in the checkpoint directory", file)
-    return _read_json(file)
-
-
-def _read_json(file: str) -> dict[str, Any]:
-    try:
-        with open(file, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file} does not hold a JSON object")
-    return data
-
-
-def weight_files(path: str | os.PathLike) -> list[str]:
-    """The weight files of an HF directory, in transformers' order of preference.
-
-    `model.safetensors` > `model.safetensors.index.json` (its shards) > `pytorch_model.bin` >
-    `pytorch_model.bin.index.json`.
-
-    Raises:
-      FileNotFoundError: none of these (or a shard an index names) exists.
-    """
-    path = os.fspath(path)
-    for single, index in ((SAFE_WEIGHTS, SAFE_INDEX), (TORCH_WEIGHTS, TORCH_INDEX)):
-        if os.path.isfile(os.path.join(path, single)):
-            return [os.path.join(path, single)]
-        if os.path.isfile(os.path.join(path, index)):
-            weight_map = _read_json(os.path.join(path, index)).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{os.path.join(path, index)} has no weight_map")
-            files = [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
-            for f in files:
-                if not os.path.isfile(f):
-                    raise _not_found(f"Shard named by {index} is missing", f)
-            return files
-    raise _not_found(
-        f"No weights ({SAFE_WEIGHTS}, {SAFE_INDEX}, {TORCH_WEIGHTS} or {TORCH_INDEX}) in", path
-    )
-
-
-def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of an HF directory (HF names, torch layouts) as numpy arrays.
-
-    Raises:
-      FileNotFoundError: no weights (see `weight_files`).
-      CheckpointError: a weight file is corrupt, or is a PyTorch file and torch is not installed.
-    """
-    state: dict[str, np.ndarray] = {}
-    for file in weight_files(path):
-        part = _read_torch(file) if file.endswith(".bin") else _read_safetensors(file)
-        state.update(part)
-    return state
-
-
-def _read_safetensors(file: str) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(file)
-    except TypeError:
-        # numpy has no bfloat16: read the raw buffers with ml_dtypes instead.
-        return _read_safetensors_raw(file)
-    except Exception as e:  # SafetensorError and OSError: say which file, not just "header"
-        raise CheckpointError(f"cannot read {file}: {e} (corrupt or not a safetensors file)") from e
-
-
-# safetensors dtype names -> numpy dtypes (bfloat16 / float8 from ml_dtypes, a jax dependency).
-def _safetensors_dtype(name: str) -> np.dtype:
-    import ml_dtypes
-
-    table = {
-        "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-        "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-        "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-        "BOOL": np.bool_,
-    }  # fmt: skip
-    return np.dtype(table[name])
-
-
-def _read_safetensors_raw(file: str) -> dict[str, np.ndarray]:
-    """Reads a safetensors file by its documented layout: u64 header size, JSON header, data."""
-    try:
-        with open(file, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-        data = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + n)
-        out = {}
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            start, end = info["data_offsets"]
-            dtype = _safetensors_dtype(info["dtype"])
-            out[key] = np.array(data[start:end].view(dtype).reshape(info["shape"]))
-        return out
-    except Exception as e:
-        raise CheckpointError(f"cannot read {file}: {e} (corrupt or not a safetensors file)") from e
-
-
-def _read_torch(file: str) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError(
-            f"{file} is a PyTorch checkpoint and reading it needs torch (pip install torch); "
-            "or save the model with safe_serialization=True"
-        ) from None
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read {file}: {e} (corrupt or not a PyTorch file)") from e
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{file} does not hold a state dict")
-    out = {}
-    for k, v in state.items():
-        v = v.detach().cpu()
-        out[k] = (v.float() if v.dtype == torch.bfloat16 else v).numpy()
-    return out
 
 
 # ==================================================================================================
@@ -459,11 +291,11 @@ def from_pretrained(
       ConversionError: missing, unexpected or mis-shaped tensors (each named, with both shapes).
     """
     path = os.fspath(path)
-    hf_config = read_hf_config(path)
-    config, architecture = resolve(hf_config, head, source=os.path.join(path, CONFIG_NAME))
+    hf_config = hf_files.read_hf_config(path)
+    config, architecture = resolve(hf_config, head, source=os.path.join(path, hf_files.CONFIG_NAME))
     config = _with_overrides(config, dtype, hf_compat, config_overrides)
     architecture = convert.hf_architecture(config, architecture)  # overrides may change the variant
-    state_dict = load_state_dict(path)
+    state_dict = hf_files.load_state_dict(path)
     return from_state_dict(state_dict, config, architecture, mesh=mesh, rules=rules)
 
 
@@ -548,7 +380,8 @@ def hf_config_dict(config: Any, architecture: str) -> dict[str, Any]:
     return d
 
 
-def _to_host(x: Any) -> np.ndarray:
+def to_host(x: Any) -> np.ndarray:
+    """A (possibly multi-host sharded) array as one host numpy array; every process must call."""
     import jax
 
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -559,7 +392,10 @@ def _to_host(x: Any) -> np.ndarray:
 
 
 def save_pretrained(
-    model: PretrainedModel, path: str | os.PathLike, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    model: PretrainedModel,
+    path: str | os.PathLike,
+    *,
+    max_shard_size: int = hf_files.DEFAULT_MAX_SHARD_SIZE,
 ) -> None:
     """Writes `model` as an HF directory that transformers' `from_pretrained` loads unchanged.
 
@@ -580,9 +416,9 @@ def save_pretrained(
     import jax.numpy as jnp
 
     path = os.path.abspath(os.fspath(path))
-    params = jax.tree.map(_to_host, model.params)
+    params = jax.tree.map(to_host, model.params)
     state = convert.params_to_hf(params, model.config, model.architecture)
-    collections = jax.tree.map(_to_host, getattr(model, "collections", {}))
+    collections = jax.tree.map(to_host, getattr(model, "collections", {}))
     state.update(convert.collections_to_hf(collections, model.config, model.architecture))
     # float32 whatever param_dtype was (jnp.issubdtype also knows ml_dtypes' bfloat16).
     state = {
@@ -592,234 +428,4 @@ def save_pretrained(
     if jax.process_index() != 0:
         return
     config = hf_config_dict(model.config, model.architecture)
-    _write_hf_dir(path, config, state, max_shard_size)
-
-
-def _shards(state: Mapping[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for k in sorted(state):
-        n = state[k].nbytes
-        if shards[-1] and size + n > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = state[k]
-        size += n
-    return shards
-
-
-def _write_hf_dir(
-    path: str, config: dict[str, Any], state: Mapping[str, np.ndarray], max_shard_size: int
-) -> None:
-    from safetensors.numpy import save_file
-
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
-        shards = _shards(state, max_shard_size)
-        names = [SAFE_WEIGHTS] if len(shards) == 1 else [
-            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
-        ]  # fmt: skip
-        for name, shard in zip(names, shards):
-            # transformers refuses safetensors files without a "format" entry.
-            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-        if len(shards) > 1:
-            index = {
-                "metadata": {"total_size": int(sum(v.nbytes for v in state.values()))},
-                "weight_map": {k: n for n, s in zip(names, shards) for k in sorted(s)},
-            }
-            _dump_json(index, os.path.join(tmp, SAFE_INDEX))
-        _dump_json(config, os.path.join(tmp, CONFIG_NAME))
-        written = sorted(os.listdir(tmp))
-        if not os.path.exists(path):
-            os.rename(tmp, path)
-            return
-        if not os.path.isdir(path):
-            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path)
-        _remove_stale_weights(path, keep=set(written))
-        # Weights before config.json: a reader never sees a new config with old weights.
-        for name in sorted(written, key=lambda n: n == CONFIG_NAME):
-            os.replace(os.path.join(tmp, name), os.path.join(path, name))
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _remove_stale_weights(path: str, keep: set[str]) -> None:
-    for name in os.listdir(path):
-        stale_shard = name.startswith("model-") and name.endswith(".safetensors")
-        stale_torch = name.startswith("pytorch_model") and name.endswith((".bin", ".json"))
-        if name not in keep and (stale_shard or stale_torch or name == SAFE_INDEX):
-            log.info("removing stale weight file %s", os.path.join(path, name))
-            os.remove(os.path.join(path, name))
-
-
-def _dump_json(obj: Any, file: str) -> None:
-    with open(file, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
-# ==================================================================================================
-# Orbax: params-only exports and trainer checkpoints.
-# ==================================================================================================
-
-
-def convert_hf_to_orbax(
-    hf_dir: str | os.PathLike, out_dir: str | os.PathLike, head: str | None = None
-) -> None:
-    """HF directory -> params-only Orbax export (`out_dir/params` + `out_dir/config.json`).
-
-    Raises:
-      FileExistsError: `out_dir` already holds an export.
-      (and everything `from_pretrained` raises)
-    """
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(os.path.join(out_dir, PARAMS_DIR)):
-        raise FileExistsError(errno.EEXIST, "An Orbax export already exists", out_dir)
-    model = from_pretrained(hf_dir, head=head)
-    save_orbax(model, out_dir)
-
-
-def save_orbax(model: PretrainedModel, out_dir: str | os.PathLike) -> None:
-    """Writes the params-only export format (see the module docstring)."""
-    from xformers_jax import checkpoint
-
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    os.makedirs(out_dir, exist_ok=True)
-    checkpoint.save_params(out_dir, model.params)
-    tmp = os.path.join(out_dir, f".{CONFIG_NAME}.tmp")
-    _dump_json(hf_config_dict(model.config, model.architecture), tmp)
-    os.replace(tmp, os.path.join(out_dir, CONFIG_NAME))
-
-
-def _cpu_abstract(shapes: Any) -> Any:
-    """Restore targets on the host CPU device: exports are read to be written out again."""
-    import jax
-
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu), shapes)
-
-
-def load_orbax(checkpoint_dir: str | os.PathLike, step: int | None = None) -> PretrainedModel:
-    """A `PretrainedModel` (on the host CPU) from a params-only export or a trainer checkpoint.
-
-    Args:
-      checkpoint_dir: a params-only export (`params/` + `config.json`), or anything
-        `load_params_from_checkpoint` accepts.
-      step: for trainer checkpoints, the step (default: the latest).
-    """
-    from xformers_jax import checkpoint
-
-    path = os.path.abspath(os.fspath(checkpoint_dir))
-    if not os.path.isdir(path):
-        raise _not_found("No such checkpoint directory", path)
-    if os.path.isdir(os.path.join(path, PARAMS_DIR)):
-        config, architecture = resolve(read_hf_config(path), source=os.path.join(path, CONFIG_NAME))
-        shapes = convert.abstract_params(config, architecture)
-        params = checkpoint.load_params(path, _cpu_abstract(shapes))
-    else:
-        params, config, architecture = load_params_from_checkpoint(path, step)
-        shapes = convert.abstract_params(config, architecture)
-    convert.check_tree(params, shapes)
-    module = convert.init_module(config, architecture)
-    # Params-only exports hold params only: other collections (BatchNorm statistics) take their
-    # init values; a trainer checkpoint also has them (`TrainState.model_state`).
-    collections = convert.hf_to_collections({}, config, architecture)
-    if collections and not os.path.isdir(os.path.join(path, PARAMS_DIR)):
-        _, step_dir = _locate_trainer_checkpoint(path, step)
-        saved = checkpoint.load_model_state(os.path.join(step_dir, "state"), collections)
-        collections = {**collections, **saved}
-    return PretrainedModel(config, module, params, architecture, collections=collections)
-
-
-def export_orbax_to_hf(checkpoint_dir: str | os.PathLike, hf_out: str | os.PathLike) -> None:
-    """Params-only export or trainer checkpoint -> HF directory (`save_pretrained`)."""
-    save_pretrained(load_orbax(checkpoint_dir), hf_out)
-
-
-def _steps(ckpt_dir: str) -> list[int]:
-    # Orbax finalises a step by renaming its tmp dir to the bare step number.
-    return sorted(
-        int(n)
-        for n in os.listdir(ckpt_dir)
-        if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n, "state"))
-    )
-
-
-def _locate_trainer_checkpoint(path: str, step: int | None) -> tuple[str, str]:
-    """(workdir, step dir) for a workdir, its `checkpoints/` dir, or one `<step>/` dir."""
-    if os.path.isdir(os.path.join(path, "state")):
-        return os.path.dirname(os.path.dirname(path)), path
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        workdir, ckpt_dir = path, os.path.join(path, "checkpoints")
-    elif any(n.isdigit() for n in os.listdir(path)):
-        workdir, ckpt_dir = os.path.dirname(path), path
-    else:
-        raise _not_found(
-            "Neither a params-only export (params/ + config.json) nor a trainer workdir "
-            "(checkpoints/<step>/state)",
-            path,
-        )
-    steps = _steps(ckpt_dir)
-    if not steps:
-        raise CheckpointError(f"no complete checkpoint in {ckpt_dir}")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise CheckpointError(f"no step {step} in {ckpt_dir}; steps: {steps}")
-    return workdir, os.path.join(ckpt_dir, str(step))
-
-
-def load_params_from_checkpoint(
-    checkpoint_dir: str | os.PathLike, step: int | None = None
-) -> tuple[Any, Any, str]:
-    """Our params, config and head from a trainer checkpoint, on the host CPU.
-
-    The trainer (`train.py` via `checkpoint.Checkpointer`) writes `<workdir>/config.json` (the
-    resolved run config: `task`, and `model` with `family`, `preset` and field overrides) and
-    Orbax step directories `<workdir>/checkpoints/<step>/` whose item `state` is the `TrainState`
-    (`step`, `params`, `opt_state`, `extra`). Only `state.params` is read (a partial restore: the
-    optimizer state never leaves the disk).
-
-    Args:
-      checkpoint_dir: the workdir, its `checkpoints/` directory, or one `<step>/` directory.
-      step: which step (default: the latest complete one; ignored for a `<step>/` directory).
-
-    Returns:
-      `(params, config, architecture)`: plain arrays in our layout, the family config, and the
-      transformers class name of the trained head.
-    """
-    import jax
-    import orbax.checkpoint as ocp
-
-    from xformers_jax.models import build_model
-
-    path = os.path.abspath(os.fspath(checkpoint_dir))
-    workdir, step_dir = _locate_trainer_checkpoint(path, step)
-    run_file = os.path.join(workdir, CONFIG_NAME)
-    if not os.path.isfile(run_file):
-        raise _not_found("No run config next to the checkpoints", run_file)
-    run = _read_json(run_file)
-    if not isinstance(run.get("model"), dict) or "family" not in run["model"]:
-        raise CheckpointError(f"{run_file} has no model.family: not a trainer config")
-    try:
-        _, config, architecture = build_model(run["model"], task=run.get("task", "mlm"))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{run_file}: {e}") from None
-    target = _cpu_abstract(convert.abstract_params(config, architecture))
-    restore_args = jax.tree.map(
-        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
-        target,
-    )
-    with ocp.PyTreeCheckpointer() as ckptr:
-        restored = ckptr.restore(
-            os.path.join(step_dir, "state"),
-            args=ocp.args.PyTreeRestore(
-                item={"params": target},
-                restore_args={"params": restore_args},
-                partial_restore=True,
-            ),
-        )
-    return restored["params"], config, architecture
+    hf_files.write_hf_dir(path, config, state, max_shard_size)

@@ -153,29 +153,30 @@ def _with_fresh_heads(state_dict: dict, s: Setup, init: TrainState) -> dict:
     model (keys under the architecture's base prefix); anything missing there stays missing, so
     the converter names it."""
     from xformers_jax import convert, hub
-    from xformers_jax.convert import common
+    from xformers_jax.convert import param_map
 
     cfg, arch = s.task.model_config, s.task.architecture
-    family = convert.converter(cfg)
-    pmap = family.param_map(cfg, arch) if hasattr(family, "param_map") else None
-    if pmap is None or not pmap.prefix:
+    pmap = convert.converter(cfg).param_map(cfg, arch)
+    if not pmap.prefix:
         return state_dict
-    sd = common.adapt_prefix(state_dict, pmap)
+    sd = param_map.adapt_prefix(state_dict, pmap)
     if not any(k.startswith(pmap.prefix) for k in sd):
         return state_dict
-    params = jax.tree.map(hub._to_host, init.params)
+    params = jax.tree.map(hub.to_host, init.params)
     fresh = convert.params_to_hf(params, cfg, arch)
     missing = sorted(k for k in fresh if not k.startswith(pmap.prefix) and k not in sd)
     if not missing:
         return state_dict
-    stats = convert.collections_to_hf(jax.tree.map(hub._to_host, init.model_state), cfg, arch)
+    stats = convert.collections_to_hf(jax.tree.map(hub.to_host, init.model_state), cfg, arch)
     known = set(fresh) | set(stats)
     kept = {k: v for k, v in sd.items() if k.startswith(pmap.prefix) or k in known}
     dropped = sorted(set(sd) - set(kept))
-    _log(jax.process_index() == 0,
-         f"init_from: newly initialised {len(missing)} head tensors ({', '.join(missing[:4])}"
-         f"{', ...' if len(missing) > 4 else ''}); dropped {len(dropped)} tensors of other "
-         f"heads")  # fmt: skip
+    more = ", ..." if len(missing) > 4 else ""
+    _log(
+        jax.process_index() == 0,
+        f"init_from: newly initialised {len(missing)} head tensors ({', '.join(missing[:4])}"
+        f"{more}); dropped {len(dropped)} tensors of other heads",
+    )
     return {**kept, **{k: fresh[k] for k in missing}}
 
 
@@ -183,41 +184,37 @@ def _load_init_params(path: str, s: Setup, init: TrainState) -> tuple[Any, Any]:
     """(params, model_state) of the task head from an HF dir, a params-only Orbax export or a
     trainer workdir; `init` is the run's freshly initialised state.
 
-    Everything goes through the HF name map into the *task's* config and head, so a pretraining
-    checkpoint initialises a fine-tuning head as transformers does: the shared body is loaded,
-    missing head params are initialised fresh (`_with_fresh_heads`) and other heads' tensors are
-    dropped. The mutable collections (`model_state`, e.g. BatchNorm running statistics) come from
-    the source where it has them (HF `running_mean` / `running_var`, a trainer checkpoint's
-    `model_state`); the others keep their init values.
+    Our own checkpoints load straight onto the run's shardings (`checkpoint.restore_into`: saved
+    leaves replace the init's by tree path). An HF dir goes through the family's name map into the
+    task's config and head. Either way a pretraining checkpoint initialises a fine-tuning head as
+    transformers does: the shared body is loaded, head params the source lacks keep the run's
+    fresh init and other heads' weights are dropped. The mutable collections (`model_state`, e.g.
+    BatchNorm running statistics) come from the source where it has them (HF `running_mean` /
+    `running_var`, a trainer checkpoint's `model_state`); the others keep their init values.
     """
-    from xformers_jax import convert, hub
+    from xformers_jax import hf_files, hub
 
-    hf_files = (hub.SAFE_WEIGHTS, hub.SAFE_INDEX, hub.TORCH_WEIGHTS, hub.TORCH_INDEX)
-    if any(os.path.isfile(os.path.join(path, f)) for f in hf_files):
-        state_dict = hub.load_state_dict(path)
-    else:
-        src = load_trained_model(path)
-        state_dict = convert.params_to_hf(src.params, src.config, src.architecture)
-        state_dict.update(convert.collections_to_hf(src.collections, src.config,
-                                                    src.architecture))  # fmt: skip
-    state_dict = _with_fresh_heads(state_dict, s, init)
-    model = hub.from_state_dict(state_dict, s.task.model_config, s.task.architecture)
+    cfg, arch = s.task.model_config, s.task.architecture
+    if not hf_files.has_weights(path):
+        return ckpt_lib.restore_into(path, cfg, arch, init.params, init.model_state)
+    state_dict = _with_fresh_heads(hf_files.load_state_dict(path), s, init)
+    model = hub.from_state_dict(state_dict, cfg, arch)
     params = jax.device_put(model.params, s.param_shardings)
     loaded = {}
     for name, value in init.model_state.items():
         new = model.collections.get(name)
-        fits = new is not None and jax.tree.structure(new) == jax.tree.structure(value) and all(
-            np.shape(a) == b.shape for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(value))
-        )  # fmt: skip
-        loaded[name] = jax.tree.map(lambda a, b: np.asarray(a, b.dtype), new, value) if (
-            fits) else value  # fmt: skip
+        fits = new is not None and jax.tree.structure(new) == jax.tree.structure(value)
+        pairs = zip(jax.tree.leaves(new), jax.tree.leaves(value)) if fits else ()
+        if fits and all(np.shape(a) == b.shape for a, b in pairs):
+            value = jax.tree.map(lambda a, b: np.asarray(a, b.dtype), new, value)
+        loaded[name] = value
     return params, jax.device_put(loaded, s.state_shardings.model_state)
 
 
 def load_trained_model(checkpoint_dir: str | os.PathLike, step: int | None = None) -> Any:
     """The trained head of a trainer workdir (or a params-only export) as a `PretrainedModel`.
 
-    Same as `hub.load_orbax`: from a trainer checkpoint the task's mutable collections
+    Same as `checkpoint.load_orbax`: from a trainer checkpoint the task's mutable collections
     (`TrainState.model_state`, e.g. BatchNorm running statistics) are read too and become the
     model's `collections`, so `hub.save_pretrained(load_trained_model(workdir), hf_dir)` writes
     them (HF `running_mean` / `running_var`). Arrays are on the host CPU.
@@ -227,17 +224,7 @@ def load_trained_model(checkpoint_dir: str | os.PathLike, step: int | None = Non
         params-only Orbax export.
       step: for trainer checkpoints, the step (default: the latest).
     """
-    from xformers_jax import hub
-
-    return hub.load_orbax(checkpoint_dir, step)
-
-
-def export_to_hf(checkpoint_dir: str | os.PathLike, hf_out: str | os.PathLike,
-                 step: int | None = None) -> None:  # fmt: skip
-    """A trainer workdir (or params-only export) -> an HF directory, model state included."""
-    from xformers_jax import hub
-
-    hub.save_pretrained(load_trained_model(checkpoint_dir, step), hf_out)
+    return ckpt_lib.load_orbax(checkpoint_dir, step)
 
 
 def _host_metrics(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xformers_jax.convert import common
+from xformers_jax.convert import param_map
 from xformers_jax.models import beit, beit_segmentation
 
 TINY = dict(beit.PRESETS["tiny"], hidden_size=32, intermediate_size=64, num_labels=3)
@@ -47,7 +47,7 @@ def test_params_have_logical_names_and_stack_on_layers():
     boxed = jax.eval_shape(
         lambda: beit.BeitForSemanticSegmentation(cfg).init(jax.random.key(0), x)
     )["params"]
-    flat = common.flatten(boxed)
+    flat = param_map.flatten(boxed)
     table = flat[("beit", "encoder", "layers", "relative_position_bias",
                   "relative_position_bias_table")]  # fmt: skip
     assert table.names == ("layers", "relpos", "heads")

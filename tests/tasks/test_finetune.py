@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import assert_finetune_learns, finetune_run
-from xformers_jax import convert, hub, models, train
+from xformers_jax import checkpoint, convert, hub, models, train
 from xformers_jax.data import finetune_data
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
@@ -54,7 +54,7 @@ def export_init(config, task, path, orbax=False):
     inputs = convert.example_inputs(cfg, arch)
     params = nn.meta.unbox(module.init(jax.random.key(7), **inputs)["params"])
     model = hub.PretrainedModel(cfg, module, params, arch)
-    (hub.save_orbax if orbax else hub.save_pretrained)(model, path)
+    (checkpoint.save_orbax if orbax else hub.save_pretrained)(model, path)
     return str(path)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import assert_finetune_learns, finetune_run
-from xformers_jax import config_lib, convert, hub, models, train
+from xformers_jax import checkpoint, config_lib, convert, hub, models, train
 from xformers_jax.data import finetune_data
 from xformers_jax.tasks.mlm import tokenizer_for
 
@@ -298,7 +298,7 @@ def export_init(config, task, path):
     module, cfg, arch = models.build_model(config.model, task=task)
     inputs = convert.example_inputs(cfg, arch)
     params = nn.meta.unbox(module.init(jax.random.key(7), **inputs)["params"])
-    hub.save_orbax(hub.PretrainedModel(cfg, module, params, arch), path)
+    checkpoint.save_orbax(hub.PretrainedModel(cfg, module, params, arch), path)
     return str(path)
 
 
@@ -347,6 +347,6 @@ def test_plm_workdir_initialises_finetuning_with_its_tokenizer(tmp_path):
     result = train.train_and_evaluate(c, str(tmp_path / "cls"))
     assert np.isfinite(result["final_eval"]["loss"])
     # The body is the pretrained one: the fine-tuned word embeddings moved only a little.
-    pretrained = hub.load_orbax(plm_dir).params["transformer"]["word_embedding"]
-    tuned = hub.load_orbax(str(tmp_path / "cls")).params["transformer"]["word_embedding"]
+    pretrained = checkpoint.load_orbax(plm_dir).params["transformer"]["word_embedding"]
+    tuned = checkpoint.load_orbax(str(tmp_path / "cls")).params["transformer"]["word_embedding"]
     assert np.abs(np.asarray(tuned) - np.asarray(pretrained)).max() < 0.02

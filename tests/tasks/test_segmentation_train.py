@@ -273,7 +273,7 @@ def test_trains_at_another_resolution_with_batch_stats(trained, tmp_path):
     # The trained model (running statistics included) in transformers.
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    train.export_to_hf(str(workdir), str(tmp_path / "hf"))
+    ckpt_lib.export_orbax_to_hf(str(workdir), str(tmp_path / "hf"))
     ref = transformers.BeitForSemanticSegmentation.from_pretrained(str(tmp_path / "hf")).eval()
     np.testing.assert_array_equal(
         ref.fpn1[1].running_var.numpy(), model.collections["batch_stats"]["fpn"]["fpn1_1"]["var"]
@@ -313,7 +313,7 @@ def test_killed_and_resumed_is_exact_with_batch_stats(trained, tmp_path, monkeyp
 
 
 def test_export_to_transformers_with_running_stats(tmp_path):
-    """A checkpoint's BatchNorm statistics reach transformers through `export_to_hf`, and come
+    """A checkpoint's BatchNorm statistics reach transformers through `export_orbax_to_hf`, and come
     back into a run's state through `init_from` that HF dir."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -335,11 +335,11 @@ def test_export_to_transformers_with_running_stats(tmp_path):
     ckpt.close()
 
     out = tmp_path / "hf"
-    train.export_to_hf(str(workdir), str(out))
+    ckpt_lib.export_orbax_to_hf(str(workdir), str(out))
     ours = train.load_trained_model(str(workdir))
     jax.tree.map(np.testing.assert_array_equal, ours.collections, stats)
-    # `xformers-jax export` (hub) carries them too.
-    hub.export_orbax_to_hf(str(workdir), str(tmp_path / "hf_cli"))
+    # `xformers-jax export` (checkpoint.export_orbax_to_hf) carries them too.
+    ckpt_lib.export_orbax_to_hf(str(workdir), str(tmp_path / "hf_cli"))
     cli_model = hub.from_pretrained(str(tmp_path / "hf_cli"))
     jax.tree.map(np.testing.assert_array_equal, cli_model.collections, stats)
     ref = transformers.BeitForSemanticSegmentation.from_pretrained(str(out)).eval()
@@ -353,6 +353,12 @@ def test_export_to_transformers_with_running_stats(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(model_state), stats)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
                  jax.device_get(init.params))  # fmt: skip
+    # init_from the workdir itself: read straight onto the run's shardings, statistics included.
+    params, model_state = train._load_init_params(str(workdir), s, init)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(model_state), stats)
+    jax.tree.map(np.testing.assert_array_equal, *jax.device_get((params, init.params)))
+    shardings = jax.tree.map(lambda x: x.sharding, (model_state, init.model_state))
+    assert shardings[0] == shardings[1]
 
 
 def _assert_hf_parity(ours, ref, torch):

@@ -2,9 +2,11 @@
 
 Each family has a module `xformers_jax.convert.<family name>` exposing
 
-  param_map(config, architecture) -> common.ParamMap     the name map
-  hf_to_params(state_dict, config, architecture, shapes=None) -> params
-  params_to_hf(params, config, architecture) -> state_dict
+  param_map(config, architecture) -> param_map.ParamMap  the name map
+  hf_to_params(state_dict, config, architecture, shapes) -> params   (optional) for families
+  params_to_hf(params, config, architecture) -> state_dict           with more than one map or
+                                                          checks of their own; by default the
+                                                          family's map goes through `param_map`
   hf_architecture(config, architecture) -> str           (optional) HF's class name to save as
   example_inputs(config, architecture) -> dict           (optional) kwargs that `init` the head
   hf_to_collections(state_dict, config, architecture) -> {collection: tree}   (optional) variables
@@ -25,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from xformers_jax.convert.common import ConversionError, ParamMap, Rule, check_tree
+from xformers_jax.convert import param_map as pm
+from xformers_jax.convert.param_map import ConversionError, ParamMap, Rule, check_tree
 
 __all__ = [
     "ConversionError",
@@ -38,6 +41,7 @@ __all__ = [
     "example_inputs",
     "hf_architecture",
     "hf_to_collections",
+    "head_layout",
     "hf_to_params",
     "init_module",
     "params_to_hf",
@@ -75,7 +79,7 @@ def example_inputs(config: Any, architecture: str) -> dict[str, Any]:
     conv = converter(config)
     if hasattr(conv, "example_inputs"):
         return conv.example_inputs(config, architecture)
-    return {"input_ids": np.zeros((1, 2), np.int32)}
+    return pm.token_inputs(architecture.endswith("ForMultipleChoice"))
 
 
 def _trace(config: Any, architecture: str) -> Any:
@@ -134,6 +138,20 @@ def collections_to_hf(
     return conv.collections_to_hf(collections, config, architecture)
 
 
+def head_layout(
+    config: Any, architecture: str
+) -> tuple[tuple[str, ...], frozenset[tuple[str, ...]]]:
+    """Where a head keeps what in our param tree, for loading our own checkpoints across heads.
+
+    Returns:
+      `(root, fresh)`: the path of the base model's params (`ParamMap.root`: `()` for a bare model,
+      e.g. `('model',)` for a head) and the paths of params transformers initialises fresh when a
+      checkpoint lacks them (poolers, classifiers; the rules marked `init`).
+    """
+    pmap = converter(config).param_map(config, architecture)
+    return pmap.root, frozenset(r.path for r in pmap.rules if r.init is not None)
+
+
 def hf_architecture(config: Any, architecture: str) -> str:
     """The HF class name transformers expects for this head and config (what save writes)."""
     from xformers_jax.models import family_for_model_type
@@ -166,11 +184,18 @@ def hf_to_params(
     Raises:
       ConversionError: missing / unexpected / mis-shaped tensors, each named.
     """
-    return converter(config).hf_to_params(state_dict, config, architecture, shapes)
+    conv = converter(config)
+    shapes = abstract_params(config, architecture) if shapes is None else shapes
+    if hasattr(conv, "hf_to_params"):
+        return conv.hf_to_params(state_dict, config, architecture, shapes)
+    return pm.hf_to_params(state_dict, conv.param_map(config, architecture), shapes)
 
 
 def params_to_hf(
     params: Mapping[str, Any], config: Any, architecture: str
 ) -> dict[str, np.ndarray]:
     """Our params -> HF state dict (HF names, torch Linear `[out, in]`, tied weights once)."""
-    return converter(config).params_to_hf(params, config, architecture)
+    conv = converter(config)
+    if hasattr(conv, "params_to_hf"):
+        return conv.params_to_hf(params, config, architecture)
+    return pm.params_to_hf(params, conv.param_map(config, architecture))

@@ -16,8 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from xformers_jax.convert import common
-from xformers_jax.convert.common import Rule, dense_rules, norm_rules
+from xformers_jax.convert.param_map import (
+    ParamMap,
+    Rule,
+    adapt_prefix,
+    dense_rules,
+    flatten,
+    norm_rules,
+    unflatten,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +44,13 @@ def _encoder_rules(cfg: Any, enc: tuple[str, ...], p: str) -> list[Rule]:
     emb, lay, layer = (*enc, "embeddings"), (*enc, "layers"), f"{p}encoder.layer.{{i}}"
     rules = [
         Rule((*emb, "cls_token"), f"{p}embeddings.cls_token"),
-        Rule((*emb, "patch_embeddings", "kernel"),
-             f"{p}embeddings.patch_embeddings.projection.weight", "conv"),
+        Rule(
+            (*emb, "patch_embeddings", "kernel"),
+            f"{p}embeddings.patch_embeddings.projection.weight",
+            "conv",
+        ),
         Rule((*emb, "patch_embeddings", "bias"), f"{p}embeddings.patch_embeddings.projection.bias"),
-    ]  # fmt: skip
+    ]
     if cfg.use_mask_token:
         rules.append(Rule((*emb, "mask_token"), f"{p}embeddings.mask_token"))
     if cfg.use_absolute_position_embeddings:
@@ -111,7 +121,7 @@ def _segmentation_rules(cfg: Any) -> list[Rule]:
     return rules
 
 
-def param_map(config: Any, architecture: str) -> common.ParamMap:
+def param_map(config: Any, architecture: str) -> ParamMap:
     """The name map of `architecture` (an HF class name) for `config` (a BeitConfig)."""
     bare = architecture in ("BeitModel", "BeitBackbone")
     root: tuple[str, ...] = () if bare else ("beit",)
@@ -123,8 +133,10 @@ def param_map(config: Any, architecture: str) -> common.ParamMap:
         if config.use_mean_pooling and architecture in ("BeitModel", "BeitForImageClassification"):
             # Absent from pretraining (MIM) checkpoints: fresh, as transformers initialises it.
             pool = (*root, "pooler_layernorm")
-            rules += [Rule((*pool, "scale"), f"{p}pooler.layernorm.weight", init="ones"),
-                      Rule((*pool, "bias"), f"{p}pooler.layernorm.bias", init="zeros")]  # fmt: skip
+            rules += [
+                Rule((*pool, "scale"), f"{p}pooler.layernorm.weight", init="ones"),
+                Rule((*pool, "bias"), f"{p}pooler.layernorm.bias", init="zeros"),
+            ]
     if architecture == "BeitForMaskedImageModeling":
         rules += norm_rules(("layernorm",), "layernorm")
         rules += dense_rules(("lm_head",), "lm_head")
@@ -142,34 +154,15 @@ def param_map(config: Any, architecture: str) -> common.ParamMap:
     if architecture == "BeitForImageClassification":
         # A MIM checkpoint's head (top-level `layernorm`, `lm_head`) is dropped, as transformers.
         ignore = (*ignore, r"layernorm\..*", r"lm_head\..*")
-    return common.ParamMap(
+    return ParamMap(
         rules=tuple(rules),
         num_layers=config.num_hidden_layers,
         prefix=p,
         base_prefix=BASE_PREFIX if architecture != "BeitBackbone" else "",
         ignore=ignore,
         init_std=config.initializer_range,
+        root=root,
     )
-
-
-def hf_to_params(
-    state_dict: Mapping[str, np.ndarray],
-    config: Any,
-    architecture: str,
-    shapes: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """HF state dict -> our params (nested numpy dict). See `common.hf_to_params`."""
-    from xformers_jax.convert import abstract_params
-
-    shapes = abstract_params(config, architecture) if shapes is None else shapes
-    return common.hf_to_params(state_dict, param_map(config, architecture), shapes)
-
-
-def params_to_hf(
-    params: Mapping[str, Any], config: Any, architecture: str
-) -> dict[str, np.ndarray]:
-    """Our params -> HF state dict (torch layouts, HF names). See `common.params_to_hf`."""
-    return common.params_to_hf(params, param_map(config, architecture))
 
 
 def _stat_pairs(config: Any, architecture: str) -> list[tuple[tuple[str, ...], str]]:
@@ -179,8 +172,10 @@ def _stat_pairs(config: Any, architecture: str) -> list[tuple[tuple[str, ...], s
         # BatchNorm scales are the `scale` params whose module is a `bn` or an fpn BatchNorm.
         if rule.path[-1] == "scale" and (rule.path[-2] == "bn" or rule.path[-2] == "fpn1_1"):
             hf = rule.hf[: -len(".weight")]
-            pairs += [((*rule.path[:-1], "mean"), f"{hf}.running_mean"),
-                      ((*rule.path[:-1], "var"), f"{hf}.running_var")]  # fmt: skip
+            pairs += [
+                ((*rule.path[:-1], "mean"), f"{hf}.running_mean"),
+                ((*rule.path[:-1], "var"), f"{hf}.running_var"),
+            ]
     return pairs
 
 
@@ -192,7 +187,7 @@ def hf_to_collections(
     if not pairs:
         return {}
     pmap = param_map(config, architecture)
-    sd = common.adapt_prefix(state_dict, pmap)
+    sd = adapt_prefix(state_dict, pmap)
     flat, missing = {}, []
     for path, key in pairs:
         if key in sd:
@@ -204,7 +199,7 @@ def hf_to_collections(
             flat[path] = init((channels,), np.float32)
     if missing and state_dict:
         log.warning("BatchNorm statistics not in the checkpoint, initialised: %d", len(missing))
-    return {"batch_stats": common.unflatten(flat)}
+    return {"batch_stats": unflatten(flat)}
 
 
 def _channels(config: Any, path: tuple[str, ...]) -> int:
@@ -216,7 +211,7 @@ def collections_to_hf(
     collections: Mapping[str, Any], config: Any, architecture: str
 ) -> dict[str, np.ndarray]:
     """HF running statistics (+ `num_batches_tracked` = 0) from `batch_stats`."""
-    flat = common.flatten(collections.get("batch_stats", {}))
+    flat = flatten(collections.get("batch_stats", {}))
     out = {}
     for path, key in _stat_pairs(config, architecture):
         out[key] = np.asarray(flat[path], np.float32)

@@ -18,15 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from xformers_jax.convert import common
-from xformers_jax.convert.common import Rule
+from xformers_jax.convert import param_map as pm
+from xformers_jax.convert.param_map import ParamMap, Rule, flatten, unflatten
 
 _BARE = ("MT5Model", "MT5EncoderModel")
 _ENCODER_ONLY = ("MT5EncoderModel", "MT5ForTokenClassification")
 _PREFIXED = ("MT5ForSequenceClassification", "MT5ForTokenClassification")
 
 
-def param_map(config: Any, architecture: str) -> common.ParamMap:
+def param_map(config: Any, architecture: str) -> ParamMap:
     """The name map of `architecture` (an HF class name) for `config` (an MT5Config)."""
     root: tuple[str, ...] = () if architecture in _BARE else ("model",)
     p = "transformer." if architecture in _PREFIXED else ""
@@ -48,13 +48,14 @@ def param_map(config: Any, architecture: str) -> common.ParamMap:
     ignore = [rf"{pe}decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight"]
     if encoder_only:
         ignore += [rf"{pe}decoder\..*", r"lm_head\.weight"]
-    return common.ParamMap(
+    return ParamMap(
         rules=tuple(rules),
         num_layers=config.num_layers,
         prefix=p,
         base_prefix=p,
         ignore=tuple(ignore),
         init_std=config.initializer_factor * config.d_model**-0.5,
+        root=root,
     )
 
 
@@ -73,10 +74,12 @@ def _stack_rules(config: Any, root: tuple[str, ...], hf: str, decoder: bool) -> 
         subs.append(("cross_attention", "EncDecAttention", 1))
     for ours, theirs, j in subs:
         for name in ("q", "k", "v"):
-            rules.append(Rule((*lay, ours, name, "kernel"), f"{block}.{j}.{theirs}.{name}.weight",
-                              "linear"))  # fmt: skip
-        rules.append(Rule((*lay, ours, "o", "kernel"), f"{block}.{j}.{theirs}.o.weight", "linear",
-                          n_in=2))  # fmt: skip
+            rules.append(
+                Rule((*lay, ours, name, "kernel"), f"{block}.{j}.{theirs}.{name}.weight", "linear")
+            )
+        rules.append(
+            Rule((*lay, ours, "o", "kernel"), f"{block}.{j}.{theirs}.o.weight", "linear", n_in=2)
+        )
         rules.append(Rule((*lay, f"{ours}_norm", "scale"), f"{block}.{j}.layer_norm.weight"))
     f = len(subs)
     names = ("wi_0", "wi_1", "wo") if config.is_gated else ("wi", "wo")
@@ -118,7 +121,7 @@ def example_inputs(config: Any, architecture: str) -> dict[str, Any]:
     return {"input_ids": ids}
 
 
-def _maps(config: Any, architecture: str) -> list[tuple[common.ParamMap, tuple[str, ...] | None]]:
+def _maps(config: Any, architecture: str) -> list[tuple[ParamMap, tuple[str, ...] | None]]:
     """The map, split in two when the decoder has its own depth (one scan length per map).
 
     Returns `(map, decoder root)` pairs: the decoder's map owns the params under the root, the
@@ -145,35 +148,25 @@ def _maps(config: Any, architecture: str) -> list[tuple[common.ParamMap, tuple[s
 
 
 def _subtree(tree: Mapping[str, Any], root: tuple[str, ...] | None, inside: bool) -> dict:
-    flat = common.flatten(tree)
+    flat = flatten(tree)
     if root is None:
         return dict(tree)
     keep = {p: v for p, v in flat.items() if (p[: len(root)] == root) == inside}
-    return common.unflatten(keep)
+    return unflatten(keep)
 
 
-def hf_to_params(
-    state_dict: Mapping[str, np.ndarray],
-    config: Any,
-    architecture: str,
-    shapes: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """HF state dict -> our params (nested numpy dict). See `common.hf_to_params`."""
-    from xformers_jax.convert import abstract_params
-
-    shapes = abstract_params(config, architecture) if shapes is None else shapes
+def hf_to_params(state_dict: Mapping, config: Any, architecture: str, shapes: Mapping) -> dict:
+    """`param_map.hf_to_params` once per map of `_maps`."""
     flat: dict[tuple[str, ...], Any] = {}
     for i, (pmap, root) in enumerate(_maps(config, architecture)):
         part = _subtree(shapes, root, inside=i == 1)
-        flat.update(common.flatten(common.hf_to_params(state_dict, pmap, part)))
-    return common.unflatten(flat)
+        flat.update(flatten(pm.hf_to_params(state_dict, pmap, part)))
+    return unflatten(flat)
 
 
-def params_to_hf(
-    params: Mapping[str, Any], config: Any, architecture: str
-) -> dict[str, np.ndarray]:
-    """Our params -> HF state dict (torch layouts, HF names). See `common.params_to_hf`."""
+def params_to_hf(params: Mapping, config: Any, architecture: str) -> dict[str, np.ndarray]:
+    """`param_map.params_to_hf` once per map of `_maps`."""
     out: dict[str, np.ndarray] = {}
     for i, (pmap, root) in enumerate(_maps(config, architecture)):
-        out.update(common.params_to_hf(_subtree(params, root, inside=i == 1), pmap))
+        out.update(pm.params_to_hf(_subtree(params, root, inside=i == 1), pmap))
     return out

@@ -9,13 +9,16 @@ end with `encoder.LayerNorm`; post-LN blocks name them `attention.output.LayerNo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
-from xformers_jax.convert import common
-from xformers_jax.convert.common import Rule, dense_rules, embed_rule, norm_rules
+from xformers_jax.convert.param_map import (
+    ParamMap,
+    Rule,
+    dense_rules,
+    embed_rule,
+    encoder_map,
+    norm_rules,
+)
 
 BASE_PREFIX = "roberta."
 
@@ -69,7 +72,7 @@ def _head_rules(kind: str) -> list[Rule]:
 _OTHER_HEADS = r"(lm_head|classifier|qa_outputs)\..*"
 
 
-def param_map(config: Any, architecture: str) -> common.ParamMap:
+def param_map(config: Any, architecture: str) -> ParamMap:
     """The name map of `architecture` (an HF class name) for `config` (an XLMRobertaConfig)."""
     kind = head_kind(architecture)
     bare = kind == "Model"
@@ -89,26 +92,8 @@ def param_map(config: Any, architecture: str) -> common.ParamMap:
         if kind in ("ForMaskedLM", "ForCausalLM"):
             word = rules[0]
             rules[0] = Rule(word.path, word.hf, aliases=("lm_head.decoder.weight",))
-    unused = {}
-    if config.position_embedding_type != "absolute":
-        # HF builds the absolute table even for relative models and never reads it.
-        shape = (config.max_position_embeddings, config.hidden_size)
-        unused[f"{p}embeddings.position_embeddings.weight"] = shape
-    return common.ParamMap(
-        rules=tuple(rules),
-        num_layers=config.num_hidden_layers,
-        prefix=p,
-        base_prefix=BASE_PREFIX,
-        ignore=tuple(ignore),
-        unused=unused,
-        init_std=config.initializer_range,
-    )
-
-
-def example_inputs(config: Any, architecture: str) -> dict[str, Any]:
-    """Smallest inputs that `init` the head (multiple choice wants `[batch, choices, length]`)."""
-    shape = (1, 1, 2) if head_kind(architecture) == "ForMultipleChoice" else (1, 2)
-    return {"input_ids": np.zeros(shape, np.int32)}
+    rows = config.max_position_embeddings
+    return encoder_map(config, rules, p, BASE_PREFIX, root, ignore, position_rows=rows)
 
 
 def _base_rules(config: Any, root: tuple[str, ...], p: str, pooler: bool) -> list[Rule]:
@@ -151,23 +136,3 @@ def _base_rules(config: Any, root: tuple[str, ...], p: str, pooler: bool) -> lis
             Rule((*pool, "bias"), f"{p}pooler.dense.bias", "bias", init="zeros"),
         ]
     return rules
-
-
-def hf_to_params(
-    state_dict: Mapping[str, np.ndarray],
-    config: Any,
-    architecture: str,
-    shapes: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """HF state dict -> our params (nested numpy dict). See `common.hf_to_params`."""
-    from xformers_jax.convert import abstract_params
-
-    shapes = abstract_params(config, architecture) if shapes is None else shapes
-    return common.hf_to_params(state_dict, param_map(config, architecture), shapes)
-
-
-def params_to_hf(
-    params: Mapping[str, Any], config: Any, architecture: str
-) -> dict[str, np.ndarray]:
-    """Our params -> HF state dict (torch layouts, HF names). See `common.params_to_hf`."""
-    return common.params_to_hf(params, param_map(config, architecture))

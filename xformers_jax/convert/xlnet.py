@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from xformers_jax.convert import common
-from xformers_jax.convert.common import ConversionError, Rule, dense_rules, norm_rules
+from xformers_jax.convert import param_map as pm
+from xformers_jax.convert.param_map import ConversionError, ParamMap, Rule, dense_rules, norm_rules
 
 BASE_PREFIX = "transformer."
 _BIASES = ("r_w_bias", "r_r_bias", "r_s_bias")
@@ -70,8 +70,9 @@ def _summary_rules(config: Any) -> list[Rule]:
     if config.summary_type == "attn":
         # Ours only (transformers has no attention summary): stored under our own names.
         rules += [Rule((*s, n), f"sequence_summary.attn.{n}", init="normal") for n in "qkvo"]
-        rules.append(Rule((*s, "summary_bias"), "sequence_summary.attn.summary_bias",
-                          init="normal"))  # fmt: skip
+        rules.append(
+            Rule((*s, "summary_bias"), "sequence_summary.attn.summary_bias", init="normal")
+        )
         rules += _fresh_norm((*s, "attn_norm"), "sequence_summary.attn.layer_norm")
     if config.summary_use_proj:
         rules += _fresh_dense((*s, "summary"), "sequence_summary.summary")
@@ -99,7 +100,7 @@ def _head_rules(config: Any, architecture: str) -> list[Rule]:
     raise ValueError(f"unknown XLNet architecture {architecture!r}")
 
 
-def param_map(config: Any, architecture: str) -> common.ParamMap:
+def param_map(config: Any, architecture: str) -> ParamMap:
     """The name map of `architecture` (an HF class name) for `config` (an XLNetConfig)."""
     bare = architecture == "XLNetModel"
     root: tuple[str, ...] = () if bare else ("transformer",)
@@ -110,12 +111,13 @@ def param_map(config: Any, architecture: str) -> common.ParamMap:
     if architecture == "XLNetLMHeadModel":
         # lm_loss.weight is tied to the word embedding (transformers does not save it).
         rules[0] = Rule(rules[0].path, rules[0].hf, aliases=("lm_loss.weight",))
-    return common.ParamMap(
+    return ParamMap(
         rules=tuple(rules),
         num_layers=config.n_layer,
         prefix=p,
         base_prefix=BASE_PREFIX,
         init_std=config.initializer_range,
+        root=root,
     )
 
 
@@ -135,26 +137,16 @@ def _check_shared_biases(state_dict: Mapping[str, np.ndarray], config: Any) -> N
                 )
 
 
-def hf_to_params(
-    state_dict: Mapping[str, np.ndarray],
-    config: Any,
-    architecture: str,
-    shapes: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """HF state dict -> our params (nested numpy dict). See `common.hf_to_params`."""
-    from xformers_jax.convert import abstract_params
-
+def hf_to_params(state_dict: Mapping, config: Any, architecture: str, shapes: Mapping) -> dict:
+    """`param_map.hf_to_params`, after checking that shared (untie_r=False) biases are shared."""
     _check_shared_biases(state_dict, config)
-    shapes = abstract_params(config, architecture) if shapes is None else shapes
-    return common.hf_to_params(state_dict, param_map(config, architecture), shapes)
+    return pm.hf_to_params(state_dict, param_map(config, architecture), shapes)
 
 
-def params_to_hf(
-    params: Mapping[str, Any], config: Any, architecture: str
-) -> dict[str, np.ndarray]:
-    """Our params -> HF state dict; shared (untie_r=False) biases written to every layer."""
+def params_to_hf(params: Mapping, config: Any, architecture: str) -> dict[str, np.ndarray]:
+    """`param_map.params_to_hf`; shared (untie_r=False) biases written to every layer."""
     pmap = param_map(config, architecture)
-    out = common.params_to_hf(params, pmap)
+    out = pm.params_to_hf(params, pmap)
     for rule in pmap.rules:
         for alias in rule.aliases:
             if ".rel_attn.r_" in alias:

@@ -64,13 +64,13 @@ def export_for_finetuning(mim_checkpoint: str | os.PathLike, out_dir: str | os.P
     the classifier and pooler LayerNorm are initialised fresh by the converter, as transformers
     does when a pretraining checkpoint is loaded into a classification head.
     """
-    from xformers_jax import convert, hub
+    from xformers_jax import checkpoint, convert, hub
 
-    mim = hub.load_orbax(mim_checkpoint)
+    mim = checkpoint.load_orbax(mim_checkpoint)
     state_dict = convert.params_to_hf(mim.params, mim.config, mim.architecture)
     config = mim.config.replace(num_labels=num_labels)
     model = hub.from_state_dict(state_dict, config, "BeitForImageClassification")
-    hub.save_orbax(model, out_dir)
+    checkpoint.save_orbax(model, out_dir)
     return os.fspath(out_dir)
 
 

@@ -1,4 +1,4 @@
-"""The machinery shared by every family's HF <-> ours name map.
+"""ParamMap and Rule: the name-map machinery every family's HF <-> ours converter is built from.
 
 A family's convert module describes its checkpoint as a `ParamMap`: one `Rule` per param of ours,
 naming the HF tensor (with `{i}` standing for the layer index of params stacked on the `nn.scan`
@@ -85,6 +85,9 @@ class ParamMap:
         zeros on save so transformers loads the export without "newly initialised" warnings
         (e.g. the absolute position table of a relative-position model).
       init_std: the std of `'normal'` fresh inits (the config's `initializer_range`).
+      root: where the base model's params sit in our tree: `()` for a bare model, the body
+        module's name for a head model (`('model',)`, `('transformer',)`, `('beit',)`). Loading
+        one of our own checkpoints into another head matches the base model by this place.
     """
 
     rules: tuple[Rule, ...]
@@ -94,6 +97,7 @@ class ParamMap:
     ignore: tuple[str, ...] = ()
     unused: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     init_std: float = 0.02
+    root: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,7 +184,7 @@ def path_str(path: Sequence[str]) -> str:
     return "/".join(path)
 
 
-def _listing(names: Iterable[str]) -> str:
+def listing(names: Iterable[str]) -> str:
     names = sorted(names)
     shown = ", ".join(names[:_MAX_LISTED])
     more = len(names) - _MAX_LISTED
@@ -212,7 +216,7 @@ def adapt_prefix(state_dict: Mapping[str, Any], pmap: ParamMap) -> dict[str, Any
     if not pmap.prefix and has_base:
         dropped = [k for k in state_dict if not k.startswith(base)]
         if dropped:
-            log.info("base model: ignoring %d head tensors: %s", len(dropped), _listing(dropped))
+            log.info("base model: ignoring %d head tensors: %s", len(dropped), listing(dropped))
         return {k[len(base) :]: v for k, v in state_dict.items() if k.startswith(base)}
     return dict(state_dict)
 
@@ -294,17 +298,17 @@ def hf_to_params(
     unexpected = sorted(set(sd) - used - unused_keys)
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)} tensors: {_listing(missing)}")
+        problems.append(f"missing {len(missing)} tensors: {listing(missing)}")
     if unexpected:
-        problems.append(f"unexpected {len(unexpected)} tensors: {_listing(unexpected)}")
+        problems.append(f"unexpected {len(unexpected)} tensors: {listing(unexpected)}")
     if problems:
         raise ConversionError("checkpoint does not match the model: " + "; ".join(problems))
     uncovered = sorted(path_str(p) for p in set(expected) - set(params))
     if uncovered:
-        raise ConversionError(f"no conversion rule for params {_listing(uncovered)}")
+        raise ConversionError(f"no conversion rule for params {listing(uncovered)}")
     if fresh:
         # transformers warns the same way: these are heads to be fine-tuned.
-        log.warning("not in the checkpoint, newly initialised: %s", _listing(fresh))
+        log.warning("not in the checkpoint, newly initialised: %s", listing(fresh))
     return unflatten(params)
 
 
@@ -360,7 +364,7 @@ def params_to_hf(params: Mapping[str, Any], pmap: ParamMap) -> dict[str, np.ndar
             out[rule.hf] = to_hf(rule, x)
     extra = sorted(path_str(p) for p in set(flat) - {r.path for r in pmap.rules})
     if extra:
-        raise ConversionError(f"params not in the HF format: {_listing(extra)}")
+        raise ConversionError(f"params not in the HF format: {listing(extra)}")
     dtype = next(iter(out.values())).dtype if out else np.float32
     for key, shape in pmap.unused.items():
         out[key] = np.zeros(shape, dtype)
@@ -393,6 +397,42 @@ def embed_rule(path: tuple[str, ...], hf: str, **kw) -> Rule:
     return Rule((*path, "embedding"), f"{hf}.weight", **kw)
 
 
+def encoder_map(
+    config: Any,
+    rules: Sequence[Rule],
+    prefix: str,
+    base_prefix: str,
+    root: tuple[str, ...],
+    ignore: Sequence[str],
+    position_rows: int,
+) -> ParamMap:
+    """The map of a BERT-style encoder config (`num_hidden_layers`, `initializer_range`, ...).
+
+    transformers builds the absolute position table (`position_rows` rows) even for relative
+    position models and never reads it: it is `unused` there (dropped on load, zeros on save).
+    """
+    unused = {}
+    if config.position_embedding_type != "absolute":
+        shape = (position_rows, config.hidden_size)
+        unused[f"{prefix}embeddings.position_embeddings.weight"] = shape
+    return ParamMap(
+        rules=tuple(rules),
+        num_layers=config.num_hidden_layers,
+        prefix=prefix,
+        base_prefix=base_prefix,
+        ignore=tuple(ignore),
+        unused=unused,
+        init_std=config.initializer_range,
+        root=root,
+    )
+
+
+def token_inputs(multiple_choice: bool) -> dict[str, np.ndarray]:
+    """The smallest `input_ids` that `init` a text head (`[batch, choices, length]` for multiple
+    choice)."""
+    return {"input_ids": np.zeros((1, 1, 2) if multiple_choice else (1, 2), np.int32)}
+
+
 def check_tree(params: Mapping[str, Any], shapes: Mapping[str, Any]) -> None:
     """Raises ConversionError unless `params` has exactly the paths and shapes of `shapes`.
 
@@ -405,8 +445,8 @@ def check_tree(params: Mapping[str, Any], shapes: Mapping[str, Any]) -> None:
     extra = sorted(path_str(p) for p in set(got) - set(want))
     if missing or extra:
         raise ConversionError(
-            f"params do not match the model: missing {_listing(missing) or 'none'}; "
-            f"unexpected {_listing(extra) or 'none'}"
+            f"params do not match the model: missing {listing(missing) or 'none'}; "
+            f"unexpected {listing(extra) or 'none'}"
         )
     for p in sorted(want):
         if tuple(np.shape(got[p])) != tuple(want[p].shape):
