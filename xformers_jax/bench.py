@@ -321,15 +321,15 @@ def _sync(device: str | None) -> None:
 
 
 def matmul_peak(
-    dtype: str = "float32", device: str | None = "cpu", reps: int = 10, n: int | None = None
+    dtype: str = "float32", device: str | None = "cpu", reps: int = 10, size: int | None = None
 ) -> dict[str, float]:
     """Measured matmul FLOP/s of this machine in `dtype`, for jax and torch on `device` (None:
-    jax only): the MFU denominator. A `n^3` matmul (2048 on a CPU, 8192 on an accelerator), the
-    median of `reps` calls (`run` measures it before and after the families and keeps the
-    higher, so a slow spell of a shared VM does not inflate every MFU)."""
+    jax only): the MFU denominator. A `size^3` matmul (default 2048 on a CPU, 8192 on an
+    accelerator), the median of `reps` calls (`run` measures it before and after the families
+    and keeps the higher, so a slow spell of a shared VM does not inflate every MFU)."""
     import torch
 
-    n = n or (2048 if jax.default_backend() == "cpu" else 8192)
+    n = size or (2048 if jax.default_backend() == "cpu" else 8192)
     a = jnp.ones((n, n), dtype)
     mm = jax.jit(lambda x: x @ x)
     mm(a).block_until_ready()
@@ -443,9 +443,12 @@ def run(
     config: str = "default",
     dtype: str = "float32",
     overrides: dict[str, Any] | None = None,
+    peak_size: int | None = None,
 ) -> dict[str, Any]:
     """Benchmarks `families` (default: the config's, else all) on the named bench config in
-    `dtype`; returns the JSON-able results.
+    `dtype`; returns the JSON-able results. `peak_size`: the side of `matmul_peak`'s matmul
+    (default: its own; smoke tests use a tiny one, as a CPU without bfloat16 units takes ~15 s
+    per 2048^3 bfloat16 matmul).
 
     Raises:
       config_lib.UserError: an unknown family, config, config field or dtype.
@@ -463,14 +466,15 @@ def run(
     if unknown:
         raise UserError(f"unknown bench family {unknown[0]!r}; known: {sorted(CASES)}")
     device = _torch_device()
-    first = matmul_peak(dtype, device)
+    first = matmul_peak(dtype, device, size=peak_size)
     rows = []
     for name in names:
         rows.append(_bench_case(CASES[name], b, dtype, n, device))
         gc.collect()  # this family's models and optimizer states: gone before the next one's
         if device == "cuda":
             torch.cuda.empty_cache()
-    last = matmul_peak(dtype, device)  # again after the families: the higher of the two counts
+    # Again after the families: the higher of the two counts.
+    last = matmul_peak(dtype, device, size=peak_size)
     peak = {k: max(first[k], last[k]) for k in first}
     for r in rows:
         r["mfu"] = r["flops_per_step"] / (r["train_ms"] / 1e3) / peak["jax_flops"]
@@ -557,10 +561,11 @@ def main(
     config: str = "default",
     dtype: str = "float32",
     overrides: dict[str, Any] | None = None,
+    peak_size: int | None = None,
 ) -> dict:
     """Runs the bench (see `run`), prints the table and writes JSON / Markdown / PNG into
     `out_dir` (default `bench_out`)."""
-    res = run(families, n, config=config, dtype=dtype, overrides=overrides)
+    res = run(families, n, config=config, dtype=dtype, overrides=overrides, peak_size=peak_size)
     table = markdown(res)
     print(table)
     out_dir = out_dir or "bench_out"
