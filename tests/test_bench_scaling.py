@@ -40,17 +40,9 @@ def test_yoso_suite(tmp_path, monkeypatch):
 
 
 def test_yoso_suite_skips_what_exceeds_the_memory_budget(tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        scaling,
-        "YOSO",
-        dict(
-            lengths=(16, 64),
-            batch=1,
-            heads=2,
-            head_dim=16,
-            methods=("softmax", "hf_yoso_expectation"),
-        ),
-    )
+    methods = ("softmax", "hf_yoso_expectation")
+    yoso = dict(lengths=(16, 64), batch=1, heads=2, head_dim=16, methods=methods)
+    monkeypatch.setattr(scaling, "YOSO", yoso)
     # Between the [2, 16, 16] and the [2, 64, 64] score matrices' needs.
     budget = 60_000
     monkeypatch.setattr(harness, "MAX_GIB", budget / harness.GIB)
@@ -71,22 +63,9 @@ def test_yoso_suite_skips_what_exceeds_the_memory_budget(tmp_path, monkeypatch):
 
 
 def test_decoding_suite(tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        decoding,
-        "DECODING",
-        dict(
-            new_tokens=(8, 16),
-            batch=2,
-            encoder_len=8,
-            prompt_len=4,
-            num_beams=2,
-            hidden=32,
-            layers=1,
-            heads=2,
-            ffn=64,
-            vocab=100,
-        ),
-    )
+    sizes = dict(hidden=32, layers=1, heads=2, ffn=64, vocab=100)
+    cfg = dict(new_tokens=(8, 16), batch=2, encoder_len=8, prompt_len=4, num_beams=2, **sizes)
+    monkeypatch.setattr(decoding, "DECODING", cfg)
     # Through `python -m xformers_jax.bench.decoding`, which runs this suite.
     decoding.main(["--new", "2,4", "--n", "1", "--out", str(tmp_path)])
     res, md = _outputs(tmp_path, "decoding", "xformers_jax.bench.decoding --new 2,4 --n 1")

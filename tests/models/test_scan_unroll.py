@@ -14,77 +14,38 @@ PIXELS = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
 CASES = {
     "xlm_roberta": lambda u: (
         xlm_roberta.XLMRobertaForMaskedLM(
-            xlm_roberta.XLMRobertaConfig(
-                vocab_size=100,
-                hidden_size=32,
-                num_hidden_layers=3,
-                num_attention_heads=4,
-                intermediate_size=64,
-                max_position_embeddings=40,
-                scan_unroll=u,
-            )
-        ),
+            xlm_roberta.XLMRobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3,
+                                         num_attention_heads=4, intermediate_size=64,
+                                         max_position_embeddings=40, scan_unroll=u)),
         dict(input_ids=IDS, labels=IDS),
     ),
     "xlnet": lambda u: (
-        xlnet.XLNetLMHeadModel(
-            xlnet.XLNetConfig(
-                vocab_size=100,
-                d_model=32,
-                n_layer=3,
-                n_head=4,
-                d_inner=64,
-                mem_len=8,
-                scan_unroll=u,
-            )
-        ),
+        xlnet.XLNetLMHeadModel(xlnet.XLNetConfig(vocab_size=100, d_model=32, n_layer=3, n_head=4,
+                                                 d_inner=64, mem_len=8, scan_unroll=u)),
         dict(input_ids=IDS, labels=IDS),
     ),
     "yoso": lambda u: (
-        yoso.YosoForMaskedLM(
-            yoso.YosoConfig(
-                vocab_size=100,
-                hidden_size=32,
-                num_hidden_layers=3,
-                num_attention_heads=4,
-                intermediate_size=64,
-                max_position_embeddings=20,
-                scan_unroll=u,
-            )
-        ),
+        yoso.YosoForMaskedLM(yoso.YosoConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3,
+                                             num_attention_heads=4, intermediate_size=64,
+                                             max_position_embeddings=20, scan_unroll=u)),
         dict(input_ids=IDS, labels=IDS),
     ),
     "mt5": lambda u: (
-        mt5.MT5ForConditionalGeneration(
-            mt5.MT5Config(
-                vocab_size=100,
-                d_model=32,
-                d_kv=8,
-                d_ff=64,
-                num_layers=3,
-                num_heads=4,
-                scan_unroll=u,
-            )
-        ),
+        mt5.MT5ForConditionalGeneration(mt5.MT5Config(vocab_size=100, d_model=32, d_kv=8,
+                                                      d_ff=64, num_layers=3, num_heads=4,
+                                                      scan_unroll=u)),
         dict(input_ids=IDS, labels=IDS[:, :5]),
     ),
     "beit": lambda u: (
-        beit.BeitForImageClassification(
-            beit.BeitConfig(
-                image_size=32,
-                patch_size=8,
-                hidden_size=32,
-                num_hidden_layers=3,
-                num_attention_heads=4,
-                intermediate_size=64,
-                num_labels=3,
-                use_relative_position_bias=True,
-                scan_unroll=u,
-            )
-        ),
+        beit.BeitForImageClassification(beit.BeitConfig(image_size=32, patch_size=8,
+                                                         hidden_size=32, num_hidden_layers=3,
+                                                         num_attention_heads=4,
+                                                         intermediate_size=64, num_labels=3,
+                                                         use_relative_position_bias=True,
+                                                         scan_unroll=u)),
         dict(pixel_values=PIXELS, labels=np.array([0, 2])),
     ),
-}
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("family", sorted(CASES))

@@ -51,38 +51,21 @@ DECODING_TARGETS = {"xlnet": 5.0, "mt5": 2.0}
 def _mt5_hf(cfg):
     import transformers
 
-    return transformers.MT5ForConditionalGeneration(
-        transformers.MT5Config(
-            vocab_size=cfg["vocab"],
-            d_model=cfg["hidden"],
-            d_kv=cfg["hidden"] // cfg["heads"],
-            d_ff=cfg["ffn"],
-            num_layers=cfg["layers"],
-            num_heads=cfg["heads"],
-            dropout_rate=0.0,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    return transformers.MT5ForConditionalGeneration(transformers.MT5Config(
+        vocab_size=cfg["vocab"], d_model=cfg["hidden"], d_kv=cfg["hidden"] // cfg["heads"],
+        d_ff=cfg["ffn"], num_layers=cfg["layers"], num_heads=cfg["heads"], dropout_rate=0.0,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    ))  # fmt: skip
 
 
 def _xlnet_hf(cfg):
     import transformers
 
-    return transformers.XLNetLMHeadModel(
-        transformers.XLNetConfig(
-            vocab_size=cfg["vocab"],
-            d_model=cfg["hidden"],
-            n_layer=cfg["layers"],
-            n_head=cfg["heads"],
-            d_inner=cfg["ffn"],
-            dropout=0.0,
-            pad_token_id=5,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-    )
+    return transformers.XLNetLMHeadModel(transformers.XLNetConfig(
+        vocab_size=cfg["vocab"], d_model=cfg["hidden"], n_layer=cfg["layers"],
+        n_head=cfg["heads"], d_inner=cfg["ffn"], dropout=0.0, pad_token_id=5, bos_token_id=1,
+        eos_token_id=2,
+    ))  # fmt: skip
 
 
 def decoding_cases(cfg: dict) -> list[dict[str, Any]]:

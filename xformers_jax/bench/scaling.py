@@ -32,25 +32,12 @@ import numpy as np
 from xformers_jax.bench import harness, timing
 from xformers_jax.bench.harness import fmt, gib
 
-YOSO = dict(
-    lengths=(512, 1024, 2048, 4096, 8192, 16384),
-    batch=1,
-    heads=4,
-    head_dim=64,
-    methods=("yoso_sampled", "yoso_expectation", "softmax", "hf_yoso_expectation"),
-)
-YOSO_METHODS = YOSO["methods"]
+YOSO_METHODS = ("yoso_sampled", "yoso_expectation", "softmax", "hf_yoso_expectation")
+YOSO = dict(lengths=(512, 1024, 2048, 4096, 8192, 16384), batch=1, heads=4, head_dim=64)
+YOSO["methods"] = YOSO_METHODS
 # max_predictions_fraction: the xlm-v-base config's 80 masked positions per 512 tokens.
-MLM = dict(
-    vocab=901629,
-    hidden=256,
-    layers=4,
-    heads=4,
-    ffn=1024,
-    shapes=((8, 512), (2, 128)),
-    max_predictions_fraction=80 / 512,
-    vocab_chunk_size=32768,
-)
+MLM = dict(vocab=901629, hidden=256, layers=4, heads=4, ffn=1024, shapes=((8, 512), (2, 128)))
+MLM.update(max_predictions_fraction=80 / 512, vocab_chunk_size=32768)
 
 
 # ================================================================================== yoso

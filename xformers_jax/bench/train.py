@@ -37,52 +37,22 @@ import optax
 
 from xformers_jax.bench import harness, timing
 
-_DEFAULT = dict(
-    hidden=256,
-    layers=4,
-    heads=4,
-    ffn=1024,
-    vocab=32000,
-    batch=8,
-    seq=128,
-    decoder_len=32,
-    image_size=224,
-    patch_size=16,
-    num_labels=10,
-)
+_DEFAULT = dict(hidden=256, layers=4, heads=4, ffn=1024, vocab=32000, batch=8, seq=128)
+_DEFAULT.update(decoder_len=32, image_size=224, patch_size=16, num_labels=10)  # MT5's, BEiT's
+# The layer shapes of XLM-R-XL (hidden 2560, 32 heads, ffn 10240, the 250,880 vocabulary) and of
+# mT5-base (d_model 768, 12 heads x 64, gated ffn 2048, 250,112 vocab, untied LM head).
+_XLMR_XL = dict(hidden=2560, heads=32, ffn=10240, vocab=250880, families=("xlm_roberta",))
+_MT5_BASE = dict(hidden=768, heads=12, ffn=2048, vocab=250112, families=("mt5",))
 CONFIGS: dict[str, dict[str, Any]] = {
     # Every family, CPU-sized: the README's train figures.
     "default": _DEFAULT,
-    # XLM-R-XL's layer shape (hidden 2560, 32 heads, ffn 10240, the 250,880 vocabulary) at
-    # seq 512; 8 of its 36 layers and batch 4, so ours and the reference fit on one 80 GB GPU
-    # together: 1.28B params, float32 params + AdamW state 14.3 GiB per side; our step's
-    # temporaries 18.5 GiB by XLA's memory analysis (30.7 GiB at batch 8).
-    "xlmr_xl_512": dict(
-        _DEFAULT,
-        hidden=2560,
-        layers=8,
-        heads=32,
-        ffn=10240,
-        vocab=250880,
-        batch=4,
-        seq=512,
-        families=("xlm_roberta",),
-    ),
-    # mT5-base (d_model 768, 12 + 12 layers, 12 heads x 64, gated ffn 2048, 250,112 vocab,
-    # untied LM head), encoder 512 / decoder 128 tokens: 0.58B params (6.5 GiB with the AdamW
-    # state), our step's temporaries 25.0 GiB by XLA's memory analysis.
-    "mt5_base": dict(
-        _DEFAULT,
-        hidden=768,
-        layers=12,
-        heads=12,
-        ffn=2048,
-        vocab=250112,
-        batch=16,
-        seq=512,
-        decoder_len=128,
-        families=("mt5",),
-    ),
+    # XLM-R-XL at seq 512; 8 of its 36 layers and batch 4, so ours and the reference fit on one
+    # 80 GB GPU together: 1.28B params, float32 params + AdamW state 14.3 GiB per side; our
+    # step's temporaries 18.5 GiB by XLA's memory analysis (30.7 GiB at batch 8).
+    "xlmr_xl_512": dict(_DEFAULT, **_XLMR_XL, layers=8, batch=4, seq=512),
+    # mT5-base, 12 + 12 layers, encoder 512 / decoder 128 tokens: 0.58B params (6.5 GiB with the
+    # AdamW state), our step's temporaries 25.0 GiB by XLA's memory analysis.
+    "mt5_base": dict(_DEFAULT, **_MT5_BASE, layers=12, batch=16, seq=512, decoder_len=128),
 }
 
 
@@ -101,21 +71,28 @@ class Case:
 # --------------------------------------------------------------------------------- families
 
 
+def _encoder_fields(b, dtype: str) -> dict[str, Any]:
+    """The config fields XLM-R, YOSO and BEiT name alike: sizes, no dropout, layers unrolled."""
+    return dict(
+        hidden_size=b["hidden"],
+        num_hidden_layers=b["layers"],
+        num_attention_heads=b["heads"],
+        intermediate_size=b["ffn"],
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        scan_unroll=b["layers"],
+        dtype=dtype,
+    )
+
+
 def _xlmr_config(b, dtype="float32"):
     from xformers_jax.models.xlm_roberta import XLMRobertaConfig
 
     return XLMRobertaConfig(
         model_type="xlm-roberta-xl",
         vocab_size=b["vocab"],
-        hidden_size=b["hidden"],
-        num_hidden_layers=b["layers"],
-        num_attention_heads=b["heads"],
-        intermediate_size=b["ffn"],
         max_position_embeddings=b["seq"] + 2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        scan_unroll=b["layers"],
-        dtype=dtype,
+        **_encoder_fields(b, dtype),
     )
 
 
@@ -203,16 +180,9 @@ def _yoso_config(b, dtype="float32"):
 
     return YosoConfig(
         vocab_size=b["vocab"],
-        hidden_size=b["hidden"],
-        num_hidden_layers=b["layers"],
-        num_attention_heads=b["heads"],
-        intermediate_size=b["ffn"],
         max_position_embeddings=b["seq"],
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
         use_expectation=True,
-        scan_unroll=b["layers"],
-        dtype=dtype,
+        **_encoder_fields(b, dtype),
     )
 
 
@@ -254,17 +224,10 @@ def _beit_config(b, dtype="float32"):
     return BeitConfig(
         image_size=b["image_size"],
         patch_size=b["patch_size"],
-        hidden_size=b["hidden"],
-        num_hidden_layers=b["layers"],
-        num_attention_heads=b["heads"],
-        intermediate_size=b["ffn"],
         num_labels=b["num_labels"],
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
         drop_path_rate=0.0,
         use_relative_position_bias=True,
-        scan_unroll=b["layers"],
-        dtype=dtype,
+        **_encoder_fields(b, dtype),
     )
 
 
