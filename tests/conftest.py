@@ -1,4 +1,9 @@
-"""Test set-up: 8 fake CPU devices (set before jax is imported anywhere) and shared fixtures."""
+"""Test set-up: 8 fake CPU devices (set before jax is imported anywhere) and shared fixtures.
+
+`pytest --portable-backward` (or `XFORMERS_JAX_PORTABLE_BACKWARD=1`) runs every test with the
+backward passes TPU and GPU runs take, `layers.cpu_backward` switched off; by default tests trace
+the CPU ones, and `tests/test_dense_backward.py` checks that both paths agree.
+"""
 
 import os
 
@@ -16,8 +21,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--portable-backward",
+        action="store_true",
+        help="trace with the portable backward passes (layers.cpu_backward off), in subprocesses "
+        "too; same as XFORMERS_JAX_PORTABLE_BACKWARD=1",
+    )
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running; run with `make test-slow`")
+    if config.getoption("--portable-backward"):
+        # Read at every trace, and inherited by the processes tests start.
+        os.environ["XFORMERS_JAX_PORTABLE_BACKWARD"] = "1"
 
 
 _CRASH_RESCHEDULED: set[str] = set()

@@ -180,13 +180,13 @@ def test_os_errors_from_implementations(monkeypatch, tmp_path, capsys):
 
 def test_bench_and_convert_dispatch(monkeypatch):
     seen = {}
-    bench = types.ModuleType("xformers_jax.bench")
+    bench = types.ModuleType("xformers_jax.bench.train")
     bench.main = lambda families, out_dir, **kw: seen.update(bench=(families, out_dir, kw))
     bench.bench_config = lambda name, overrides: dict(name=name)
     ckpt = types.ModuleType("xformers_jax.checkpoint")
     ckpt.convert_hf_to_orbax = lambda hf, out, head=None: seen.update(convert=(hf, out, head))
     ckpt.export_orbax_to_hf = lambda ck, out: seen.update(export=(ck, out))
-    monkeypatch.setitem(sys.modules, "xformers_jax.bench", bench)
+    monkeypatch.setitem(sys.modules, "xformers_jax.bench.train", bench)
     monkeypatch.setitem(sys.modules, "xformers_jax.checkpoint", ckpt)
     assert cli.main(["bench", "--family", "yoso", "--out", "b"]) == 0
     assert cli.main(["convert", "--hf", "h", "--out", "o"]) == 0

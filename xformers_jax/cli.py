@@ -112,7 +112,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--bench-config",
         default="default",
         metavar="NAME",
-        help="train suite's named config: default, xlmr_xl_512, mt5_base (xformers_jax.bench)",
+        help="train suite's named config: default, xlmr_xl_512, mt5_base (bench/train.py)",
     )
     p.add_argument(
         "--bench-set",
@@ -238,10 +238,16 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     elif args.command == "export":
         _impl("xformers_jax.checkpoint", "export_orbax_to_hf")(args.checkpoint, args.hf_out)
     elif args.command == "bench":
-        _impl("xformers_jax.bench_scaling", "main")(
-            args.suite, args.family, args.out, n=args.n, device=args.device, dtype=args.dtype,
-            config=args.bench_config, overrides=_bench_overrides(args.bench_set),
-        )  # fmt: skip
+        _impl("xformers_jax.bench.suites", "main")(
+            args.suite,
+            args.family,
+            args.out,
+            n=args.n,
+            device=args.device,
+            dtype=args.dtype,
+            config=args.bench_config,
+            overrides=_bench_overrides(args.bench_set),
+        )
     return 0
 
 
@@ -275,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit code: 0 on success, 2 on a usage or user error, 130 on Ctrl-C.
     """
-    from xformers_jax import host_alloc
+    from xformers_jax.bench import host_alloc
 
     host_alloc.tune_for_xla_cpu()  # before jax starts its threads
     try:

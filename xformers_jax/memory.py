@@ -88,13 +88,16 @@ def estimate(config, num_devices: int, compile: bool = False) -> dict[str, Any]:
         transform_non_params=lambda _: PartitionSpec(),
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
-    param_bytes = sum(jax.tree.leaves(jax.tree.map(lambda x, s: _shard_bytes(x, s, sizes),
-                                                   params, specs)))  # fmt: skip
+    param_bytes = sum(
+        jax.tree.leaves(jax.tree.map(lambda x, s: _shard_bytes(x, s, sizes), params, specs))
+    )
     opt_bytes = sum(
         _shard_bytes(x, s, sizes)
-        for x, s in zip(jax.tree.leaves(opt_state), jax.tree.leaves(
-            opt_specs, is_leaf=lambda x: isinstance(x, PartitionSpec)))
-    )  # fmt: skip
+        for x, s in zip(
+            jax.tree.leaves(opt_state),
+            jax.tree.leaves(opt_specs, is_leaf=lambda x: isinstance(x, PartitionSpec)),
+        )
+    )
     out: dict[str, Any] = {
         "architecture": arch,
         "mesh": sizes,
@@ -104,7 +107,7 @@ def estimate(config, num_devices: int, compile: bool = False) -> dict[str, Any]:
         "per_device_state_bytes": param_bytes + opt_bytes,
     }
     if compile:
-        from xformers_jax.layers.dense import portable_backward
+        from xformers_jax.layers.cpu_backward import portable_backward
 
         batch = _example_batch(config)
         with portable_backward():  # the accelerator's backward, not the CPU-tuned one
@@ -124,31 +127,46 @@ def _compiled(config, module, batch, params, boxed, tx, num_devices, rules) -> d
     mod = importlib.import_module(tasks.TASKS[config.task])
     loss = mod.make_loss_fn(config) if hasattr(mod, "make_loss_fn") else mod.loss_fn
     spec = types.SimpleNamespace(model=module, loss_fn=loss, init_extra=None, mutable=())
-    schedule = optim.make_schedule(config.optim.schedule, config.optim.lr,
-                                   config.optim.warmup_steps, config.train.steps,
-                                   config.optim.end_lr_factor)  # fmt: skip
+    schedule = optim.make_schedule(
+        config.optim.schedule,
+        config.optim.lr,
+        config.optim.warmup_steps,
+        config.train.steps,
+        config.optim.end_lr_factor,
+    )
     step_fn = train.make_train_step(spec, tx, schedule, False)
     with sharding.use_mesh(mesh, rules):
         param_sh = sharding.logical_shardings(boxed, mesh, rules)
         abstract = jax.eval_shape(
-            lambda p: train.TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                                       opt_state=tx.init(p)), params)  # fmt: skip
+            lambda p: train.TrainState(
+                step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)
+            ),
+            params,
+        )
         state_sh = sharding.state_shardings(tx, abstract, param_sh, mesh)
         batch_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
         abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
         compiled = (
-            jax.jit(step_fn, in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
-                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+            jax.jit(
+                step_fn,
+                in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
+                out_shardings=(state_sh, sharding.replicated(mesh)),
+                donate_argnums=0,
+            )
             .lower(abstract, abstract_batch, jax.random.key(0))
             .compile()
-        )  # fmt: skip
+        )
     m = compiled.memory_analysis()
     if m is None:
         return {}
     temp, args, outs = m.temp_size_in_bytes, m.argument_size_in_bytes, m.output_size_in_bytes
     alias = getattr(m, "alias_size_in_bytes", 0)
-    return {"temp_bytes": temp, "argument_bytes": args, "output_bytes": outs,
-            "total_bytes": temp + args + outs - alias}  # fmt: skip
+    return {
+        "temp_bytes": temp,
+        "argument_bytes": args,
+        "output_bytes": outs,
+        "total_bytes": temp + args + outs - alias,
+    }
 
 
 def _gib(n: float) -> str:

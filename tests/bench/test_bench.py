@@ -5,17 +5,20 @@ import json
 
 import pytest
 
-from xformers_jax import bench
+from xformers_jax.bench import train
 from xformers_jax.config_lib import UserError
 
 # Shrinks any named config to seconds on a CPU (the families' own shape fields stay named).
-TINY = dict(hidden=32, layers=2, heads=4, ffn=64, vocab=100, batch=2, seq=16, decoder_len=8,
-            image_size=32, patch_size=8)  # fmt: skip
+TINY = dict(hidden=32, layers=2, heads=4, ffn=64, vocab=100, batch=2, seq=16)
+TINY.update(decoder_len=8, image_size=32, patch_size=8)  # MT5's, BEiT's
+# The MFU denominator's matmul, tiny too: at its default 2048 a bfloat16 matmul takes ~15 s on a
+# CPU without bfloat16 units, and a run measures it 22 times per library.
+PEAK = 64
 
 
 def test_bench_runs_and_writes_outputs(tmp_path):
-    res = bench.main(None, str(tmp_path), n=1, overrides=TINY)
-    assert sorted(r["family"] for r in res["results"]) == sorted(bench.CASES)
+    res = train.main(None, str(tmp_path), n=1, overrides=TINY, peak_size=PEAK)
+    assert sorted(r["family"] for r in res["results"]) == sorted(train.CASES)
     assert res["reference_device"] == "cpu" and res["dtype"] == "float32"
     for r in res["results"]:
         assert r["train_ms"] > 0 and r["ref_train_ms"] > 0 and r["flops_per_step"] > 0
@@ -28,27 +31,38 @@ def test_bench_runs_and_writes_outputs(tmp_path):
 
 @pytest.mark.parametrize("config, family", [("xlmr_xl_512", "xlm_roberta"), ("mt5_base", "mt5")])
 def test_named_config_in_bfloat16(tmp_path, config, family):
-    res = bench.main(None, str(tmp_path), n=1, config=config, dtype="bfloat16", overrides=TINY)
+    res = train.main(
+        None, str(tmp_path), n=1, config=config, dtype="bfloat16", overrides=TINY, peak_size=PEAK
+    )
     assert [r["family"] for r in res["results"]] == [family]  # the config's own family
     assert res["dtype"] == "bfloat16" and res["config_name"] == config
     assert res["bench_config"]["hidden"] == 32
     r = res["results"][0]
     assert r["train_ms"] > 0 and r["ref_train_ms"] > 0 and r["mfu"] > 0
     assert f"'{config}'" in (tmp_path / "bench.md").read_text()
-    module, params, batch, loss_fn = bench.CASES[family].build_ours(res["bench_config"],
-                                                                    "bfloat16")  # fmt: skip
+    module, params, batch, loss_fn = train.CASES[family].build_ours(res["bench_config"], "bfloat16")
     assert module.config.dtype == "bfloat16"
     assert {str(x.dtype) for x in __import__("jax").tree.leaves(params)} == {"float32"}
 
 
 def test_named_configs_have_the_model_shapes():
-    xl, base = bench.bench_config("xlmr_xl_512"), bench.bench_config("mt5_base")
+    xl, base = train.bench_config("xlmr_xl_512"), train.bench_config("mt5_base")
     assert (xl["hidden"], xl["heads"], xl["ffn"], xl["vocab"], xl["seq"]) == (
-        2560, 32, 10240, 250880, 512)  # fmt: skip
+        2560,
+        32,
+        10240,
+        250880,
+        512,
+    )
     assert (base["hidden"], base["heads"], base["ffn"], base["vocab"], base["layers"]) == (
-        768, 12, 2048, 250112, 12)  # fmt: skip
-    assert bench.bench_config("default", {"layers": 36})["layers"] == 36
-    assert bench.CONFIGS["default"]["layers"] == 4  # overrides copy
+        768,
+        12,
+        2048,
+        250112,
+        12,
+    )
+    assert train.bench_config("default", {"layers": 36})["layers"] == 36
+    assert train.CONFIGS["default"]["layers"] == 4  # overrides copy
 
 
 @pytest.mark.parametrize(
@@ -64,11 +78,11 @@ def test_named_configs_have_the_model_shapes():
 )
 def test_bad_bench_config(name, overrides, match):
     with pytest.raises(UserError, match=match):
-        bench.bench_config(name, overrides)
+        train.bench_config(name, overrides)
 
 
 def test_unknown_family_and_dtype():
     with pytest.raises(UserError, match="unknown bench family 'gpt'"):
-        bench.run(["gpt"], n=1, overrides=TINY)
+        train.run(["gpt"], n=1, overrides=TINY, peak_size=PEAK)
     with pytest.raises(UserError, match="float32 or bfloat16"):
-        bench.run(None, n=1, dtype="float16", overrides=TINY)
+        train.run(None, n=1, dtype="float16", overrides=TINY, peak_size=PEAK)

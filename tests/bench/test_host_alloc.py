@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from xformers_jax import host_alloc
+from xformers_jax.bench import host_alloc
 
 # Allocates and frees a 256 MB buffer 5 times and prints the minor page faults of the last 4:
 # with glibc's defaults each one is a fresh mmap (~65k faults), tuned it is reused (~0). numpy's
@@ -16,7 +16,7 @@ _PROBE = textwrap.dedent(
     """
     import resource, sys
     import numpy as np
-    from xformers_jax import host_alloc
+    from xformers_jax.bench import host_alloc
     applied = host_alloc.tune_for_xla_cpu() if sys.argv[1] == "tuned" else False
     core = np._core if hasattr(np, "_core") else np.core
     core.multiarray._set_madvise_hugepage(False)  # 4 KiB pages, as XLA's buffers get

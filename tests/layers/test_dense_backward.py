@@ -1,4 +1,5 @@
-"""The CPU-tuned backward passes of `layers.dense` (custom VJPs) give the plain autodiff values."""
+"""The CPU-tuned backward passes (`layers.cpu_backward`, custom VJPs) give the plain autodiff
+values, op by op and for a train step of every family."""
 
 import re
 
@@ -7,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xformers_jax.layers import dense
+from tests.models.test_scan_unroll import CASES
+from xformers_jax.layers import cpu_backward, dense
 from xformers_jax.layers.mlp import gelu_tanh
 
 
@@ -19,7 +21,7 @@ def test_contract_cpu_gradients(x_shape, k_shape, n):
     kx, kk = jax.random.split(jax.random.key(0))
     x, k = jax.random.normal(kx, x_shape), jax.random.normal(kk, k_shape)
     loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k, n)))  # noqa: E731
-    got = jax.grad(loss(dense.contract_cpu), (0, 1))(x, k)
+    got = jax.grad(loss(cpu_backward.contract), (0, 1))(x, k)
     want = jax.grad(loss(dense._contract), (0, 1))(x, k)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
@@ -37,12 +39,18 @@ def test_add_bias_gradients(bias_shape):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
+def _needs_cpu_backward():
+    if not cpu_backward.enabled():
+        pytest.skip(f"the CPU backward is switched off ({cpu_backward.ENV} / --portable-backward)")
+
+
 def test_portable_backward_traces_plain_ops():
+    _needs_cpu_backward()
     f = lambda x, k: jnp.sum(dense.DenseGeneral(3, ("embed", "mlp")).apply({"params": k}, x))  # noqa: E731
     x = jnp.ones((2, 4))
     params = {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros((3,))}
     cpu = str(jax.make_jaxpr(jax.grad(f, 1))(x, params))
-    with dense.portable_backward():
+    with cpu_backward.portable_backward():
         portable = str(jax.make_jaxpr(jax.grad(f, 1))(x, params))
     # On CPU the bias gradient is a matrix-vector product; the portable one is a reduction.
     assert cpu.count("dot_general") > portable.count("dot_general")
@@ -78,6 +86,7 @@ def _max_fusion_operands(fn, *args) -> int:
 
 
 def test_residual_cuts_the_gradient_chain():
+    _needs_cpu_backward()
     ws = jax.random.normal(jax.random.key(0), (8, 64, 64)) * 0.1
     x = jax.random.normal(jax.random.key(1), (32, 64))
     plain, cut = jax.grad(_pre_ln_stack(False), (0, 1)), jax.grad(_pre_ln_stack(True), (0, 1))
@@ -88,5 +97,29 @@ def test_residual_cuts_the_gradient_chain():
     # fusion reads one block's values.
     assert _max_fusion_operands(plain, ws, x) > 4 * _max_fusion_operands(cut, ws, x)
     assert "cond" in str(jax.make_jaxpr(cut)(ws, x))
-    with dense.portable_backward():
+    with cpu_backward.portable_backward():
         assert "cond" not in str(jax.make_jaxpr(jax.grad(_pre_ln_stack(True)))(ws, x))
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_train_step_equal_on_both_paths(family):
+    """Every family's loss and gradients (3 scanned layers, float32) are the same traced with the
+    CPU backward passes as with the portable ones that TPU and GPU runs take (that the switch
+    changes the trace: `test_portable_backward_traces_plain_ops`)."""
+    _needs_cpu_backward()
+    module, batch = CASES[family](1)
+    # Random params of the model's shapes: no init to compile.
+    shapes = jax.eval_shape(lambda r: module.init(r, **batch)["params"], jax.random.key(0))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+    loss_and_grads = jax.value_and_grad(lambda p: module.apply({"params": p}, **batch).loss)
+
+    def both_paths(p):  # one program, one compile
+        cpu = loss_and_grads(p)
+        with cpu_backward.portable_backward():
+            return cpu, loss_and_grads(p)
+
+    (cpu_loss, cpu_grads), (loss, grads) = jax.jit(both_paths)(params)
+    np.testing.assert_allclose(cpu_loss, loss, rtol=1e-6, atol=1e-6)
+    for x, y in zip(jax.tree.leaves(cpu_grads), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)

@@ -6,6 +6,7 @@ from xformers_jax.layers.attention import (
     dot_product_attention,
     padding_mask,
 )
+from xformers_jax.layers.cpu_backward import portable_backward
 from xformers_jax.layers.dense import DenseGeneral, param_init, residual
 from xformers_jax.layers.embeddings import Embed
 from xformers_jax.layers.mlp import MLP, get_activation
@@ -23,5 +24,6 @@ __all__ = [
     "get_activation",
     "padding_mask",
     "param_init",
+    "portable_backward",
     "residual",
 ]

@@ -1,15 +1,16 @@
-"""`xformers-jax bench`: our jitted train step and forward vs transformers' PyTorch, in one run.
+"""The train suite, `xformers-jax bench [--suite train]`: our jitted train step and forward vs
+transformers' PyTorch, in one run.
 
 For each family, a named bench config (`CONFIGS`; the default: hidden 256, 4 layers, 4 heads,
 ffn 1024, vocab 32000, batch 8, seq 128, BEiT 224 px patch 16, MT5 decoder length 32) is built
 twice -- our Flax module and the transformers PyTorch model with the same config and batch -- and
 timed alternately (ours, theirs, ours, ...), median of N after warm-up; each timed call directly
-follows an untimed call of the same side (steps back to back, as in a training loop). Our models
-run their layer scan unrolled (`scan_unroll` = the layer count: 3-10% faster steps on CPU;
-transformers' models are Python loops anyway). Reported: ms per train step (AdamW) and per
-forward, the ratio ours / reference, model FLOPs per step (analytic, cross-checked with XLA's
-cost analysis), MFU against the matmul peak measured in the same run (a large matmul in the
-run's dtype on its device), and our compile time. Results go to `<out>/bench.json`,
+follows an untimed call of the same side (steps back to back, as in a training loop; `timing`).
+Our models run their layer scan unrolled (`scan_unroll` = the layer count: 3-10% faster steps
+on CPU; transformers' models are Python loops anyway). Reported: ms per train step (AdamW) and
+per forward, the ratio ours / reference, model FLOPs per step (analytic, cross-checked with
+XLA's cost analysis), MFU against the matmul peak measured in the same run (a large matmul in
+the run's dtype on its device), and our compile time. Results go to `<out>/bench.json`,
 `<out>/bench.md` and `<out>/bench.png`.
 
 `dtype` bfloat16 computes in bfloat16 with float32 params and optimizer state on both sides
@@ -22,9 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
+import math
 import os
-import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -35,25 +35,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-_DEFAULT = dict(hidden=256, layers=4, heads=4, ffn=1024, vocab=32000, batch=8, seq=128,
-                decoder_len=32, image_size=224, patch_size=16, num_labels=10)  # fmt: skip
-# fmt: off
+from xformers_jax.bench import harness, timing
+
+_DEFAULT = dict(hidden=256, layers=4, heads=4, ffn=1024, vocab=32000, batch=8, seq=128)
+_DEFAULT.update(decoder_len=32, image_size=224, patch_size=16, num_labels=10)  # MT5's, BEiT's
+# The layer shapes of XLM-R-XL (hidden 2560, 32 heads, ffn 10240, the 250,880 vocabulary) and of
+# mT5-base (d_model 768, 12 heads x 64, gated ffn 2048, 250,112 vocab, untied LM head).
+_XLMR_XL = dict(hidden=2560, heads=32, ffn=10240, vocab=250880, families=("xlm_roberta",))
+_MT5_BASE = dict(hidden=768, heads=12, ffn=2048, vocab=250112, families=("mt5",))
 CONFIGS: dict[str, dict[str, Any]] = {
     # Every family, CPU-sized: the README's train figures.
     "default": _DEFAULT,
-    # XLM-R-XL's layer shape (hidden 2560, 32 heads, ffn 10240, the 250,880 vocabulary) at
-    # seq 512; 8 of its 36 layers and batch 4, so ours and the reference fit on one 80 GB GPU
-    # together: 1.28B params, float32 params + AdamW state 14.3 GiB per side; our step's
-    # temporaries 18.5 GiB by XLA's memory analysis (30.7 GiB at batch 8).
-    "xlmr_xl_512": dict(_DEFAULT, hidden=2560, layers=8, heads=32, ffn=10240, vocab=250880,
-                        batch=4, seq=512, families=("xlm_roberta",)),
-    # mT5-base (d_model 768, 12 + 12 layers, 12 heads x 64, gated ffn 2048, 250,112 vocab,
-    # untied LM head), encoder 512 / decoder 128 tokens: 0.58B params (6.5 GiB with the AdamW
-    # state), our step's temporaries 25.0 GiB by XLA's memory analysis.
-    "mt5_base": dict(_DEFAULT, hidden=768, layers=12, heads=12, ffn=2048, vocab=250112,
-                     batch=16, seq=512, decoder_len=128, families=("mt5",)),
+    # XLM-R-XL at seq 512; 8 of its 36 layers and batch 4, so ours and the reference fit on one
+    # 80 GB GPU together: 1.28B params, float32 params + AdamW state 14.3 GiB per side; our
+    # step's temporaries 18.5 GiB by XLA's memory analysis (30.7 GiB at batch 8).
+    "xlmr_xl_512": dict(_DEFAULT, **_XLMR_XL, layers=8, batch=4, seq=512),
+    # mT5-base, 12 + 12 layers, encoder 512 / decoder 128 tokens: 0.58B params (6.5 GiB with the
+    # AdamW state), our step's temporaries 25.0 GiB by XLA's memory analysis.
+    "mt5_base": dict(_DEFAULT, **_MT5_BASE, layers=12, batch=16, seq=512, decoder_len=128),
 }
-# fmt: on
 
 
 @dataclasses.dataclass
@@ -71,23 +71,33 @@ class Case:
 # --------------------------------------------------------------------------------- families
 
 
+def _encoder_fields(b, dtype: str) -> dict[str, Any]:
+    """The config fields XLM-R, YOSO and BEiT name alike: sizes, no dropout, layers unrolled."""
+    return dict(
+        hidden_size=b["hidden"],
+        num_hidden_layers=b["layers"],
+        num_attention_heads=b["heads"],
+        intermediate_size=b["ffn"],
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        scan_unroll=b["layers"],
+        dtype=dtype,
+    )
+
+
 def _xlmr_config(b, dtype="float32"):
     from xformers_jax.models.xlm_roberta import XLMRobertaConfig
 
     return XLMRobertaConfig(
-        model_type="xlm-roberta-xl", vocab_size=b["vocab"], hidden_size=b["hidden"],
-        num_hidden_layers=b["layers"], num_attention_heads=b["heads"],
-        intermediate_size=b["ffn"], max_position_embeddings=b["seq"] + 2,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, scan_unroll=b["layers"],
-        dtype=dtype,
-    )  # fmt: skip
+        model_type="xlm-roberta-xl",
+        vocab_size=b["vocab"],
+        max_position_embeddings=b["seq"] + 2,
+        **_encoder_fields(b, dtype),
+    )
 
 
-def _mlm_batch(b, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(4, b["vocab"], (b["batch"], b["seq"])).astype(np.int32)
-    labels = np.where(rng.random(ids.shape) < 0.15, ids, -100).astype(np.int32)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
+def _mlm_batch(b) -> dict[str, np.ndarray]:
+    return harness.mlm_batch(b["batch"], b["seq"], b["vocab"])
 
 
 def _text_flops(b) -> float:
@@ -99,8 +109,15 @@ def _text_flops(b) -> float:
     return 3 * 2 * b["batch"] * b["seq"] * (per_token + attn)
 
 
-def _case(family: str, make_cfg, ours_cls: str, torch_cls: str, torch_cfg_cls: str, batch_fn,
-          flops: Callable[[dict], float]) -> Case:  # fmt: skip
+def _case(
+    family: str,
+    make_cfg,
+    ours_cls: str,
+    torch_cls: str,
+    torch_cfg_cls: str,
+    batch_fn,
+    flops: Callable[[dict], float],
+) -> Case:
     """A family's case: same config, same batch, HF's loss on both sides."""
 
     def ours(b, dtype):
@@ -131,9 +148,17 @@ def _case(family: str, make_cfg, ours_cls: str, torch_cls: str, torch_cfg_cls: s
 def _xlnet_config(b, dtype="float32"):
     from xformers_jax.models.xlnet import XLNetConfig
 
-    return XLNetConfig(vocab_size=b["vocab"], d_model=b["hidden"], n_layer=b["layers"],
-                       n_head=b["heads"], d_inner=b["ffn"], dropout=0.0, mem_len=None,
-                       scan_unroll=b["layers"], dtype=dtype)  # fmt: skip
+    return XLNetConfig(
+        vocab_size=b["vocab"],
+        d_model=b["hidden"],
+        n_layer=b["layers"],
+        n_head=b["heads"],
+        d_inner=b["ffn"],
+        dropout=0.0,
+        mem_len=None,
+        scan_unroll=b["layers"],
+        dtype=dtype,
+    )
 
 
 def _xlnet_flops(b) -> float:
@@ -154,20 +179,27 @@ def _yoso_config(b, dtype="float32"):
     from xformers_jax.models.yoso import YosoConfig
 
     return YosoConfig(
-        vocab_size=b["vocab"], hidden_size=b["hidden"], num_hidden_layers=b["layers"],
-        num_attention_heads=b["heads"], intermediate_size=b["ffn"],
-        max_position_embeddings=b["seq"], hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, use_expectation=True, scan_unroll=b["layers"],
-        dtype=dtype,
-    )  # fmt: skip
+        vocab_size=b["vocab"],
+        max_position_embeddings=b["seq"],
+        use_expectation=True,
+        **_encoder_fields(b, dtype),
+    )
 
 
 def _mt5_config(b, dtype="float32"):
     from xformers_jax.models.mt5 import MT5Config
 
-    return MT5Config(vocab_size=b["vocab"], d_model=b["hidden"], d_kv=b["hidden"] // b["heads"],
-                     d_ff=b["ffn"], num_layers=b["layers"], num_heads=b["heads"],
-                     dropout_rate=0.0, scan_unroll=b["layers"], dtype=dtype)  # fmt: skip
+    return MT5Config(
+        vocab_size=b["vocab"],
+        d_model=b["hidden"],
+        d_kv=b["hidden"] // b["heads"],
+        d_ff=b["ffn"],
+        num_layers=b["layers"],
+        num_heads=b["heads"],
+        dropout_rate=0.0,
+        scan_unroll=b["layers"],
+        dtype=dtype,
+    )
 
 
 def _seq2seq_batch(b) -> dict[str, np.ndarray]:
@@ -190,12 +222,13 @@ def _beit_config(b, dtype="float32"):
     from xformers_jax.models.beit import BeitConfig
 
     return BeitConfig(
-        image_size=b["image_size"], patch_size=b["patch_size"], hidden_size=b["hidden"],
-        num_hidden_layers=b["layers"], num_attention_heads=b["heads"],
-        intermediate_size=b["ffn"], num_labels=b["num_labels"], hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, drop_path_rate=0.0, use_relative_position_bias=True,
-        scan_unroll=b["layers"], dtype=dtype,
-    )  # fmt: skip
+        image_size=b["image_size"],
+        patch_size=b["patch_size"],
+        num_labels=b["num_labels"],
+        drop_path_rate=0.0,
+        use_relative_position_bias=True,
+        **_encoder_fields(b, dtype),
+    )
 
 
 def _image_batch(b) -> dict[str, np.ndarray]:
@@ -224,7 +257,7 @@ CASES: dict[str, Case] = {
         "XLMRobertaXLConfig",
         _mlm_batch,
         _text_flops,
-    ),  # fmt: skip
+    ),
     "xlnet": _case(
         "xlnet",
         _xlnet_config,
@@ -233,7 +266,7 @@ CASES: dict[str, Case] = {
         "XLNetConfig",
         _lm_batch,
         _xlnet_flops,
-    ),  # fmt: skip
+    ),
     "yoso": _case(
         "yoso",
         _yoso_config,
@@ -242,7 +275,7 @@ CASES: dict[str, Case] = {
         "YosoConfig",
         _mlm_batch,
         _text_flops,
-    ),  # fmt: skip
+    ),
     "mt5": _case(
         "mt5",
         _mt5_config,
@@ -251,7 +284,7 @@ CASES: dict[str, Case] = {
         "MT5Config",
         _seq2seq_batch,
         _mt5_flops,
-    ),  # fmt: skip
+    ),
     "beit": _case(
         "beit",
         _beit_config,
@@ -260,7 +293,7 @@ CASES: dict[str, Case] = {
         "BeitConfig",
         _image_batch,
         _beit_flops,
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -283,21 +316,13 @@ def bench_config(name: str, overrides: dict[str, Any] | None = None) -> dict[str
             raise UserError(f"bench config field {key} must be a positive int, got {value!r}")
         b[key] = value
     if b["hidden"] % b["heads"]:
-        raise UserError(f"bench config: hidden {b['hidden']} is not a multiple of heads "
-                        f"{b['heads']}")  # fmt: skip
+        raise UserError(
+            f"bench config: hidden {b['hidden']} is not a multiple of heads {b['heads']}"
+        )
     return b
 
 
 # ------------------------------------------------------------------------------ measuring
-
-
-def _median_ms(fn: Callable[[], Any], n: int) -> float:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _torch_device() -> str | None:
@@ -321,20 +346,24 @@ def _sync(device: str | None) -> None:
 
 
 def matmul_peak(
-    dtype: str = "float32", device: str | None = "cpu", reps: int = 10, n: int | None = None
+    dtype: str = "float32", device: str | None = "cpu", reps: int = 10, size: int | None = None
 ) -> dict[str, float]:
     """Measured matmul FLOP/s of this machine in `dtype`, for jax and torch on `device` (None:
-    jax only): the MFU denominator. A `n^3` matmul (2048 on a CPU, 8192 on an accelerator), the
-    median of `reps` calls (`run` measures it before and after the families and keeps the
-    higher, so a slow spell of a shared VM does not inflate every MFU)."""
+    jax only): the MFU denominator. A `size^3` matmul (default 2048 on a CPU, 8192 on an
+    accelerator), the median of `reps` calls (`run` measures it before and after the families
+    and keeps the higher, so a slow spell of a shared VM does not inflate every MFU)."""
     import torch
 
-    n = n or (2048 if jax.default_backend() == "cpu" else 8192)
+    n = size or (2048 if jax.default_backend() == "cpu" else 8192)
+
+    def flops_per_s(fn: Callable[[], Any]) -> float:
+        timer = timing.Timer("matmul", fn)
+        timing.alternate([timer], reps, slow_s=math.inf)  # a warm-up call, then `reps` timed
+        return 2.0 * n**3 / (timing.median_ms(timer.times) / 1e3)
+
     a = jnp.ones((n, n), dtype)
     mm = jax.jit(lambda x: x @ x)
-    mm(a).block_until_ready()
-    flops = 2.0 * n**3
-    out = {"jax_flops": flops / (_median_ms(lambda: mm(a).block_until_ready(), reps) / 1e3)}
+    out = {"jax_flops": flops_per_s(lambda: mm(a).block_until_ready())}
     if device is not None:
         t = torch.ones((n, n), dtype=getattr(torch, dtype), device=device)
 
@@ -342,15 +371,43 @@ def matmul_peak(
             torch.mm(t, t)
             _sync(device)
 
-        torch_mm()
-        out["torch_flops"] = flops / (_median_ms(torch_mm, reps) / 1e3)
+        out["torch_flops"] = flops_per_s(torch_mm)
     return out
+
+
+def _torch_calls(
+    case: Case, b: dict, dtype: str, device: str
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The reference's train step (AdamW) and forward on torch `device`, each blocking."""
+    import torch
+
+    tmodel, tbatch = case.build_torch(b)
+    tmodel = tmodel.to(device)
+    tbatch = {k: v.to(device) for k, v in tbatch.items()}
+    topt = torch.optim.AdamW(tmodel.parameters(), lr=1e-4)
+    autocast = (
+        (lambda: torch.autocast(device, dtype=torch.bfloat16))
+        if dtype == "bfloat16"
+        else nullcontext
+    )
+
+    def torch_step():
+        topt.zero_grad(set_to_none=True)
+        with autocast():
+            loss = tmodel(**tbatch).loss
+        loss.backward()
+        topt.step()
+        _sync(device)
+
+    def torch_fwd():
+        with torch.no_grad(), autocast():
+            tmodel(**tbatch).loss.item()
+
+    return torch_step, torch_fwd
 
 
 def _bench_case(case: Case, b: dict, dtype: str, n: int, device: str | None) -> dict[str, Any]:
     """One family: ours and (on torch `device`, unless None) the reference, timed alternately."""
-    import torch
-
     module, params, batch, loss_fn = case.build_ours(b, dtype)
     tx = optax.adamw(1e-4)
     opt_state = tx.init(params)
@@ -379,49 +436,13 @@ def _bench_case(case: Case, b: dict, dtype: str, n: int, device: str | None) -> 
     def ours_fwd_call():
         fwd(state["p"], batch).block_until_ready()
 
-    ours_step()
     calls = {"train": ours_step, "fwd": ours_fwd_call}
     if device is not None:
-        tmodel, tbatch = case.build_torch(b)
-        tmodel = tmodel.to(device)
-        tbatch = {k: v.to(device) for k, v in tbatch.items()}
-        topt = torch.optim.AdamW(tmodel.parameters(), lr=1e-4)
-        autocast = (
-            (lambda: torch.autocast(device, dtype=torch.bfloat16))
-            if dtype == "bfloat16"
-            else nullcontext
-        )
-
-        def torch_step():
-            topt.zero_grad(set_to_none=True)
-            with autocast():
-                loss = tmodel(**tbatch).loss
-            loss.backward()
-            topt.step()
-            _sync(device)
-
-        def torch_fwd():
-            with torch.no_grad(), autocast():
-                tmodel(**tbatch).loss.item()
-
-        torch_step()
-        calls.update(ref_train=torch_step, ref_fwd=torch_fwd)
-
-    def settled_ms(fn):
-        # Untimed call first: every timed call runs back to back with one of its own side, as
-        # steps run in a training loop. Straight after the other library's step, our first
-        # call measured up to ~40% slower on the 2-core VM (the other side's threads still
-        # holding a core, ours waking up), which would count against whichever side is timed
-        # second.
-        fn()
-        return _median_ms(fn, 1)
-
-    times = {name: [] for name in calls}
-    for _ in range(n):  # alternate so machine noise hits both sides alike
-        for name in ("train", "ref_train", "fwd", "ref_fwd"):
-            if name in calls:
-                times[name].append(settled_ms(calls[name]))
-    med = {name: statistics.median(t) for name, t in times.items()}
+        calls["ref_train"], calls["ref_fwd"] = _torch_calls(case, b, dtype, device)
+    order = [k for k in ("train", "ref_train", "fwd", "ref_fwd") if k in calls]
+    timers = [timing.Timer(k, calls[k]) for k in order]
+    timing.alternate(timers, n, settle=True, slow_s=math.inf)  # a slow step is timed n times too
+    med = {t.name: timing.median_ms(t.times) for t in timers}
     ref = device is not None
     return {
         "family": case.family,
@@ -443,9 +464,12 @@ def run(
     config: str = "default",
     dtype: str = "float32",
     overrides: dict[str, Any] | None = None,
+    peak_size: int | None = None,
 ) -> dict[str, Any]:
     """Benchmarks `families` (default: the config's, else all) on the named bench config in
-    `dtype`; returns the JSON-able results.
+    `dtype`; returns the JSON-able results. `peak_size`: the side of `matmul_peak`'s matmul
+    (default: its own; smoke tests use a tiny one, as a CPU without bfloat16 units takes ~15 s
+    per 2048^3 bfloat16 matmul).
 
     Raises:
       config_lib.UserError: an unknown family, config, config field or dtype.
@@ -463,14 +487,15 @@ def run(
     if unknown:
         raise UserError(f"unknown bench family {unknown[0]!r}; known: {sorted(CASES)}")
     device = _torch_device()
-    first = matmul_peak(dtype, device)
+    first = matmul_peak(dtype, device, size=peak_size)
     rows = []
     for name in names:
         rows.append(_bench_case(CASES[name], b, dtype, n, device))
         gc.collect()  # this family's models and optimizer states: gone before the next one's
         if device == "cuda":
             torch.cuda.empty_cache()
-    last = matmul_peak(dtype, device)  # again after the families: the higher of the two counts
+    # Again after the families: the higher of the two counts.
+    last = matmul_peak(dtype, device, size=peak_size)
     peak = {k: max(first[k], last[k]) for k in first}
     for r in rows:
         r["mfu"] = r["flops_per_step"] / (r["train_ms"] / 1e3) / peak["jax_flops"]
@@ -493,14 +518,16 @@ def run(
 
 
 def _f(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+    return harness.fmt(x, spec, missing="-")
 
 
 def markdown(res: dict[str, Any]) -> str:
     peak, torch_peak = res["peak"]["jax_flops"], res["peak"].get("torch_flops")
     b = res["bench_config"]
-    shape = (f"hidden {b['hidden']}, {b['layers']} layers, {b['heads']} heads, ffn {b['ffn']}, "
-             f"vocab {b['vocab']}, batch {b['batch']}, seq {b['seq']}")  # fmt: skip
+    shape = (
+        f"hidden {b['hidden']}, {b['layers']} layers, {b['heads']} heads, ffn {b['ffn']}, "
+        f"vocab {b['vocab']}, batch {b['batch']}, seq {b['seq']}"
+    )
     ref = res["reference_device"]
     lines = [
         f"Device: {res['device']} ({res['backend']}), {res['threads']} host threads; bench config "
@@ -510,30 +537,33 @@ def markdown(res: dict[str, Any]) -> str:
         + ": median of 10, the higher of before and after the families. Median of the timed "
         "calls, ours and transformers alternated; each timed call directly follows an untimed "
         "call of the same side. "
-        + (f"Reference: transformers on {ref}." if ref else
-           "Reference: none (torch cannot run on this backend here); ours only."),
+        + (
+            f"Reference: transformers on {ref}."
+            if ref
+            else "Reference: none (torch cannot run on this backend here); ours only."
+        ),
         "",
-        "| family | train ms (ours) | train ms (HF torch) | ratio | fwd ms (ours) | fwd ms (HF) "
-        "| ratio | GFLOP/step (analytic / XLA count) | MFU ours | MFU HF | compile s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]  # fmt: skip
-    for r in res["results"]:
-        lines.append(
-            f"| {r['family']} | {r['train_ms']:.1f} | {_f(r['ref_train_ms'], '.1f')} | "
-            f"{_f(r['train_ratio'], '.2f')} | {r['forward_ms']:.1f} | "
-            f"{_f(r['ref_forward_ms'], '.1f')} | {_f(r['forward_ratio'], '.2f')} | "
-            f"{r['flops_per_step'] / 1e9:.1f} / {r['xla_flops_per_step'] / 1e9:.1f} | "
-            f"{r['mfu']:.0%} | {_f(r['ref_mfu'], '.0%')} | {r['compile_s']:.1f} |"
-        )
+        *harness.table(
+            "family | train ms (ours) | train ms (HF torch) | ratio | fwd ms (ours) | fwd ms (HF) "
+            "| ratio | GFLOP/step (analytic / XLA count) | MFU ours | MFU HF | compile s",
+            map(_row, res["results"]),
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 
+def _row(r: dict[str, Any]) -> str:  # one family's cells of the table
+    return (
+        f"{r['family']} | {r['train_ms']:.1f} | {_f(r['ref_train_ms'], '.1f')} | "
+        f"{_f(r['train_ratio'], '.2f')} | {r['forward_ms']:.1f} | "
+        f"{_f(r['ref_forward_ms'], '.1f')} | {_f(r['forward_ratio'], '.2f')} | "
+        f"{r['flops_per_step'] / 1e9:.1f} / {r['xla_flops_per_step'] / 1e9:.1f} | "
+        f"{r['mfu']:.0%} | {_f(r['ref_mfu'], '.0%')} | {r['compile_s']:.1f}"
+    )
+
+
 def plot(res: dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     rows = res["results"]
     fams = [r["family"] for r in rows]
     x = np.arange(len(fams))
@@ -545,9 +575,7 @@ def plot(res: dict[str, Any], path: str) -> None:
     ax.set_ylabel("train step ms (lower is better)")
     ax.set_title(f"{res['config_name']}, {res['dtype']}, {res['device']}", fontsize=9)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    harness.save(fig, path)
 
 
 def main(
@@ -557,17 +585,12 @@ def main(
     config: str = "default",
     dtype: str = "float32",
     overrides: dict[str, Any] | None = None,
+    peak_size: int | None = None,
 ) -> dict:
     """Runs the bench (see `run`), prints the table and writes JSON / Markdown / PNG into
     `out_dir` (default `bench_out`)."""
-    res = run(families, n, config=config, dtype=dtype, overrides=overrides)
+    res = run(families, n, config=config, dtype=dtype, overrides=overrides, peak_size=peak_size)
     table = markdown(res)
     print(table)
-    out_dir = out_dir or "bench_out"
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "bench.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    with open(os.path.join(out_dir, "bench.md"), "w") as f:
-        f.write(table)
-    plot(res, os.path.join(out_dir, "bench.png"))
+    harness.write_outputs(out_dir, "bench", res, table, plot)
     return res
