@@ -30,29 +30,16 @@ RUNS = {
 
 def get_config(arg: str | None = None):
     run = RUNS[config_lib.parse_arg(arg, RUNS, default="tiny")]
-    c = config_lib.base_config()
-    c.task = "image_classification"
-
-    c.model.family = "beit"
-    c.model.preset = run["model"]
+    optim = dict(
+        name="adamw",
+        schedule="cosine",
+        weight_decay=0.05,
+        b2=0.999,
+        layer_decay=run["layer_decay"],
+    )
+    c = config_lib.preset_config(
+        "image_classification", "beit", run, optim=optim, eval_steps=100, max_to_keep=2
+    )
     c.model.image_size = run["image_size"]
     c.model.num_labels = 10
-    c.model.dtype = run["dtype"]
-    c.model.param_dtype = "float32"
-
-    c.optim.name = "adamw"
-    c.optim.lr = run["lr"]
-    c.optim.warmup_steps = run["warmup"]
-    c.optim.schedule = "cosine"
-    c.optim.weight_decay = 0.05
-    c.optim.b2 = 0.999
-    c.optim.layer_decay = run["layer_decay"]
-
-    c.train.steps = run["steps"]
-    c.train.batch_size = run["batch_size"]
-    c.train.eval_every_steps = run["every"]
-    c.train.eval_steps = 100
-    c.checkpoint.every_steps = run["every"]
-    c.checkpoint.max_to_keep = 2
-    c.log.every_steps = 10
     return c

@@ -34,16 +34,16 @@ RUNS = {
 
 def get_config(arg: str | None = None):
     run = RUNS[config_lib.parse_arg(arg, RUNS, default="tiny")]
-    c = config_lib.base_config()
-    c.task = "mim"
-
-    c.model.family = "beit"
-    c.model.preset = run["model"]
+    c = config_lib.preset_config(
+        "mim",
+        "beit",
+        run,
+        optim=dict(name="adamw", schedule="cosine", weight_decay=0.05, b2=0.999, clip_norm=3.0),
+        eval_steps=8,
+        max_to_keep=3,
+    )
     c.model.image_size = run["image_size"]
     c.model.vocab_size = run["vocab"]
-    c.model.dtype = run["dtype"]
-    c.model.param_dtype = "float32"
-    c.model.remat_policy = run["remat"]
 
     c.data.sources = ["digits", "sample_images"]
     c.data.num_crops = 256  # photo crops per pass over the training data
@@ -57,22 +57,4 @@ def get_config(arg: str | None = None):
     c.data.min_block_patches = run["min_block"]
     c.data.max_block_patches = 0  # 0 = the whole masking budget
     c.data.min_aspect = 0.3
-
-    c.optim.name = "adamw"
-    c.optim.lr = run["lr"]
-    c.optim.warmup_steps = run["warmup"]
-    c.optim.schedule = "cosine"
-    c.optim.weight_decay = 0.05
-    c.optim.b2 = 0.999
-    c.optim.clip_norm = 3.0
-
-    c.train.steps = run["steps"]
-    c.train.batch_size = run["batch_size"]
-    c.train.eval_every_steps = run["every"]
-    c.train.eval_steps = 8
-    c.checkpoint.every_steps = run["every"]
-    c.checkpoint.max_to_keep = 3
-    c.log.every_steps = 10
-
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = run["mesh"]
     return c

@@ -45,12 +45,15 @@ RUNS = {
 
 def get_config(arg: str | None = None):
     run = RUNS[config_lib.parse_arg(arg, RUNS, default="tiny")]
-    c = config_lib.base_config()
-    c.task = "seq2seq"
-
-    c.model.family = "mt5"
-    c.model.preset = run["model"]
-    c.model.dtype = run["dtype"]
+    schedule = "linear" if run["model"] == "tiny" else "constant"
+    c = config_lib.preset_config(
+        "seq2seq",
+        "mt5",
+        run,
+        optim=dict(name="adafactor", schedule=schedule, weight_decay=0.0, clip_norm=1.0),
+        eval_steps=16,
+        param_dtype=None,
+    )
     c.model.dropout_rate = run["dropout"]
     # T5's tokenizer ids (<pad>=0, </s>=1) and decoding starts with <pad>; the task checks them.
     c.model.pad_token_id = 0
@@ -68,18 +71,4 @@ def get_config(arg: str | None = None):
     c.report.num_prompts = 8  # held-out prompts answered at the end (0 = no report)
     c.report.num_beams = 1  # 1 = greedy
     c.report.max_new_tokens = run["targets_length"]
-
-    c.optim.name = "adafactor"
-    c.optim.lr = run["lr"]
-    c.optim.warmup_steps = run["warmup"]
-    c.optim.schedule = "linear" if run["model"] == "tiny" else "constant"
-    c.optim.weight_decay = 0.0
-    c.optim.clip_norm = 1.0
-
-    c.train.steps = run["steps"]
-    c.train.batch_size = run["batch_size"]
-    c.train.eval_every_steps = run["every"]
-    c.train.eval_steps = 16
-    c.checkpoint.every_steps = run["every"]
-    c.log.every_steps = 10
     return c

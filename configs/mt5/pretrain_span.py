@@ -36,15 +36,16 @@ RUNS = {
 
 def get_config(arg: str | None = None):
     run = RUNS[config_lib.parse_arg(arg, RUNS, default="tiny")]
-    c = config_lib.base_config()
-    c.task = "span_corruption"
-
-    c.model.family = "mt5"
-    c.model.preset = run["model"]
+    schedule = "rsqrt" if run["model"] != "tiny" else "linear"
+    c = config_lib.preset_config(
+        "span_corruption",
+        "mt5",
+        run,
+        optim=dict(name="adafactor", schedule=schedule, weight_decay=0.0, clip_norm=1.0),
+        eval_steps=8,
+        max_to_keep=3,
+    )
     c.model.vocab_size = run["vocab_size"]
-    c.model.dtype = run["dtype"]
-    c.model.param_dtype = "float32"
-    c.model.remat_policy = run["remat"]
     c.model.dropout_rate = 0.0  # mT5 pretrained without dropout
     # Our sentencepiece layout (<s>=0, <pad>=1, </s>=2); T5 starts decoding with <pad>.
     c.model.pad_token_id = 1
@@ -57,21 +58,4 @@ def get_config(arg: str | None = None):
     c.data.noise_density = 0.15
     c.data.mean_noise_span_length = 3.0
     c.data.num_sentinels = NUM_SENTINELS
-
-    c.optim.name = "adafactor"
-    c.optim.lr = run["lr"]
-    c.optim.warmup_steps = run["warmup"]
-    c.optim.schedule = "rsqrt" if run["model"] != "tiny" else "linear"
-    c.optim.weight_decay = 0.0
-    c.optim.clip_norm = 1.0
-
-    c.train.steps = run["steps"]
-    c.train.batch_size = run["batch_size"]
-    c.train.eval_every_steps = run["every"]
-    c.train.eval_steps = 8
-    c.checkpoint.every_steps = run["every"]
-    c.checkpoint.max_to_keep = 3
-    c.log.every_steps = 10
-
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = run["mesh"]
     return c

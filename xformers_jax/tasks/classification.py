@@ -1,8 +1,7 @@
 """Sequence classification fine-tuning (language identification on the bundled corpus).
 
-Also home of what the four fine-tuning tasks share (`build_finetune`, `finetune_config`): the
-tokenizer, the generated datasets (`data.finetune_data`), batching, the `TaskSpec`, and the
-per-family presets of `configs/{xlm_roberta,xlnet,yoso}/finetune_*.py`. Nothing here depends on
+Also home of what the four fine-tuning tasks share (`build_finetune`): the tokenizer, the
+generated datasets (`data.finetune_data`), batching and the `TaskSpec`. Nothing here depends on
 the family at run time: the tokenizer lays out examples (XLNet's CLS-last, left-padded layout or
 XLM-R's) and the registry picks the head.
 
@@ -18,7 +17,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from xformers_jax import config_lib, models
@@ -105,93 +103,3 @@ def build(config, workdir: str) -> TaskSpec:
     make = lambda tok, seq_len, train: language_id(tok, seq_len, train)  # noqa: E731
     return build_finetune(config, workdir, "classification", make, len(LANGUAGES), loss_fn,
                           metrics)  # fmt: skip
-
-
-# (task, num_labels, seq_len, lr) of each fine-tuning config.
-FINETUNE = {
-    "classification": (4, 48, 1e-3),
-    "token_classification": (4, 48, 1e-3),
-    "qa": (2, 64, 1e-3),
-    "multiple_choice": (1, 48, 1e-3),
-}
-
-# family -> config preset -> (model preset, batch size, steps, compute dtype, lr or None for
-# the task's, `model.*` keys of the preset). `tiny` runs on CPU in minutes; the others are the
-# published model sizes.
-FINETUNE_RUNS = {
-    "xlm_roberta": {
-        "tiny": ("tiny", 32, 200, "float32", None, {}),
-        "base": ("xlm-roberta-base", 32, 3000, "bfloat16", None, {}),
-    },
-    "xlnet": {
-        "tiny": ("tiny", 32, 200, "float32", None, {}),
-        "base": ("base", 32, 3000, "bfloat16", 2e-5, {}),
-        "large": ("large", 32, 3000, "bfloat16", 2e-5, {}),
-    },
-    # YOSO's attention as its pretraining (`configs/yoso/pretrain_mlm.py`) runs it: sampled (LSH)
-    # in `tiny`; `base` keeps uw-madison/yoso-4096's expectation mode: the attention that
-    # checkpoint was trained with, and at fine-tuning lengths (tens to hundreds of tokens) the
-    # dense expectation costs no more than 64 hashes of 9 bits (512 buckets each).
-    # `--config.model.use_expectation=False` samples.
-    "yoso": {
-        "tiny": ("tiny", 32, 200, "float32", None, {"use_expectation": False}),
-        "base": ("base", 32, 3000, "bfloat16", 2e-5, {"use_expectation": True}),
-    },
-}
-
-# family -> (`model.*`, `data.*`) keys of every fine-tuning run of that family.
-FINETUNE_FAMILY = {
-    "xlm_roberta": (dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1), {}),
-    # No Transformer-XL mems: fine-tuning batches are unrelated examples. The XLNet tokenizer
-    # (spm model `spiece.model`) is the one PLM pretraining trains, so its checkpoints carry over.
-    "xlnet": (
-        dict(dropout=0.1, use_mems_train=False, use_mems_eval=False, bi_data=False),
-        dict(tokenizer_type="xlnet"),
-    ),
-    "yoso": (
-        dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, attention_impl="xla"),
-        {},
-    ),
-}
-
-
-def finetune_config(
-    task: str, arg: str | None, family: str = "xlm_roberta"
-) -> ml_collections.ConfigDict:
-    """The shared fine-tuning config of `configs/<family>/finetune_<task>.py`.
-
-    Presets: `FINETUNE_RUNS[family]` (`tiny`, the default, on CPU; `base` / `large` the
-    published sizes in bfloat16). Set `init_from` to an HF dir, an Orbax params export or a
-    pretraining workdir of the same sizes; a tokenizer saved there is used (see
-    `tasks.mlm.tokenizer_for`).
-    """
-    num_labels, seq_len, task_lr = FINETUNE[task]
-    runs = FINETUNE_RUNS[family]
-    model, batch_size, steps, dtype, lr, preset_keys = runs[
-        config_lib.parse_arg(arg, runs, default="tiny")
-    ]
-    model_keys, data_keys = FINETUNE_FAMILY[family]
-    c = config_lib.base_config()
-    c.task = task
-    c.model.family = family
-    c.model.preset = model
-    c.model.num_labels = num_labels
-    c.model.dtype = dtype
-    for k, v in {**model_keys, **preset_keys}.items():
-        c.model[k] = v
-    c.data.seq_len = seq_len
-    c.data.vocab_size = 8000
-    c.data.tokenizer_type = "sentencepiece"
-    for k, v in data_keys.items():
-        c.data[k] = v
-    c.optim.lr = task_lr if lr is None else lr
-    c.optim.warmup_steps = steps // 10
-    c.optim.schedule = "linear"
-    c.optim.layer_decay = 0.9  # layer-wise lr decay, as is usual for fine-tuning
-    c.train.steps = steps
-    c.train.batch_size = batch_size
-    c.train.eval_every_steps = max(steps // 4, 1)
-    c.train.eval_steps = 10
-    c.checkpoint.every_steps = steps
-    c.log.every_steps = 10
-    return c
