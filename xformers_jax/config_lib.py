@@ -175,8 +175,9 @@ def preset_config(
 
     A preset is a dict with the keys every `configs/<family>/*.py` uses: `model` (the family
     preset), `dtype`, `lr`, `warmup`, `steps`, `batch_size`, `every` (eval and checkpoint
-    interval) and optionally `remat` (`model.remat_policy`) and `mesh` (`(data, fsdp, tensor)`).
-    The file then sets what is its own (model, data and task fields).
+    interval) and optionally `remat` (`model.remat_policy`), `vocab_size` (`model.vocab_size`),
+    `seq_len` (`data.seq_len`) and `mesh` (`(data, fsdp, tensor)`). The file then sets what is
+    its own (model, data and task fields).
 
     Args:
         optim: the `optim.*` fields besides `lr` and `warmup_steps` (name, schedule, ...).
@@ -196,6 +197,10 @@ def preset_config(
         c.model.param_dtype = param_dtype
     if "remat" in run:
         c.model.remat_policy = run["remat"]
+    if "vocab_size" in run:
+        c.model.vocab_size = run["vocab_size"]
+    if "seq_len" in run:
+        c.data.seq_len = run["seq_len"]
     c.optim.lr = run["lr"]
     c.optim.warmup_steps = run["warmup"]
     _set(c.optim, optim)

@@ -21,7 +21,7 @@ From a MIM run (its encoder is loaded, the segmentation heads start fresh):
 
 From a fine-tuned HF checkpoint instead (per-layer relative bias, 640 px tables):
 `--config.model.preset=base-640-ade --config.model.image_size=640 --config.init_from=HF_DIR`.
-Export with `python -c "from xformers_jax import train; train.export_to_hf(WORKDIR, HF_DIR)"`.
+Export with `xformers-jax export --checkpoint WORKDIR --hf-out HF_DIR`.
 """
 
 from xformers_jax import config_lib
@@ -42,22 +42,17 @@ RUNS = {
 }  # fmt: skip
 
 
+# BEiT's UperNet recipe; mmseg's poly schedule with power 1 is linear.
+OPTIM = dict(name="adamw", schedule="linear", weight_decay=0.05, b2=0.999, eps=1e-8, clip_norm=0.0)
+
+
 def get_config(arg: str | None = None):
     run = RUNS[config_lib.parse_arg(arg, RUNS, default="tiny")]
-    optim = dict(
-        name="adamw",
-        schedule="linear",  # mmseg's poly schedule with power 1
-        weight_decay=0.05,
-        b2=0.999,
-        eps=1e-8,
-        clip_norm=0.0,
-        layer_decay=run["layer_decay"],
-    )
-    # 2000 scenes for base / large
-    eval_steps = 12 if run["model"] == "tiny" else 125
+    eval_steps = 12 if run["model"] == "tiny" else 125  # 2000 scenes for base / large
     c = config_lib.preset_config(
-        "segmentation", "beit", run, optim=optim, eval_steps=eval_steps, max_to_keep=2
+        "segmentation", "beit", run, optim=OPTIM, eval_steps=eval_steps, max_to_keep=2
     )
+    c.optim.layer_decay = run["layer_decay"]
     c.model.image_size = run["model_size"]  # the position tables' resolution
     c.model.num_labels = run["labels"]
     c.model.out_indices = run["out"]

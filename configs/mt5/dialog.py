@@ -32,7 +32,8 @@ NUM_SENTINELS = 100
 LANGUAGES = ["english", "spanish", "italian", "portuguese", "german", "french", "russian",
              "japanese"]  # fmt: skip
 
-# preset -> run sizes. mT5 fine-tuning: Adafactor, constant 1e-3, dropout 0.1.
+# preset -> run sizes (seq_len: prompt </s>; targets_length: reply </s>). mT5 fine-tuning:
+# Adafactor, constant 1e-3, dropout 0.1.
 RUNS = {
     "tiny": dict(model="tiny", steps=400, batch_size=32, seq_len=32, targets_length=32,
                  lr=1e-2, warmup=30, dtype="float32", dropout=0.0, every=200),
@@ -43,17 +44,15 @@ RUNS = {
 }  # fmt: skip
 
 
+OPTIM = dict(name="adafactor", weight_decay=0.0, clip_norm=1.0)
+
+
 def get_config(arg: str | None = None):
     run = RUNS[config_lib.parse_arg(arg, RUNS, default="tiny")]
-    schedule = "linear" if run["model"] == "tiny" else "constant"
     c = config_lib.preset_config(
-        "seq2seq",
-        "mt5",
-        run,
-        optim=dict(name="adafactor", schedule=schedule, weight_decay=0.0, clip_norm=1.0),
-        eval_steps=16,
-        param_dtype=None,
+        "seq2seq", "mt5", run, optim=OPTIM, eval_steps=16, param_dtype=None
     )
+    c.optim.schedule = "linear" if run["model"] == "tiny" else "constant"
     c.model.dropout_rate = run["dropout"]
     # T5's tokenizer ids (<pad>=0, </s>=1) and decoding starts with <pad>; the task checks them.
     c.model.pad_token_id = 0
@@ -61,7 +60,6 @@ def get_config(arg: str | None = None):
     c.model.decoder_start_token_id = 0
 
     c.data.languages = LANGUAGES  # ignored when data.train_files (prompt<TAB>reply lines) is set
-    c.data.seq_len = run["seq_len"]  # encoder: prompt </s>
     c.data.targets_length = run["targets_length"]  # decoder: reply </s>
     c.data.tokenizer_type = "t5"
     # spm pieces of a tokenizer trained here; the 100 sentinels come on top (8000 = tiny's vocab).

@@ -12,7 +12,8 @@ from xformers_jax import config_lib
 
 NUM_SENTINELS = 100
 
-# config preset -> (model preset, run sizes). mT5 used 1M steps of batch 1024 x 1024 tokens.
+# config preset -> (model preset, run sizes). mT5 used 1M steps of batch 1024 x 1024 tokens;
+# seq_len is the encoder inputs' length, the targets get T5's matching length.
 RUNS = {
     "tiny": dict(model="tiny", steps=300, batch_size=32, seq_len=64, lr=1e-2, warmup=30,
                  vocab_size=8000, dtype="float32", remat="none", mesh=(-1, 1, 1), every=100),
@@ -34,25 +35,19 @@ RUNS = {
 }  # fmt: skip
 
 
+OPTIM = dict(name="adafactor", weight_decay=0.0, clip_norm=1.0)
+
+
 def get_config(arg: str | None = None):
     run = RUNS[config_lib.parse_arg(arg, RUNS, default="tiny")]
-    schedule = "rsqrt" if run["model"] != "tiny" else "linear"
-    c = config_lib.preset_config(
-        "span_corruption",
-        "mt5",
-        run,
-        optim=dict(name="adafactor", schedule=schedule, weight_decay=0.0, clip_norm=1.0),
-        eval_steps=8,
-        max_to_keep=3,
-    )
-    c.model.vocab_size = run["vocab_size"]
+    c = config_lib.preset_config("span_corruption", "mt5", run, optim=OPTIM, eval_steps=8)
+    c.optim.schedule = "rsqrt" if run["model"] != "tiny" else "linear"
     c.model.dropout_rate = 0.0  # mT5 pretrained without dropout
     # Our sentencepiece layout (<s>=0, <pad>=1, </s>=2); T5 starts decoding with <pad>.
     c.model.pad_token_id = 1
     c.model.eos_token_id = 2
     c.model.decoder_start_token_id = 1
 
-    c.data.seq_len = run["seq_len"]  # encoder inputs; targets get T5's matching length
     # sentencepiece trained on the corpus, leaving the last ids of the vocab to the sentinels.
     c.data.vocab_size = min(run["vocab_size"], 8000) - NUM_SENTINELS
     c.data.noise_density = 0.15

@@ -38,22 +38,16 @@ RUNS = {
 }  # fmt: skip
 
 
+OPTIM = dict(name="adamw", schedule="linear", weight_decay=0.01, b2=0.98, clip_norm=1.0)
+
+
 def get_config(arg: str | None = None):
     run = RUNS[config_lib.parse_arg(arg, RUNS, default="tiny")]
-    c = config_lib.preset_config(
-        "mlm",
-        "xlm_roberta",
-        run,
-        optim=dict(name="adamw", schedule="linear", weight_decay=0.01, b2=0.98, clip_norm=1.0),
-        eval_steps=8,
-        max_to_keep=3,
-    )
-    c.model.vocab_size = run["vocab_size"]
+    c = config_lib.preset_config("mlm", "xlm_roberta", run, optim=OPTIM, eval_steps=8)
     c.model.hidden_dropout_prob = 0.1
     c.model.attention_probs_dropout_prob = 0.1
     c.model.max_position_embeddings = run["seq_len"] + 2 if run["model"] == "tiny" else 514
 
-    c.data.seq_len = run["seq_len"]
     c.data.vocab_size = min(run["vocab_size"], 8000)  # sentencepiece trained on the corpus
     c.data.mask_prob = 0.15
     # Large vocabularies: LM head only at (at most this many) masked positions per row; 0 = all

@@ -24,17 +24,12 @@ RUNS = {
 }  # fmt: skip
 
 
+OPTIM = dict(name="adamw", schedule="linear", weight_decay=0.01, clip_norm=1.0)
+
+
 def get_config(arg: str | None = None):
     run = RUNS[config_lib.parse_arg(arg, RUNS, default="tiny")]
-    c = config_lib.preset_config(
-        "plm",
-        "xlnet",
-        run,
-        optim=dict(name="adamw", schedule="linear", weight_decay=0.01, clip_norm=1.0),
-        eval_steps=4,
-        max_to_keep=3,
-    )
-    c.model.vocab_size = run["vocab_size"]
+    c = config_lib.preset_config("plm", "xlnet", run, optim=OPTIM, eval_steps=4)
     c.model.dropout = 0.1
     c.model.mem_len = run["mem_len"]
     c.model.reuse_len = run["reuse_len"]
@@ -42,7 +37,6 @@ def get_config(arg: str | None = None):
     c.model.attn_type = "bi"
     c.model.use_mems_train = True  # Transformer-XL mems carried across steps (TrainState.extra)
 
-    c.data.seq_len = run["seq_len"]
     c.data.vocab_size = min(run["vocab_size"], 8000)  # sentencepiece trained on the corpus
     c.data.num_predict = run["num_predict"]
     c.data.perm_size = run["perm_size"]
