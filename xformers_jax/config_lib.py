@@ -43,6 +43,7 @@ __all__ = [
     "save_config",
     "to_dict",
     "validate",
+    "variant",
 ]
 
 OPTIMIZERS = ("adamw", "adafactor")
@@ -314,6 +315,18 @@ def config_module(path: str, relative_to: str | None = None):
     if relative_to is not None:
         path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
     return _import_file(os.path.normpath(path))
+
+
+def variant(base: str, relative_to: str, **kwargs) -> tuple[Any, Any]:
+    """`(RUNS, get_config)` of a config file that is a variant of another: the config file
+    `base` (relative to the directory of `relative_to`, the variant's `__file__`) with `kwargs`
+    passed to its `get_config(arg, **kwargs)`; its presets are the variant's."""
+    module = config_module(base, relative_to)
+
+    def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+        return module.get_config(arg, **kwargs)
+
+    return module.RUNS, get_config
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

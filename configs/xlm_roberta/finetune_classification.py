@@ -18,14 +18,11 @@ RUNS = {
     "base": dict(model="xlm-roberta-base", batch_size=32, steps=3000, dtype="bfloat16"),
 }
 
+MODEL = dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+DATA = dict(tokenizer_type="sentencepiece")
+OPTIM = dict(layer_decay=0.9)  # layer-wise lr decay, as is usual for fine-tuning
+
 
 def get_config(arg: str | None = None, task: str = "classification"):
     run = RUNS[config_lib.parse_arg(arg, RUNS, default="tiny")]
-    return config_lib.finetune_config(
-        task,
-        "xlm_roberta",
-        run,
-        model=dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1),
-        data=dict(tokenizer_type="sentencepiece"),
-        optim=dict(layer_decay=0.9),  # layer-wise lr decay, as is usual for fine-tuning
-    )
+    return config_lib.finetune_config(task, "xlm_roberta", run, model=MODEL, data=DATA, optim=OPTIM)

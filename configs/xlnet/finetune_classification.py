@@ -27,16 +27,13 @@ RUNS = {
     "large": dict(model="large", batch_size=32, steps=3000, dtype="bfloat16", lr=2e-5),
 }
 
+# No Transformer-XL mems: fine-tuning batches are unrelated examples. The XLNet tokenizer (spm
+# model `spiece.model`) is the one PLM pretraining trains, so its checkpoints carry over.
+MODEL = dict(dropout=0.1, use_mems_train=False, use_mems_eval=False, bi_data=False)
+DATA = dict(tokenizer_type="xlnet")
+OPTIM = dict(layer_decay=0.9)  # layer-wise lr decay, as is usual for fine-tuning
+
 
 def get_config(arg: str | None = None, task: str = "classification"):
     run = RUNS[config_lib.parse_arg(arg, RUNS, default="tiny")]
-    # No Transformer-XL mems: fine-tuning batches are unrelated examples. The XLNet tokenizer
-    # (spm model `spiece.model`) is the one PLM pretraining trains, so its checkpoints carry over.
-    return config_lib.finetune_config(
-        task,
-        "xlnet",
-        run,
-        model=dict(dropout=0.1, use_mems_train=False, use_mems_eval=False, bi_data=False),
-        data=dict(tokenizer_type="xlnet"),
-        optim=dict(layer_decay=0.9),  # layer-wise lr decay, as is usual for fine-tuning
-    )
+    return config_lib.finetune_config(task, "xlnet", run, model=MODEL, data=DATA, optim=OPTIM)

@@ -28,19 +28,12 @@ RUNS = {
     ),
 }
 
+MODEL = dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, attention_impl="xla")
+DATA = dict(tokenizer_type="sentencepiece")
+OPTIM = dict(layer_decay=0.9)  # layer-wise lr decay, as is usual for fine-tuning
+
 
 def get_config(arg: str | None = None, task: str = "classification"):
     run = RUNS[config_lib.parse_arg(arg, RUNS, default="tiny")]
-    return config_lib.finetune_config(
-        task,
-        "yoso",
-        run,
-        model=dict(
-            hidden_dropout_prob=0.1,
-            attention_probs_dropout_prob=0.1,
-            attention_impl="xla",
-            use_expectation=run["expectation"],
-        ),
-        data=dict(tokenizer_type="sentencepiece"),
-        optim=dict(layer_decay=0.9),  # layer-wise lr decay, as is usual for fine-tuning
-    )
+    model = {**MODEL, "use_expectation": run["expectation"]}
+    return config_lib.finetune_config(task, "yoso", run, model=model, data=DATA, optim=OPTIM)

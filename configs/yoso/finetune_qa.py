@@ -9,9 +9,4 @@ Data, presets, tokenizer and `init_from` as in `finetune_classification.py`.
 
 from xformers_jax import config_lib
 
-_FINETUNE = config_lib.config_module("finetune_classification.py", __file__)
-RUNS = _FINETUNE.RUNS
-
-
-def get_config(arg: str | None = None):
-    return _FINETUNE.get_config(arg, task="qa")
+RUNS, get_config = config_lib.variant("finetune_classification.py", __file__, task="qa")

@@ -33,6 +33,7 @@ import numpy as np
 import sentencepiece as spm
 
 from xformers_jax.data.corpus import DataError
+from xformers_jax.data.tokenizer import train_spm
 
 SPIECE = "spiece.model"
 UNDERLINE = "\u2581"  # sentencepiece's word-boundary mark
@@ -243,19 +244,10 @@ class T5Tokenizer:
         """
         if vocab_size < 4:
             raise ValueError(f"vocab_size: must be >= 4 (3 special pieces + 1), got {vocab_size}")
-        out_prefix = Path(out_prefix)
-        out_prefix.parent.mkdir(parents=True, exist_ok=True)
         # spm treats each iterator item as one sentence: feed lines.
         lines = (s for t in texts for s in (x.strip() for x in str(t).split("\n")) if s)
-        options = dict(
-            model_prefix=str(out_prefix),
-            vocab_size=vocab_size,
-            model_type=model_type,
-            character_coverage=character_coverage,
-            input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True,
-            num_threads=num_threads,
-            hard_vocab_limit=False,
+        # T5's layout: <pad>=0, </s>=1, <unk>=2, no <s>.
+        specials = dict(
             pad_id=0,
             eos_id=1,
             unk_id=2,
@@ -263,15 +255,19 @@ class T5Tokenizer:
             pad_piece=PAD_PIECE,
             eos_piece=EOS_PIECE,
             unk_piece=UNK_PIECE,
-            minloglevel=2,
         )
-        options.update(trainer_kwargs)
-        if seed is not None:
-            spm.set_random_generator_seed(seed)
-        try:
-            spm.SentencePieceTrainer.train(sentence_iterator=lines, **options)
-        except RuntimeError as e:
-            raise ValueError(f"sentencepiece training for {out_prefix}.model failed: {e}") from None
+        train_spm(
+            lines,
+            out_prefix,
+            vocab_size,
+            specials,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            input_sentence_size=input_sentence_size,
+            num_threads=num_threads,
+            seed=seed,
+            **trainer_kwargs,
+        )
         return cls.load(f"{out_prefix}.model", extra_ids=extra_ids, legacy=True)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
