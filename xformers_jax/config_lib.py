@@ -35,11 +35,15 @@ __all__ = [
     "apply_overrides",
     "base_config",
     "config_from_json",
+    "config_module",
+    "finetune_config",
     "load_config",
     "parse_arg",
+    "preset_config",
     "save_config",
     "to_dict",
     "validate",
+    "variant",
 ]
 
 OPTIMIZERS = ("adamw", "adafactor")
@@ -153,6 +157,119 @@ def parse_arg(arg: str | None, presets: Mapping[str, Any], default: str) -> str:
     return name
 
 
+def _set(group: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
+    for k, v in values.items():
+        group[k] = v
+
+
+def preset_config(
+    task: str,
+    family: str,
+    run: Mapping[str, Any],
+    *,
+    optim: Mapping[str, Any],
+    eval_steps: int,
+    max_to_keep: int | None = None,
+    param_dtype: str | None = "float32",
+) -> ml_collections.ConfigDict:
+    """`base_config()` with the fields of a training config file's preset `run`.
+
+    A preset is a dict with the keys every `configs/<family>/*.py` uses: `model` (the family
+    preset), `dtype`, `lr`, `warmup`, `steps`, `batch_size`, `every` (eval and checkpoint
+    interval) and optionally `remat` (`model.remat_policy`), `vocab_size` (`model.vocab_size`),
+    `seq_len` (`data.seq_len`) and `mesh` (`(data, fsdp, tensor)`). The file then sets what is
+    its own (model, data and task fields).
+
+    Args:
+        optim: the `optim.*` fields besides `lr` and `warmup_steps` (name, schedule, ...).
+        eval_steps: `train.eval_steps`.
+        max_to_keep: `checkpoint.max_to_keep` (None keeps the default).
+        param_dtype: `model.param_dtype` (None leaves the field to the family's default).
+
+    Returns:
+        An unlocked `ConfigDict`.
+    """
+    c = base_config()
+    c.task = task
+    c.model.family = family
+    c.model.preset = run["model"]
+    c.model.dtype = run["dtype"]
+    if param_dtype:
+        c.model.param_dtype = param_dtype
+    if "remat" in run:
+        c.model.remat_policy = run["remat"]
+    if "vocab_size" in run:
+        c.model.vocab_size = run["vocab_size"]
+    if "seq_len" in run:
+        c.data.seq_len = run["seq_len"]
+    c.optim.lr = run["lr"]
+    c.optim.warmup_steps = run["warmup"]
+    _set(c.optim, optim)
+    c.train.steps = run["steps"]
+    c.train.batch_size = run["batch_size"]
+    c.train.eval_every_steps = run["every"]
+    c.train.eval_steps = eval_steps
+    c.checkpoint.every_steps = run["every"]
+    if max_to_keep is not None:
+        c.checkpoint.max_to_keep = max_to_keep
+    if "mesh" in run:
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = run["mesh"]
+    return c
+
+
+# Fine-tuning task -> (model.num_labels, data.seq_len, optim.lr) on the generated datasets of
+# `data/finetune_data.py`.
+FINETUNE_TASKS = {
+    "classification": (4, 48, 1e-3),
+    "token_classification": (4, 48, 1e-3),
+    "qa": (2, 64, 1e-3),
+    "multiple_choice": (1, 48, 1e-3),
+}
+
+
+def finetune_config(
+    task: str,
+    family: str,
+    run: Mapping[str, Any],
+    *,
+    model: Mapping[str, Any] | None = None,
+    data: Mapping[str, Any] | None = None,
+    optim: Mapping[str, Any] | None = None,
+) -> ml_collections.ConfigDict:
+    """A fine-tuning run on a generated dataset (`FINETUNE_TASKS`): the warmup is the first tenth
+    of `run["steps"]`, a linear decay, four evals, one checkpoint at the end.
+
+    Args:
+        run: the config file's preset: `model`, `batch_size`, `steps`, `dtype` and optionally
+            `lr` (default: the task's).
+        model, data, optim: the config file's other fields of these groups.
+
+    Returns:
+        An unlocked `ConfigDict`.
+    """
+    num_labels, seq_len, task_lr = FINETUNE_TASKS[task]
+    steps = run["steps"]
+    c = base_config()
+    c.task = task
+    c.model.family = family
+    c.model.preset = run["model"]
+    c.model.num_labels = num_labels
+    c.model.dtype = run["dtype"]
+    _set(c.model, model or {})
+    c.data.seq_len = seq_len
+    _set(c.data, data or {})
+    c.optim.lr = run.get("lr", task_lr)
+    c.optim.warmup_steps = steps // 10
+    c.optim.schedule = "linear"
+    _set(c.optim, optim or {})
+    c.train.steps = steps
+    c.train.batch_size = run["batch_size"]
+    c.train.eval_every_steps = max(steps // 4, 1)
+    c.train.eval_steps = 10
+    c.checkpoint.every_steps = steps
+    return c
+
+
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
@@ -186,6 +303,30 @@ def _import_file(path: str):
         sys.modules.pop(name, None)
         raise
     return module
+
+
+def config_module(path: str, relative_to: str | None = None):
+    """Imports a config file by path, e.g. the preset table of a sibling config file.
+
+    Args:
+        path: the config file; relative to the directory of `relative_to` (a config file's
+            `__file__`) when given.
+    """
+    if relative_to is not None:
+        path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
+    return _import_file(os.path.normpath(path))
+
+
+def variant(base: str, relative_to: str, **kwargs) -> tuple[Any, Any]:
+    """`(RUNS, get_config)` of a config file that is a variant of another: the config file
+    `base` (relative to the directory of `relative_to`, the variant's `__file__`) with `kwargs`
+    passed to its `get_config(arg, **kwargs)`; its presets are the variant's."""
+    module = config_module(base, relative_to)
+
+    def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+        return module.get_config(arg, **kwargs)
+
+    return module.RUNS, get_config
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

@@ -1,14 +1,12 @@
 """BEiT image classification fine-tuning (task `image_classification`) on scikit-learn's digits.
 
 Presets (`:arg`): tiny (32 px, patch 8; CPU, the default), base and large (patch 16, 224 px),
-base-384 and large-384. `init_from`: an HF dir or an Orbax params export of
-`BeitForImageClassification` with 10 labels; from a MIM run, export one first:
+base-384 and large-384. `init_from`: a MIM workdir (its encoder is loaded; the classifier and
+pooler LayerNorm start fresh), an HF dir or an Orbax params export of a BEiT model:
 
   xformers-jax train --config configs/beit/pretrain_mim.py:tiny --workdir workdirs/beit_mim
-  python -c "from xformers_jax.tasks.image_classification import export_for_finetuning as e; \
-      e('workdirs/beit_mim', 'workdirs/beit_mim/cls_init')"
   xformers-jax train --config configs/beit/finetune_classification.py:tiny \
-      --workdir workdirs/beit_cls --config.init_from=workdirs/beit_mim/cls_init
+      --workdir workdirs/beit_cls --config.init_from=workdirs/beit_mim
 """
 
 from xformers_jax import config_lib
@@ -28,31 +26,15 @@ RUNS = {
 }  # fmt: skip
 
 
+OPTIM = dict(name="adamw", schedule="cosine", weight_decay=0.05, b2=0.999)
+
+
 def get_config(arg: str | None = None):
     run = RUNS[config_lib.parse_arg(arg, RUNS, default="tiny")]
-    c = config_lib.base_config()
-    c.task = "image_classification"
-
-    c.model.family = "beit"
-    c.model.preset = run["model"]
+    c = config_lib.preset_config(
+        "image_classification", "beit", run, optim=OPTIM, eval_steps=100, max_to_keep=2
+    )
+    c.optim.layer_decay = run["layer_decay"]
     c.model.image_size = run["image_size"]
     c.model.num_labels = 10
-    c.model.dtype = run["dtype"]
-    c.model.param_dtype = "float32"
-
-    c.optim.name = "adamw"
-    c.optim.lr = run["lr"]
-    c.optim.warmup_steps = run["warmup"]
-    c.optim.schedule = "cosine"
-    c.optim.weight_decay = 0.05
-    c.optim.b2 = 0.999
-    c.optim.layer_decay = run["layer_decay"]
-
-    c.train.steps = run["steps"]
-    c.train.batch_size = run["batch_size"]
-    c.train.eval_every_steps = run["every"]
-    c.train.eval_steps = 100
-    c.checkpoint.every_steps = run["every"]
-    c.checkpoint.max_to_keep = 2
-    c.log.every_steps = 10
     return c

@@ -14,40 +14,35 @@ from xformers_jax import config_lib
 
 # config preset -> (model preset, image size, run sizes)
 RUNS = {
-    "tiny": dict(model="tiny", image_size=32, vocab=64, steps=300, batch_size=32, lr=2e-3,
+    "tiny": dict(model="tiny", image_size=32, vocab_size=64, steps=300, batch_size=32, lr=2e-3,
                  warmup=20, dtype="float32", remat="none", mesh=(-1, 1, 1), every=100,
                  min_block=2),
-    "base": dict(model="base-pt22k", image_size=224, vocab=8192, steps=800_000,
+    "base": dict(model="base-pt22k", image_size=224, vocab_size=8192, steps=800_000,
                  batch_size=2048, lr=1.5e-3, warmup=10_000, dtype="bfloat16", remat="none",
                  mesh=(-1, 1, 1), every=5000, min_block=16),
-    "base-384": dict(model="base-pt22k", image_size=384, vocab=8192, steps=800_000,
+    "base-384": dict(model="base-pt22k", image_size=384, vocab_size=8192, steps=800_000,
                      batch_size=2048, lr=1.5e-3, warmup=10_000, dtype="bfloat16",
                      remat="dots", mesh=(-1, 1, 1), every=5000, min_block=16),
-    "large": dict(model="large-pt22k", image_size=224, vocab=8192, steps=800_000,
+    "large": dict(model="large-pt22k", image_size=224, vocab_size=8192, steps=800_000,
                   batch_size=2048, lr=1.5e-3, warmup=10_000, dtype="bfloat16", remat="dots",
                   mesh=(-1, 4, 1), every=5000, min_block=16),
-    "large-384": dict(model="large-pt22k", image_size=384, vocab=8192, steps=800_000,
+    "large-384": dict(model="large-pt22k", image_size=384, vocab_size=8192, steps=800_000,
                       batch_size=2048, lr=1.5e-3, warmup=10_000, dtype="bfloat16",
                       remat="full", mesh=(-1, 4, 1), every=5000, min_block=16),
 }  # fmt: skip
 
 
+OPTIM = dict(name="adamw", schedule="cosine", weight_decay=0.05, b2=0.999, clip_norm=3.0)
+
+
 def get_config(arg: str | None = None):
     run = RUNS[config_lib.parse_arg(arg, RUNS, default="tiny")]
-    c = config_lib.base_config()
-    c.task = "mim"
-
-    c.model.family = "beit"
-    c.model.preset = run["model"]
+    c = config_lib.preset_config("mim", "beit", run, optim=OPTIM, eval_steps=8)
     c.model.image_size = run["image_size"]
-    c.model.vocab_size = run["vocab"]
-    c.model.dtype = run["dtype"]
-    c.model.param_dtype = "float32"
-    c.model.remat_policy = run["remat"]
 
     c.data.sources = ["digits", "sample_images"]
     c.data.num_crops = 256  # photo crops per pass over the training data
-    c.data.vocab_size = run["vocab"]  # visual-token ids (k-means clusters)
+    c.data.vocab_size = run["vocab_size"]  # visual-token ids (k-means clusters)
     c.data.tokenizer = ""  # '' = fit a k-means tokenizer into the workdir; or an .npz
     c.data.tokenizer_dim = 32  # random-projection dimension of the patches
     c.data.tokenizer_iterations = 10
@@ -57,22 +52,4 @@ def get_config(arg: str | None = None):
     c.data.min_block_patches = run["min_block"]
     c.data.max_block_patches = 0  # 0 = the whole masking budget
     c.data.min_aspect = 0.3
-
-    c.optim.name = "adamw"
-    c.optim.lr = run["lr"]
-    c.optim.warmup_steps = run["warmup"]
-    c.optim.schedule = "cosine"
-    c.optim.weight_decay = 0.05
-    c.optim.b2 = 0.999
-    c.optim.clip_norm = 3.0
-
-    c.train.steps = run["steps"]
-    c.train.batch_size = run["batch_size"]
-    c.train.eval_every_steps = run["every"]
-    c.train.eval_steps = 8
-    c.checkpoint.every_steps = run["every"]
-    c.checkpoint.max_to_keep = 3
-    c.log.every_steps = 10
-
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = run["mesh"]
     return c

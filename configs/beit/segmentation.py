@@ -21,7 +21,7 @@ From a MIM run (its encoder is loaded, the segmentation heads start fresh):
 
 From a fine-tuned HF checkpoint instead (per-layer relative bias, 640 px tables):
 `--config.model.preset=base-640-ade --config.model.image_size=640 --config.init_from=HF_DIR`.
-Export with `python -c "from xformers_jax import train; train.export_to_hf(WORKDIR, HF_DIR)"`.
+Export with `xformers-jax export --checkpoint WORKDIR --hf-out HF_DIR`.
 """
 
 from xformers_jax import config_lib
@@ -42,42 +42,23 @@ RUNS = {
 }  # fmt: skip
 
 
+# BEiT's UperNet recipe; mmseg's poly schedule with power 1 is linear.
+OPTIM = dict(name="adamw", schedule="linear", weight_decay=0.05, b2=0.999, eps=1e-8, clip_norm=0.0)
+
+
 def get_config(arg: str | None = None):
     run = RUNS[config_lib.parse_arg(arg, RUNS, default="tiny")]
-    c = config_lib.base_config()
-    c.task = "segmentation"
-
-    c.model.family = "beit"
-    c.model.preset = run["model"]
+    eval_steps = 12 if run["model"] == "tiny" else 125  # 2000 scenes for base / large
+    c = config_lib.preset_config(
+        "segmentation", "beit", run, optim=OPTIM, eval_steps=eval_steps, max_to_keep=2
+    )
+    c.optim.layer_decay = run["layer_decay"]
     c.model.image_size = run["model_size"]  # the position tables' resolution
     c.model.num_labels = run["labels"]
     c.model.out_indices = run["out"]
     c.model.drop_path_rate = run["drop_path"]
-    c.model.dtype = run["dtype"]
-    c.model.param_dtype = "float32"
-    c.model.remat_policy = run["remat"]
 
     c.data.image_size = run["image_size"]  # 0 = model.image_size
     c.data.max_digits = 3  # digits per scene
     c.data.reduce_labels = False  # True: background ignored, digit d -> class d (ADE20k-style)
-
-    c.optim.name = "adamw"
-    c.optim.lr = run["lr"]
-    c.optim.warmup_steps = run["warmup"]
-    c.optim.schedule = "linear"  # mmseg's poly schedule with power 1
-    c.optim.weight_decay = 0.05
-    c.optim.b2 = 0.999
-    c.optim.eps = 1e-8
-    c.optim.clip_norm = 0.0
-    c.optim.layer_decay = run["layer_decay"]
-
-    c.train.steps = run["steps"]
-    c.train.batch_size = run["batch_size"]
-    c.train.eval_every_steps = run["every"]
-    c.train.eval_steps = 12 if run["model"] == "tiny" else 125  # 2000 scenes for base / large
-    c.checkpoint.every_steps = run["every"]
-    c.checkpoint.max_to_keep = 2
-    c.log.every_steps = 10
-
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = run["mesh"]
     return c

@@ -32,7 +32,8 @@ NUM_SENTINELS = 100
 LANGUAGES = ["english", "spanish", "italian", "portuguese", "german", "french", "russian",
              "japanese"]  # fmt: skip
 
-# preset -> run sizes. mT5 fine-tuning: Adafactor, constant 1e-3, dropout 0.1.
+# preset -> run sizes (seq_len: prompt </s>; targets_length: reply </s>). mT5 fine-tuning:
+# Adafactor, constant 1e-3, dropout 0.1.
 RUNS = {
     "tiny": dict(model="tiny", steps=400, batch_size=32, seq_len=32, targets_length=32,
                  lr=1e-2, warmup=30, dtype="float32", dropout=0.0, every=200),
@@ -43,14 +44,15 @@ RUNS = {
 }  # fmt: skip
 
 
+OPTIM = dict(name="adafactor", weight_decay=0.0, clip_norm=1.0)
+
+
 def get_config(arg: str | None = None):
     run = RUNS[config_lib.parse_arg(arg, RUNS, default="tiny")]
-    c = config_lib.base_config()
-    c.task = "seq2seq"
-
-    c.model.family = "mt5"
-    c.model.preset = run["model"]
-    c.model.dtype = run["dtype"]
+    c = config_lib.preset_config(
+        "seq2seq", "mt5", run, optim=OPTIM, eval_steps=16, param_dtype=None
+    )
+    c.optim.schedule = "linear" if run["model"] == "tiny" else "constant"
     c.model.dropout_rate = run["dropout"]
     # T5's tokenizer ids (<pad>=0, </s>=1) and decoding starts with <pad>; the task checks them.
     c.model.pad_token_id = 0
@@ -58,7 +60,6 @@ def get_config(arg: str | None = None):
     c.model.decoder_start_token_id = 0
 
     c.data.languages = LANGUAGES  # ignored when data.train_files (prompt<TAB>reply lines) is set
-    c.data.seq_len = run["seq_len"]  # encoder: prompt </s>
     c.data.targets_length = run["targets_length"]  # decoder: reply </s>
     c.data.tokenizer_type = "t5"
     # spm pieces of a tokenizer trained here; the 100 sentinels come on top (8000 = tiny's vocab).
@@ -68,18 +69,4 @@ def get_config(arg: str | None = None):
     c.report.num_prompts = 8  # held-out prompts answered at the end (0 = no report)
     c.report.num_beams = 1  # 1 = greedy
     c.report.max_new_tokens = run["targets_length"]
-
-    c.optim.name = "adafactor"
-    c.optim.lr = run["lr"]
-    c.optim.warmup_steps = run["warmup"]
-    c.optim.schedule = "linear" if run["model"] == "tiny" else "constant"
-    c.optim.weight_decay = 0.0
-    c.optim.clip_norm = 1.0
-
-    c.train.steps = run["steps"]
-    c.train.batch_size = run["batch_size"]
-    c.train.eval_every_steps = run["every"]
-    c.train.eval_steps = 16
-    c.checkpoint.every_steps = run["every"]
-    c.log.every_steps = 10
     return c

@@ -14,43 +14,31 @@ from xformers_jax import config_lib
 
 NUM_SENTINELS = 100
 
-# preset -> (model preset, batch size, steps, compute dtype, learning rate)
+# preset -> run sizes
 RUNS = {
-    "tiny": ("tiny", 32, 200, "float32", 1e-3),
-    "small": ("small", 128, 3000, "bfloat16", 1e-3),
-    "base": ("base", 128, 3000, "bfloat16", 1e-3),
-    "large": ("large", 128, 3000, "bfloat16", 1e-3),
-    "xl": ("xl", 128, 3000, "bfloat16", 3e-4),
-    "xxl": ("xxl", 128, 3000, "bfloat16", 3e-4),
+    "tiny": dict(model="tiny", batch_size=32, steps=200, dtype="float32", lr=1e-3),
+    "small": dict(model="small", batch_size=128, steps=3000, dtype="bfloat16", lr=1e-3),
+    "base": dict(model="base", batch_size=128, steps=3000, dtype="bfloat16", lr=1e-3),
+    "large": dict(model="large", batch_size=128, steps=3000, dtype="bfloat16", lr=1e-3),
+    "xl": dict(model="xl", batch_size=128, steps=3000, dtype="bfloat16", lr=3e-4),
+    "xxl": dict(model="xxl", batch_size=128, steps=3000, dtype="bfloat16", lr=3e-4),
 }
 
 
 def get_config(arg: str | None = None):
-    model, batch_size, steps, dtype, lr = RUNS[config_lib.parse_arg(arg, RUNS, default="tiny")]
-    c = config_lib.base_config()
-    c.task = "classification"
-    c.model.family = "mt5"
-    c.model.preset = model
-    c.model.num_labels = 4
-    c.model.dtype = dtype
-    c.model.dropout_rate = 0.1
-    c.model.classifier_dropout = 0.0
-    # Our sentencepiece layout (<s>=0, <pad>=1, </s>=2); T5 starts decoding with <pad>.
-    c.model.pad_token_id = 1
-    c.model.eos_token_id = 2
-    c.model.decoder_start_token_id = 1
-    c.data.seq_len = 48
-    c.data.vocab_size = 8000 - NUM_SENTINELS  # as in pretrain_span, so checkpoints carry over
-    c.optim.name = "adafactor"
-    c.optim.lr = lr
-    c.optim.warmup_steps = steps // 10
-    c.optim.schedule = "linear"
-    c.optim.weight_decay = 0.0
-    c.optim.clip_norm = 1.0
-    c.train.steps = steps
-    c.train.batch_size = batch_size
-    c.train.eval_every_steps = max(steps // 4, 1)
-    c.train.eval_steps = 10
-    c.checkpoint.every_steps = steps
-    c.log.every_steps = 10
-    return c
+    run = RUNS[config_lib.parse_arg(arg, RUNS, default="tiny")]
+    return config_lib.finetune_config(
+        "classification",
+        "mt5",
+        run,
+        # Our sentencepiece layout (<s>=0, <pad>=1, </s>=2); T5 starts decoding with <pad>.
+        model=dict(
+            dropout_rate=0.1,
+            classifier_dropout=0.0,
+            pad_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=1,
+        ),
+        data=dict(vocab_size=8000 - NUM_SENTINELS),  # as in pretrain_span: checkpoints carry over
+        optim=dict(name="adafactor", weight_decay=0.0, clip_norm=1.0),
+    )

@@ -12,7 +12,8 @@ from xformers_jax import config_lib
 
 NUM_SENTINELS = 100
 
-# config preset -> (model preset, run sizes). mT5 used 1M steps of batch 1024 x 1024 tokens.
+# config preset -> (model preset, run sizes). mT5 used 1M steps of batch 1024 x 1024 tokens;
+# seq_len is the encoder inputs' length, the targets get T5's matching length.
 RUNS = {
     "tiny": dict(model="tiny", steps=300, batch_size=32, seq_len=64, lr=1e-2, warmup=30,
                  vocab_size=8000, dtype="float32", remat="none", mesh=(-1, 1, 1), every=100),
@@ -34,44 +35,22 @@ RUNS = {
 }  # fmt: skip
 
 
+OPTIM = dict(name="adafactor", weight_decay=0.0, clip_norm=1.0)
+
+
 def get_config(arg: str | None = None):
     run = RUNS[config_lib.parse_arg(arg, RUNS, default="tiny")]
-    c = config_lib.base_config()
-    c.task = "span_corruption"
-
-    c.model.family = "mt5"
-    c.model.preset = run["model"]
-    c.model.vocab_size = run["vocab_size"]
-    c.model.dtype = run["dtype"]
-    c.model.param_dtype = "float32"
-    c.model.remat_policy = run["remat"]
+    c = config_lib.preset_config("span_corruption", "mt5", run, optim=OPTIM, eval_steps=8)
+    c.optim.schedule = "rsqrt" if run["model"] != "tiny" else "linear"
     c.model.dropout_rate = 0.0  # mT5 pretrained without dropout
     # Our sentencepiece layout (<s>=0, <pad>=1, </s>=2); T5 starts decoding with <pad>.
     c.model.pad_token_id = 1
     c.model.eos_token_id = 2
     c.model.decoder_start_token_id = 1
 
-    c.data.seq_len = run["seq_len"]  # encoder inputs; targets get T5's matching length
     # sentencepiece trained on the corpus, leaving the last ids of the vocab to the sentinels.
     c.data.vocab_size = min(run["vocab_size"], 8000) - NUM_SENTINELS
     c.data.noise_density = 0.15
     c.data.mean_noise_span_length = 3.0
     c.data.num_sentinels = NUM_SENTINELS
-
-    c.optim.name = "adafactor"
-    c.optim.lr = run["lr"]
-    c.optim.warmup_steps = run["warmup"]
-    c.optim.schedule = "rsqrt" if run["model"] != "tiny" else "linear"
-    c.optim.weight_decay = 0.0
-    c.optim.clip_norm = 1.0
-
-    c.train.steps = run["steps"]
-    c.train.batch_size = run["batch_size"]
-    c.train.eval_every_steps = run["every"]
-    c.train.eval_steps = 8
-    c.checkpoint.every_steps = run["every"]
-    c.checkpoint.max_to_keep = 3
-    c.log.every_steps = 10
-
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = run["mesh"]
     return c

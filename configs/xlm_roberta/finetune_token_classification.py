@@ -1,17 +1,12 @@
-"""XLM-R(-XL) fine-tuning: task `token_classification`.
-
-The dataset is generated from the bundled corpus (see `xformers_jax/data/finetune_data.py`).
-Presets (`:arg`): tiny (CPU, the default), base (xlm-roberta-base sizes). `init_from`: an HF dir
-or an Orbax params export of the same head and sizes.
+"""XLM-R(-XL) fine-tuning: task `token_classification`; data, presets and `init_from` as in
+`finetune_classification.py`.
 
   xformers-jax train --config configs/xlm_roberta/finetune_token_classification.py:tiny \
       --workdir workdirs/token_classification --config.init_from=EXPORT_DIR
-  xformers-jax eval --config configs/xlm_roberta/finetune_token_classification.py:tiny \
-      --workdir workdirs/token_classification
 """
 
-from xformers_jax.tasks.classification import finetune_config
+from xformers_jax import config_lib
 
-
-def get_config(arg: str | None = None):
-    return finetune_config("token_classification", arg)
+RUNS, get_config = config_lib.variant(
+    "finetune_classification.py", __file__, task="token_classification"
+)

@@ -38,22 +38,16 @@ RUNS = {
 }  # fmt: skip
 
 
+OPTIM = dict(name="adamw", schedule="linear", weight_decay=0.01, b2=0.98, clip_norm=1.0)
+
+
 def get_config(arg: str | None = None):
     run = RUNS[config_lib.parse_arg(arg, RUNS, default="tiny")]
-    c = config_lib.base_config()
-    c.task = "mlm"
-
-    c.model.family = "xlm_roberta"
-    c.model.preset = run["model"]
-    c.model.vocab_size = run["vocab_size"]
-    c.model.dtype = run["dtype"]
-    c.model.param_dtype = "float32"
-    c.model.remat_policy = run["remat"]
+    c = config_lib.preset_config("mlm", "xlm_roberta", run, optim=OPTIM, eval_steps=8)
     c.model.hidden_dropout_prob = 0.1
     c.model.attention_probs_dropout_prob = 0.1
     c.model.max_position_embeddings = run["seq_len"] + 2 if run["model"] == "tiny" else 514
 
-    c.data.seq_len = run["seq_len"]
     c.data.vocab_size = min(run["vocab_size"], 8000)  # sentencepiece trained on the corpus
     c.data.mask_prob = 0.15
     # Large vocabularies: LM head only at (at most this many) masked positions per row; 0 = all
@@ -61,22 +55,4 @@ def get_config(arg: str | None = None):
     c.data.max_predictions = run["max_pred"]
     c.loss = ml_collections.ConfigDict()
     c.loss.vocab_chunk_size = run["vocab_chunk"]
-
-    c.optim.name = "adamw"
-    c.optim.lr = run["lr"]
-    c.optim.warmup_steps = run["warmup"]
-    c.optim.schedule = "linear"
-    c.optim.weight_decay = 0.01
-    c.optim.b2 = 0.98
-    c.optim.clip_norm = 1.0
-
-    c.train.steps = run["steps"]
-    c.train.batch_size = run["batch_size"]
-    c.train.eval_every_steps = run["every"]
-    c.train.eval_steps = 8
-    c.checkpoint.every_steps = run["every"]
-    c.checkpoint.max_to_keep = 3
-    c.log.every_steps = 10
-
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = run["mesh"]
     return c

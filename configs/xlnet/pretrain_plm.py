@@ -24,17 +24,12 @@ RUNS = {
 }  # fmt: skip
 
 
+OPTIM = dict(name="adamw", schedule="linear", weight_decay=0.01, clip_norm=1.0)
+
+
 def get_config(arg: str | None = None):
     run = RUNS[config_lib.parse_arg(arg, RUNS, default="tiny")]
-    c = config_lib.base_config()
-    c.task = "plm"
-
-    c.model.family = "xlnet"
-    c.model.preset = run["model"]
-    c.model.vocab_size = run["vocab_size"]
-    c.model.dtype = run["dtype"]
-    c.model.param_dtype = "float32"
-    c.model.remat_policy = run["remat"]
+    c = config_lib.preset_config("plm", "xlnet", run, optim=OPTIM, eval_steps=4)
     c.model.dropout = 0.1
     c.model.mem_len = run["mem_len"]
     c.model.reuse_len = run["reuse_len"]
@@ -42,26 +37,9 @@ def get_config(arg: str | None = None):
     c.model.attn_type = "bi"
     c.model.use_mems_train = True  # Transformer-XL mems carried across steps (TrainState.extra)
 
-    c.data.seq_len = run["seq_len"]
     c.data.vocab_size = min(run["vocab_size"], 8000)  # sentencepiece trained on the corpus
     c.data.num_predict = run["num_predict"]
     c.data.perm_size = run["perm_size"]
     c.data.reuse_len = run["reuse_len"]
     c.data.max_span = 5
-
-    c.optim.name = "adamw"
-    c.optim.lr = run["lr"]
-    c.optim.warmup_steps = run["warmup"]
-    c.optim.schedule = "linear"
-    c.optim.weight_decay = 0.01
-    c.optim.clip_norm = 1.0
-
-    c.train.steps = run["steps"]
-    c.train.batch_size = run["batch_size"]
-    c.train.eval_every_steps = run["every"]
-    c.train.eval_steps = 4
-    c.checkpoint.every_steps = run["every"]
-    c.checkpoint.max_to_keep = 3
-    c.log.every_steps = 10
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = run["mesh"]
     return c

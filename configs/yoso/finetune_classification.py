@@ -15,10 +15,25 @@ with RoBERTa's BPE vocabulary, which this pipeline does not tokenise).
       --workdir workdirs/yoso_classification --config.init_from=workdirs/yoso_tiny
 """
 
-from xformers_jax.tasks.classification import FINETUNE_RUNS, finetune_config
+from xformers_jax import config_lib
 
-RUNS = FINETUNE_RUNS["yoso"]
+# preset -> run sizes. YOSO's attention as its pretraining (`pretrain_mlm.py`) runs it: sampled
+# (LSH) in `tiny`; `base` keeps uw-madison/yoso-4096's expectation mode: the attention that
+# checkpoint was trained with, and at fine-tuning lengths (tens to hundreds of tokens) the dense
+# expectation costs no more than 64 hashes of 9 bits (512 buckets each).
+RUNS = {
+    "tiny": dict(model="tiny", batch_size=32, steps=200, dtype="float32", expectation=False),
+    "base": dict(
+        model="base", batch_size=32, steps=3000, dtype="bfloat16", lr=2e-5, expectation=True
+    ),
+}
+
+MODEL = dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, attention_impl="xla")
+DATA = dict(tokenizer_type="sentencepiece")
+OPTIM = dict(layer_decay=0.9)  # layer-wise lr decay, as is usual for fine-tuning
 
 
-def get_config(arg: str | None = None):
-    return finetune_config("classification", arg, family="yoso")
+def get_config(arg: str | None = None, task: str = "classification"):
+    run = RUNS[config_lib.parse_arg(arg, RUNS, default="tiny")]
+    model = {**MODEL, "use_expectation": run["expectation"]}
+    return config_lib.finetune_config(task, "yoso", run, model=model, data=DATA, optim=OPTIM)

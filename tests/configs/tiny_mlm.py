@@ -1,19 +1,12 @@
 """The `tiny` XLM-R-XL MLM config shrunk to test size (seconds per run); used in-process and by
 subprocess tests through the CLI (`--config tests/configs/tiny_mlm.py`)."""
 
-import importlib.util
-import os
-
-_PRETRAIN = os.path.join(
-    os.path.dirname(__file__), "..", "..", "configs", "xlm_roberta", "pretrain_mlm.py"
-)
+from xformers_jax import config_lib
 
 
 def get_config(arg=None):
-    spec = importlib.util.spec_from_file_location("pretrain_mlm", _PRETRAIN)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("tiny")
+    pretrain = config_lib.config_module("../../configs/xlm_roberta/pretrain_mlm.py", __file__)
+    c = pretrain.get_config("tiny")
     c.model.hidden_size = 32
     c.model.num_hidden_layers = 2
     c.model.num_attention_heads = 4

@@ -24,7 +24,7 @@ import pytest
 from tests.helpers import assert_finetune_learns, finetune_run
 from xformers_jax import checkpoint, config_lib, convert, hub, models, train
 from xformers_jax.data import finetune_data
-from xformers_jax.tasks.mlm import tokenizer_for
+from xformers_jax.data.tokenizers import text_tokenizer
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -235,7 +235,7 @@ def test_xlnet_token_tags_and_choices(xlnet_spm):
 
 def test_qa_inputs_reach_only_heads_that_take_them(xlnet_spm):
     from xformers_jax.data.xlnet_tokenizer import XLNetTokenizer
-    from xformers_jax.tasks.classification import head_inputs
+    from xformers_jax.tasks.common import head_inputs
 
     data = finetune_data.span_qa(XLNetTokenizer.load(xlnet_spm), 48, train=False, n=8)
     c = load_config("xlnet", "qa")
@@ -342,7 +342,7 @@ def test_plm_workdir_initialises_finetuning_with_its_tokenizer(tmp_path):
     c = small_config("xlnet", "classification", "", steps=2)
     c.data.train_files = [corpus]
     c.init_from = plm_dir
-    tok = tokenizer_for(c, str(tmp_path / "cls"))
+    tok = text_tokenizer(c, str(tmp_path / "cls"))
     assert tok.path == os.path.join(plm_dir, "spiece.model")
     result = train.train_and_evaluate(c, str(tmp_path / "cls"))
     assert np.isfinite(result["final_eval"]["loss"])

@@ -16,7 +16,6 @@ from xformers_jax.data.images import (
 )
 from xformers_jax.data.masking import MaskingGenerator
 from xformers_jax.data.visual_tokenizer import KMeansPatchTokenizer, PrecomputedTokenizer
-from xformers_jax.tasks.image_classification import export_for_finetuning
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "beit")
 
@@ -111,9 +110,10 @@ def test_mim_pretraining_then_classification_finetuning(tmp_path):
     assert mim["final_eval"]["loss"] < mim["first_eval"]["loss"] - 1.0
     assert os.path.exists(os.path.join(mim_dir, "visual_tokenizer.npz"))
 
-    init = export_for_finetuning(mim_dir, str(tmp_path / "cls_init"))
+    # The MIM workdir initialises the classification head: encoder loaded, MIM head dropped,
+    # classifier and pooler LayerNorm fresh.
     cls = train.train_and_evaluate(
-        _config("finetune_classification.py", train__steps=steps, init_from=init,
+        _config("finetune_classification.py", train__steps=steps, init_from=mim_dir,
                 checkpoint__every_steps=steps, train__eval_steps=12, optim__lr=5e-3),
         cls_dir,
     )  # fmt: skip

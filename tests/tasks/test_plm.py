@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers import tiny_corpus
 from xformers_jax import train
-from xformers_jax.data.plm import local_perm_mask, plm_example, sample_spans
+from xformers_jax.data.plm_examples import local_perm_mask, plm_example, sample_spans
 
 
 def test_sample_spans_counts_and_candidates():

@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers import tiny_corpus
 from xformers_jax import config_lib, train
-from xformers_jax.data import span_corruption as sc
+from xformers_jax.data import span_corruption_examples as sc
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "mt5", "pretrain_span.py")
 

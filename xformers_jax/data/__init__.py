@@ -26,7 +26,7 @@ from xformers_jax.data.dialog import (
     read_pairs,
 )
 from xformers_jax.data.pipeline import mlm_dataset, pack_sequences, tokens_per_batch
-from xformers_jax.data.span_corruption import (
+from xformers_jax.data.span_corruption_examples import (
     random_spans_helper,
     random_spans_noise_mask,
     span_corruption_dataset,

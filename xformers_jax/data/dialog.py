@@ -24,9 +24,9 @@ import yaml
 
 from xformers_jax.data.collators import IGNORE_INDEX
 from xformers_jax.data.corpus import DataError, chatterbot_languages, read_lines
+from xformers_jax.data.pipeline import iterate, sharded_stream
 
 _EVAL_BUCKETS = 10  # one prompt hash bucket in ten is held out
-_READ_OPTIONS = dict(num_threads=2, prefetch_buffer_size=8)
 SPLITS = ("train", "eval", "all")
 
 
@@ -213,10 +213,13 @@ def dialog_dataset(
         # Whole batches on every host, so the eval step always sees full shapes.
         n = -(-n // per_step) * per_step
     rows = np.resize(np.arange(len(next(iter(arrays.values())))), n)
-    ds = grain.MapDataset.source(rows)
-    if train:
-        ds = ds.shuffle(seed=seed).repeat(None)
-    ds = ds.map(lambda i: {k: v[i] for k, v in arrays.items()})
-    ds = ds[shard_index::shard_count]
-    ds = ds.batch(batch_size, drop_remainder=True)
-    return ds.to_iter_dataset(grain.ReadOptions(**_READ_OPTIONS))
+    ds = sharded_stream(
+        rows,
+        lambda i: {k: v[i] for k, v in arrays.items()},
+        seed=seed,
+        train=train,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        random=False,
+    )
+    return iterate(ds.batch(batch_size, drop_remainder=True))

@@ -174,8 +174,10 @@ def mixed_language_tags(tok, seq_len: int, train: bool, n: int = 600) -> dict[st
     """Token classification: each token's language index; `labels` `[n, T]`, -100 = ignore."""
     tok = conventions(tok)
     rng = np.random.default_rng(0 if train else 1)
-    pools = [[tok.encode(t, add_special_tokens=False) for t in _texts(lang, train, 400)]
-             for lang in LANGUAGES]  # fmt: skip
+    pools = [
+        [tok.encode(t, add_special_tokens=False) for t in _texts(lang, train, 400)]
+        for lang in LANGUAGES
+    ]
     half = (seq_len - tok.num_special_tokens_to_add()) // 2
     ex = _Examples(tok, seq_len)
     labels = np.full((n, seq_len), -100, np.int32)
@@ -197,8 +199,10 @@ def span_qa(tok, seq_len: int, train: bool, n: int = 600) -> dict[str, np.ndarra
     """
     tok = conventions(tok)
     rng = np.random.default_rng(2 if train else 3)
-    pools = [[tok.encode(t, add_special_tokens=False)[:12] for t in _texts(lang, train, 400)]
-             for lang in LANGUAGES]  # fmt: skip
+    pools = [
+        [tok.encode(t, add_special_tokens=False)[:12] for t in _texts(lang, train, 400)]
+        for lang in LANGUAGES
+    ]
     pools = [[p for p in pool if p] for pool in pools]
     context_first = tok.padding_side == "left"
     n_special = tok.num_special_tokens_to_add(pair=True)
@@ -231,9 +235,13 @@ def span_qa(tok, seq_len: int, train: bool, n: int = 600) -> dict[str, np.ndarra
         p_mask[cls] = 0  # as transformers' SQuAD features: the CLS token is the null answer
         p_masks.append(p_mask)
         cls_index.append(cls)
-    return {**ex.arrays(), "start_positions": np.asarray(starts, np.int32),
-            "end_positions": np.asarray(ends, np.int32), "p_mask": np.stack(p_masks),
-            "cls_index": np.asarray(cls_index, np.int32)}  # fmt: skip
+    return {
+        **ex.arrays(),
+        "start_positions": np.asarray(starts, np.int32),
+        "end_positions": np.asarray(ends, np.int32),
+        "p_mask": np.stack(p_masks),
+        "cls_index": np.asarray(cls_index, np.int32),
+    }
 
 
 def reply_choice(tok, seq_len: int, train: bool, n: int = 400) -> dict[str, np.ndarray]:
@@ -241,8 +249,14 @@ def reply_choice(tok, seq_len: int, train: bool, n: int = 400) -> dict[str, np.n
     tok = conventions(tok)
     rng = np.random.default_rng(4 if train else 5)
     cut = (seq_len - tok.num_special_tokens_to_add(pair=True)) // 2
-    pools = [[tok.encode(t, add_special_tokens=False)[:cut] for t in chatterbot_texts([lang])
-              if _is_eval(t) != train] for lang in LANGUAGES]  # fmt: skip
+    pools = [
+        [
+            tok.encode(t, add_special_tokens=False)[:cut]
+            for t in chatterbot_texts([lang])
+            if _is_eval(t) != train
+        ]
+        for lang in LANGUAGES
+    ]
     ordinary = np.setdiff1d(np.arange(tok.vocab_size), tok.all_special_ids)  # decoys' tokens
     ex, labels = _Examples(tok, seq_len), []
     for _ in range(n):
@@ -271,8 +285,16 @@ class ArrayBatches:
     incomplete batch dropped. `get_state()` / `set_state()` (JSON) give exact resume.
     """
 
-    def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, *, train: bool,
-                 seed: int = 0, shard_index: int = 0, shard_count: int = 1):  # fmt: skip
+    def __init__(
+        self,
+        arrays: dict[str, np.ndarray],
+        batch_size: int,
+        *,
+        train: bool,
+        seed: int = 0,
+        shard_index: int = 0,
+        shard_count: int = 1,
+    ):
         n = len(next(iter(arrays.values())))
         if n < batch_size * shard_count:
             raise ValueError(f"{n} examples are fewer than one global batch")

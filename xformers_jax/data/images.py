@@ -33,11 +33,11 @@ from PIL import Image
 
 from xformers_jax.data.image_processing import BeitImageProcessor
 from xformers_jax.data.masking import MaskingGenerator
+from xformers_jax.data.pipeline import iterate, sharded_stream
 from xformers_jax.models.common import InputError
 
 SOURCES = ("digits", "sample_images")
 _DIGITS, _PHOTO, _PAD = 0, 1, -1
-_DEFAULT_READ_OPTIONS = dict(num_threads=2, prefetch_buffer_size=8)
 
 
 def check_images(images: np.ndarray, what: str = "images") -> np.ndarray:
@@ -118,8 +118,9 @@ class ImageSet:
     def render_many(self, count: int, seed: int) -> np.ndarray:
         """The first `count` items rendered with fixed rngs: `[count, 3, S, S]` float32."""
         items = self.items()[:count]
-        return np.stack([self.render(it, np.random.default_rng([seed, i]))
-                         for i, it in enumerate(items)])  # fmt: skip
+        return np.stack(
+            [self.render(it, np.random.default_rng([seed, i])) for i, it in enumerate(items)]
+        )
 
 
 @functools.cache
@@ -189,14 +190,10 @@ def _pipeline(
     def make(item: np.ndarray, rng: np.random.Generator) -> dict:
         return example(item, images.render(item, rng), rng)
 
-    ds = grain.MapDataset.source(items)
-    if train:
-        ds = ds.shuffle(seed=seed).repeat(None)
-    # A seed distinct from the shuffle's (the same value would correlate the two).
-    ds = ds.random_map(make, seed=(seed * 0x9E3779B1 + 1) % 2**32)
-    ds = ds[shard_index::shard_count]
-    ds = ds.batch(batch_size, drop_remainder=train)
-    return ds.to_iter_dataset(read_options or grain.ReadOptions(**_DEFAULT_READ_OPTIONS))
+    ds = sharded_stream(
+        items, make, seed=seed, train=train, shard_index=shard_index, shard_count=shard_count
+    )
+    return iterate(ds.batch(batch_size, drop_remainder=train), read_options)
 
 
 def mim_dataset(
@@ -230,8 +227,11 @@ def mim_dataset(
 
     def example(item, pixels, rng):
         if int(item[0]) == _PAD:
-            return {"pixel_values": pixels, "bool_masked_pos": np.zeros(n, bool),
-                    "labels": np.full(n, -100, np.int32)}  # fmt: skip
+            return {
+                "pixel_values": pixels,
+                "bool_masked_pos": np.zeros(n, bool),
+                "labels": np.full(n, -100, np.int32),
+            }
         mask = masking(rng).reshape(-1)
         ids = tokenizer.tokenize(pixels[None])[0]
         if ids.shape != (n,):
@@ -239,9 +239,16 @@ def mim_dataset(
         labels = np.where(mask, ids, -100).astype(np.int32)
         return {"pixel_values": pixels, "bool_masked_pos": mask, "labels": labels}
 
-    return _pipeline(images, example, batch_size=batch_size, seed=seed, train=train,
-                     shard_index=shard_index, shard_count=shard_count,
-                     read_options=read_options)  # fmt: skip
+    return _pipeline(
+        images,
+        example,
+        batch_size=batch_size,
+        seed=seed,
+        train=train,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        read_options=read_options,
+    )
 
 
 def classification_dataset(
@@ -265,9 +272,16 @@ def classification_dataset(
         del rng
         return {"pixel_values": pixels, "labels": np.int32(images.label(item))}
 
-    return _pipeline(images, example, batch_size=batch_size, seed=seed, train=train,
-                     shard_index=shard_index, shard_count=shard_count,
-                     read_options=read_options)  # fmt: skip
+    return _pipeline(
+        images,
+        example,
+        batch_size=batch_size,
+        seed=seed,
+        train=train,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        read_options=read_options,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,8 +335,10 @@ class DigitScenes:
         if not self.photos:
             raise ValueError("segmentation scenes need at least one background photo")
         if self.max_digits < 1 or self.image_size < 8:
-            raise ValueError(f"need max_digits >= 1 and image_size >= 8, got "
-                             f"{self.max_digits}, {self.image_size}")  # fmt: skip
+            raise ValueError(
+                f"need max_digits >= 1 and image_size >= 8, got "
+                f"{self.max_digits}, {self.image_size}"
+            )
         # Rescale and normalise only: scenes are composed at the output size.
         self._processor = BeitImageProcessor(
             do_resize=False, do_center_crop=False, do_reduce_labels=self.reduce_labels
@@ -335,8 +351,9 @@ class DigitScenes:
 
     def items(self) -> np.ndarray:
         """int32 `[n, 2]` (source, index) rows: one scene per digit."""
-        return np.stack([np.full(len(self.digits), _DIGITS), np.arange(len(self.digits))], 1
-                        ).astype(np.int32)  # fmt: skip
+        return np.stack(
+            [np.full(len(self.digits), _DIGITS), np.arange(len(self.digits))], 1
+        ).astype(np.int32)
 
     def _background(self, rng: np.random.Generator) -> np.ndarray:
         photo = self.photos[int(rng.integers(len(self.photos)))]
@@ -384,14 +401,19 @@ class DigitScenes:
         return self._processor.preprocess_image(pixels), labels
 
 
-def default_scenes(split: str, image_size: int, max_digits: int = 3,
-                   ignore_index: int = SEG_IGNORE_INDEX,
-                   reduce_labels: bool = False) -> DigitScenes:  # fmt: skip
+def default_scenes(
+    split: str,
+    image_size: int,
+    max_digits: int = 3,
+    ignore_index: int = SEG_IGNORE_INDEX,
+    reduce_labels: bool = False,
+) -> DigitScenes:
     """`DigitScenes` of `split`'s digits (the same 80/20 split as `default_images`) on the
     sample photos."""
     digits = default_images(split, 8, ("digits",))
-    return DigitScenes(digits.digits, digits.labels, _photos(), image_size, max_digits,
-                       ignore_index, reduce_labels)  # fmt: skip
+    return DigitScenes(
+        digits.digits, digits.labels, _photos(), image_size, max_digits, ignore_index, reduce_labels
+    )
 
 
 def segmentation_dataset(
@@ -415,6 +437,13 @@ def segmentation_dataset(
         pixels, labels = rendered
         return {"pixel_values": pixels, "labels": labels}
 
-    return _pipeline(scenes, example, batch_size=batch_size, seed=seed, train=train,
-                     shard_index=shard_index, shard_count=shard_count,
-                     read_options=read_options)  # fmt: skip
+    return _pipeline(
+        scenes,
+        example,
+        batch_size=batch_size,
+        seed=seed,
+        train=train,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        read_options=read_options,
+    )

@@ -162,13 +162,42 @@ def mlm_dataset(
         special_ids=tokenizer.special_ids,
         mask_prob=mask_prob,
     )
-    ds = grain.MapDataset.source(rows)
+    ds = sharded_stream(
+        rows, mask_fn, seed=seed, train=train, shard_index=shard_index, shard_count=shard_count
+    )
+    return iterate(ds.batch(batch_size, drop_remainder=train), read_options)
+
+
+def sharded_stream(
+    source,
+    fn,
+    *,
+    seed: int,
+    train: bool,
+    shard_index: int,
+    shard_count: int,
+    random: bool = True,
+) -> grain.MapDataset:
+    """This host's slice of the examples made from `source` (an array of items), unbatched.
+
+    Training: shuffled with `seed` and repeated forever; eval: one pass in order. `fn(item, rng)`
+    makes each example (its rng seeded apart from the shuffle), or `fn(item)` with
+    `random=False`. Element `i` of the global stream goes to shard `i % shard_count`, so the
+    global batch sequence does not depend on the host count.
+    """
+    ds = grain.MapDataset.source(source)
     if train:
         ds = ds.shuffle(seed=seed).repeat(None)
-    # A seed distinct from the shuffle's (same value would correlate the two permutations).
-    ds = ds.random_map(mask_fn, seed=(seed * 0x9E3779B1 + 1) % 2**32)
-    ds = ds[shard_index::shard_count]
-    ds = ds.batch(batch_size, drop_remainder=train)
+    if random:
+        # A seed distinct from the shuffle's (same value would correlate the two permutations).
+        ds = ds.random_map(fn, seed=(seed * 0x9E3779B1 + 1) % 2**32)
+    else:
+        ds = ds.map(fn)
+    return ds[shard_index::shard_count]
+
+
+def iterate(ds: grain.MapDataset, read_options: grain.ReadOptions | None = None):
+    """`ds` as a resumable `grain.IterDataset` (2 threads, 8 batches prefetched by default)."""
     return ds.to_iter_dataset(read_options or grain.ReadOptions(**_DEFAULT_READ_OPTIONS))
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import sentencepiece as spm
 
 from xformers_jax.data.corpus import DataError
+from xformers_jax.data.tokenizer import train_spm
 
 SPIECE = "spiece.model"
 UNDERLINE = "\u2581"  # sentencepiece's word-boundary mark
@@ -41,8 +42,18 @@ T5_SPECIALS = {PAD_PIECE: 0, EOS_PIECE: 1, UNK_PIECE: 2}
 DEFAULT_EXTRA_IDS = 100
 # transformers' `clean_up_tokenization`: blanks a word-level tokenizer would have put before
 # punctuation and English contractions.
-_CLEAN_UP = (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), \
-    (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")  # fmt: skip
+_CLEAN_UP = (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+)
 
 
 def sentinel_piece(i: int) -> str:
@@ -132,8 +143,11 @@ class T5Tokenizer:
         self._sp = spm.SentencePieceProcessor()
         self._sp.LoadFromSerializedProto(proto if legacy else _without_dummy_prefix(proto))
         n = self._sp.get_piece_size()
-        layout = {PAD_PIECE: self._sp.pad_id(), EOS_PIECE: self._sp.eos_id(),
-                  UNK_PIECE: self._sp.unk_id()}  # fmt: skip
+        layout = {
+            PAD_PIECE: self._sp.pad_id(),
+            EOS_PIECE: self._sp.eos_id(),
+            UNK_PIECE: self._sp.unk_id(),
+        }
         if layout != T5_SPECIALS:
             raise DataError(
                 f"{path}: not a T5 sentencepiece model (special ids {layout}, expected "
@@ -144,8 +158,9 @@ class T5Tokenizer:
             raise ValueError(f"extra_ids: must be >= 0, got {extra_ids}")
         self._vocab = {self._sp.id_to_piece(i): i for i in range(n)}
         self._added = dict(T5_SPECIALS)
-        self._added.update({sentinel_piece(i): n + self.extra_ids - 1 - i
-                            for i in range(self.extra_ids)})  # fmt: skip
+        self._added.update(
+            {sentinel_piece(i): n + self.extra_ids - 1 - i for i in range(self.extra_ids)}
+        )
         self._added_by_id = {v: k for k, v in self._added.items()}
         self._sentinel_ids = frozenset(range(n, n + self.extra_ids))
         # Longest first: `<extra_id_1>` must not win over `<extra_id_10>`.
@@ -178,13 +193,23 @@ class T5Tokenizer:
           DataError: not a sentencepiece model, or not T5's special ids.
         """
         model, saved = _resolve(path)
-        given = dict(extra_ids=extra_ids, legacy=legacy, add_prefix_space=add_prefix_space,
-                     clean_up_tokenization_spaces=clean_up_tokenization_spaces)  # fmt: skip
-        defaults = dict(extra_ids=DEFAULT_EXTRA_IDS, legacy=True, add_prefix_space=True,
-                        clean_up_tokenization_spaces=False)  # fmt: skip
+        given = dict(
+            extra_ids=extra_ids,
+            legacy=legacy,
+            add_prefix_space=add_prefix_space,
+            clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+        )
+        defaults = dict(
+            extra_ids=DEFAULT_EXTRA_IDS,
+            legacy=True,
+            add_prefix_space=True,
+            clean_up_tokenization_spaces=False,
+        )
         # transformers writes `legacy: null` for "the default", which is legacy.
-        kw = {k: next(v for v in (given[k], saved.get(k), defaults[k]) if v is not None)
-              for k in defaults}  # fmt: skip
+        kw = {
+            k: next(v for v in (given[k], saved.get(k), defaults[k]) if v is not None)
+            for k in defaults
+        }
         return cls(_read_proto(str(model)), path=str(model), **kw)
 
     @classmethod
@@ -219,24 +244,30 @@ class T5Tokenizer:
         """
         if vocab_size < 4:
             raise ValueError(f"vocab_size: must be >= 4 (3 special pieces + 1), got {vocab_size}")
-        out_prefix = Path(out_prefix)
-        out_prefix.parent.mkdir(parents=True, exist_ok=True)
         # spm treats each iterator item as one sentence: feed lines.
         lines = (s for t in texts for s in (x.strip() for x in str(t).split("\n")) if s)
-        options = dict(
-            model_prefix=str(out_prefix), vocab_size=vocab_size, model_type=model_type,
-            character_coverage=character_coverage, input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True, num_threads=num_threads, hard_vocab_limit=False,
-            pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece=PAD_PIECE, eos_piece=EOS_PIECE,
-            unk_piece=UNK_PIECE, minloglevel=2,
-        )  # fmt: skip
-        options.update(trainer_kwargs)
-        if seed is not None:
-            spm.set_random_generator_seed(seed)
-        try:
-            spm.SentencePieceTrainer.train(sentence_iterator=lines, **options)
-        except RuntimeError as e:
-            raise ValueError(f"sentencepiece training for {out_prefix}.model failed: {e}") from None
+        # T5's layout: <pad>=0, </s>=1, <unk>=2, no <s>.
+        specials = dict(
+            pad_id=0,
+            eos_id=1,
+            unk_id=2,
+            bos_id=-1,
+            pad_piece=PAD_PIECE,
+            eos_piece=EOS_PIECE,
+            unk_piece=UNK_PIECE,
+        )
+        train_spm(
+            lines,
+            out_prefix,
+            vocab_size,
+            specials,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            input_sentence_size=input_sentence_size,
+            num_threads=num_threads,
+            seed=seed,
+            **trainer_kwargs,
+        )
         return cls.load(f"{out_prefix}.model", extra_ids=extra_ids, legacy=True)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -246,19 +277,33 @@ class T5Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / SPIECE).write_bytes(self._proto)
         sentinels = [sentinel_piece(i) for i in range(self.extra_ids)]
-        specials = dict(eos_token=EOS_PIECE, unk_token=UNK_PIECE, pad_token=PAD_PIECE,
-                        additional_special_tokens=sentinels)  # fmt: skip
-        config = dict(specials, tokenizer_class="T5Tokenizer", extra_ids=self.extra_ids,
-                      legacy=self.legacy, add_prefix_space=self.add_prefix_space,
-                      clean_up_tokenization_spaces=self.clean_up_tokenization_spaces)  # fmt: skip
+        specials = dict(
+            eos_token=EOS_PIECE,
+            unk_token=UNK_PIECE,
+            pad_token=PAD_PIECE,
+            additional_special_tokens=sentinels,
+        )
+        config = dict(
+            specials,
+            tokenizer_class="T5Tokenizer",
+            extra_ids=self.extra_ids,
+            legacy=self.legacy,
+            add_prefix_space=self.add_prefix_space,
+            clean_up_tokenization_spaces=self.clean_up_tokenization_spaces,
+        )
         for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
             (directory / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
     def __getstate__(self) -> dict:
         # The C++ processor does not pickle (grain workers): ship the serialized model.
-        return dict(proto=self._proto, path=self.path, extra_ids=self.extra_ids,
-                    legacy=self.legacy, add_prefix_space=self.add_prefix_space,
-                    clean_up_tokenization_spaces=self.clean_up_tokenization_spaces)  # fmt: skip
+        return dict(
+            proto=self._proto,
+            path=self.path,
+            extra_ids=self.extra_ids,
+            legacy=self.legacy,
+            add_prefix_space=self.add_prefix_space,
+            clean_up_tokenization_spaces=self.clean_up_tokenization_spaces,
+        )
 
     def __setstate__(self, state: dict) -> None:
         state = dict(state)
@@ -275,8 +320,10 @@ class T5Tokenizer:
         """Every id: spm pieces plus sentinels (the smallest model vocabulary that fits)."""
         return self.vocab_size + self.extra_ids
 
-    pad_id = property(lambda self: T5_SPECIALS[PAD_PIECE], doc="`<pad>` (0), also the decoder "
-                      "start token of T5 models.")  # fmt: skip
+    pad_id = property(
+        lambda self: T5_SPECIALS[PAD_PIECE],
+        doc="`<pad>` (0), also the decoder start token of T5 models.",
+    )
     eos_id = property(lambda self: T5_SPECIALS[EOS_PIECE], doc="`</s>` (1).")
     unk_id = property(lambda self: T5_SPECIALS[UNK_PIECE], doc="`<unk>` (2).")
     pad_token_id, eos_token_id, unk_token_id = pad_id, eos_id, unk_id  # transformers' names
@@ -314,10 +361,13 @@ class T5Tokenizer:
         # Without the dummy prefix spm drops a leading blank; transformers keeps it as a word
         # boundary by encoding "<unk>" + chunk and removing the "<unk>" pieces.
         bounded = [c.startswith((UNDERLINE, " ")) for c in chunks]
-        pieces = self._sp.encode([UNK_PIECE + c if b else c for c, b in zip(chunks, bounded)],
-                                 out_type=str)  # fmt: skip
-        return [p[self._unk_len :] if b and len(p) >= self._unk_len else p
-                for p, b in zip(pieces, bounded)]  # fmt: skip
+        pieces = self._sp.encode(
+            [UNK_PIECE + c if b else c for c, b in zip(chunks, bounded)], out_type=str
+        )
+        return [
+            p[self._unk_len :] if b and len(p) >= self._unk_len else p
+            for p, b in zip(pieces, bounded)
+        ]
 
     def tokenize_many(self, texts: Sequence[str]) -> list[list[str]]:
         """Pieces of many texts (transformers' `tokenize`), special-token strings kept whole."""
@@ -337,8 +387,12 @@ class T5Tokenizer:
                     pieces.append(c)
                 elif c:
                     pieces.extend(next(encoded))
-            if not self.legacy and len(pieces) > 1 and pieces[0] == UNDERLINE \
-                    and pieces[1] in self._added:  # fmt: skip
+            if (
+                not self.legacy
+                and len(pieces) > 1
+                and pieces[0] == UNDERLINE
+                and pieces[1] in self._added
+            ):
                 pieces = pieces[1:]  # a lone boundary before a special token is dropped
             out.append(pieces)
         return out
@@ -383,8 +437,13 @@ class T5Tokenizer:
         truncation: bool = False,
     ) -> list[int]:
         """Ids of one text (or a pair): `A </s>` / `A </s> B </s>`, as transformers' `encode`."""
-        out = self(text, text_pair, add_special_tokens=add_special_tokens, truncation=truncation,
-                   max_length=max_length)  # fmt: skip
+        out = self(
+            text,
+            text_pair,
+            add_special_tokens=add_special_tokens,
+            truncation=truncation,
+            max_length=max_length,
+        )
         return out["input_ids"]
 
     @staticmethod
@@ -396,8 +455,11 @@ class T5Tokenizer:
             return a[: len(a) - remove], None
         first = min(abs(len(b) - len(a)), remove)
         second = remove - first
-        cut_a, cut_b = (first + second // 2, second - second // 2) if len(a) > len(b) else (
-            second // 2, first + second - second // 2)  # fmt: skip
+        cut_a, cut_b = (
+            (first + second // 2, second - second // 2)
+            if len(a) > len(b)
+            else (second // 2, first + second - second // 2)
+        )
         return a[: len(a) - cut_a], b[: len(b) - cut_b]
 
     def __call__(
@@ -426,8 +488,9 @@ class T5Tokenizer:
           numpy arrays when padding.
         """
         if padding not in (False, True, "do_not_pad", "longest", "max_length"):
-            raise ValueError(f"padding: expected False, True, 'longest' or 'max_length', "
-                             f"got {padding!r}")  # fmt: skip
+            raise ValueError(
+                f"padding: expected False, True, 'longest' or 'max_length', got {padding!r}"
+            )
         if truncation not in (False, True, "longest_first", "do_not_truncate"):
             raise ValueError(f"truncation: only 'longest_first' is supported, got {truncation!r}")
         truncate = truncation in (True, "longest_first")
@@ -525,8 +588,11 @@ class T5Tokenizer:
         if run:
             groups.append(self._pieces_to_text(run))
         text = " ".join(groups)
-        clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else (
-            clean_up_tokenization_spaces)  # fmt: skip
+        clean = (
+            self.clean_up_tokenization_spaces
+            if clean_up_tokenization_spaces is None
+            else (clean_up_tokenization_spaces)
+        )
         if clean:
             for old, new in _CLEAN_UP:
                 text = text.replace(old, new)
@@ -615,7 +681,8 @@ def t5_tokenizer_for(
                 f"{Path(init_from) / NATIVE_MODEL} (and the model ids it asks for)"
             )
     extra_ids = int(data_config.get("extra_ids", DEFAULT_EXTRA_IDS))
-    tok = T5Tokenizer.train(texts(), kept / "spiece", int(data_config.vocab_size),
-                            extra_ids=extra_ids, seed=0)  # fmt: skip
+    tok = T5Tokenizer.train(
+        texts(), kept / "spiece", int(data_config.vocab_size), extra_ids=extra_ids, seed=0
+    )
     tok.save_pretrained(kept)
     return T5Tokenizer.load(kept)

@@ -20,6 +20,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
@@ -48,6 +49,58 @@ def _iter_training_lines(texts: Iterable[str | os.PathLike], files: Sequence) ->
             yield from (s for s in (line.strip() for line in str(item).split("\n")) if s)
     for path in files:
         yield from read_lines(path)
+
+
+def train_spm(
+    lines: Iterable[str],
+    out_prefix: str | os.PathLike,
+    vocab_size: int,
+    specials: dict[str, Any],
+    *,
+    model_type: str,
+    character_coverage: float,
+    input_sentence_size: int,
+    num_threads: int,
+    seed: int | None,
+    **trainer_kwargs,
+) -> None:
+    """Trains a sentencepiece model into `<out_prefix>.model` (and spm's `.vocab`).
+
+    Args:
+      lines: the training sentences, one an item.
+      specials: the layout's special ids and pieces (spm options such as `pad_id`, `pad_piece`).
+      vocab_size: a soft limit (`hard_vocab_limit=False`), so tiny corpora still train.
+      seed: if given, seeds spm's (process-wide) sentence sampling and shuffling.
+      trainer_kwargs: any other `spm.SentencePieceTrainer` option.
+
+    Raises:
+      ValueError: spm refused (its message says what to change), naming the model.
+    """
+    out_prefix = Path(out_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    options = dict(
+        model_prefix=str(out_prefix),
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=True,
+        num_threads=num_threads,
+        hard_vocab_limit=False,
+        **specials,
+        # spm logs every training step at INFO to stderr; keep warnings and errors only.
+        minloglevel=2,
+    )
+    options.update(trainer_kwargs)
+    if seed is not None:
+        # spm has no per-call seed option, only this process-wide one.
+        spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=lines, **options)
+    except RuntimeError as e:
+        # spm's message says what to change (e.g. vocab_size below the distinct characters
+        # that character_coverage must keep); add which model it was about.
+        raise ValueError(f"sentencepiece training for {out_prefix}.model failed: {e}") from None
 
 
 class SentencePieceTokenizer:
@@ -167,18 +220,9 @@ class SentencePieceTokenizer:
         """
         if vocab_size < 6:
             raise ValueError(f"vocab_size: must be >= 6 (5 special pieces + 1), got {vocab_size}")
-        out_prefix = Path(out_prefix)
-        out_prefix.parent.mkdir(parents=True, exist_ok=True)
         lines = _iter_training_lines(texts or (), files)
-        options = dict(
-            model_prefix=str(out_prefix),
-            vocab_size=vocab_size,
-            model_type=model_type,
-            character_coverage=character_coverage,
-            input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True,
-            num_threads=num_threads,
-            hard_vocab_limit=False,
+        # The fairseq layout: <s>=0, <pad>=1, </s>=2, <unk>=3, then the pieces, <mask> last.
+        specials = dict(
             bos_id=0,
             pad_id=1,
             eos_id=2,
@@ -188,19 +232,19 @@ class SentencePieceTokenizer:
             eos_piece=EOS_PIECE,
             unk_piece=UNK_PIECE,
             user_defined_symbols=[MASK_PIECE],
-            # spm logs every training step at INFO to stderr; keep warnings and errors only.
-            minloglevel=2,
         )
-        options.update(trainer_kwargs)
-        if seed is not None:
-            # spm has no per-call seed option, only this process-wide one.
-            spm.set_random_generator_seed(seed)
-        try:
-            spm.SentencePieceTrainer.train(sentence_iterator=lines, **options)
-        except RuntimeError as e:
-            # spm's message says what to change (e.g. vocab_size below the distinct characters
-            # that character_coverage must keep); add which model it was about.
-            raise ValueError(f"sentencepiece training for {out_prefix}.model failed: {e}") from None
+        train_spm(
+            lines,
+            out_prefix,
+            vocab_size,
+            specials,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            input_sentence_size=input_sentence_size,
+            num_threads=num_threads,
+            seed=seed,
+            **trainer_kwargs,
+        )
         return cls.load(f"{out_prefix}.model", convention="native")
 
     def __getstate__(self) -> dict:

@@ -73,8 +73,9 @@ class KMeansPatchTokenizer:
       patch_size, num_channels: the patch geometry it was fitted for.
     """
 
-    def __init__(self, projection: np.ndarray, centroids: np.ndarray, patch_size: int,
-                 num_channels: int = 3):  # fmt: skip
+    def __init__(
+        self, projection: np.ndarray, centroids: np.ndarray, patch_size: int, num_channels: int = 3
+    ):
         self.projection = np.asarray(projection, np.float32)
         self.centroids = np.asarray(centroids, np.float32)
         self.patch_size = int(patch_size)
@@ -155,15 +156,21 @@ class KMeansPatchTokenizer:
         """Writes an `.npz` (atomically: a temp file renamed, so readers never see half)."""
         path = os.fspath(path)
         tmp = path + ".tmp.npz"
-        np.savez(tmp, projection=self.projection, centroids=self.centroids,
-                 patch_size=self.patch_size, num_channels=self.num_channels)  # fmt: skip
+        np.savez(
+            tmp,
+            projection=self.projection,
+            centroids=self.centroids,
+            patch_size=self.patch_size,
+            num_channels=self.num_channels,
+        )
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> KMeansPatchTokenizer:
         with np.load(os.fspath(path)) as z:
-            return cls(z["projection"], z["centroids"], int(z["patch_size"]),
-                       int(z["num_channels"]))  # fmt: skip
+            return cls(
+                z["projection"], z["centroids"], int(z["patch_size"]), int(z["num_channels"])
+            )
 
 
 def _key(image: np.ndarray) -> str:
@@ -204,3 +211,47 @@ class PrecomputedTokenizer:
                 )
             out.append(row)
         return np.stack(out)
+
+
+TOKENIZER_FILE = "visual_tokenizer.npz"
+
+
+def visual_tokenizer_for(config, workdir: str, train_images, eval_images, patch_size: int):
+    """(train tokenizer, eval tokenizer) of a MIM run: `data.tokenizer`'s `.npz` (a fitted
+    k-means tokenizer, or precomputed `train` / `eval` ids aligned with the items of the fixed
+    images), or a k-means tokenizer fitted on the training images once and saved in the workdir
+    (`TOKENIZER_FILE`), so a resumed run has the same targets."""
+    from xformers_jax.config_lib import ConfigError
+
+    d = config.data
+    path = d.tokenizer or os.path.join(workdir, TOKENIZER_FILE)
+    if d.tokenizer and not os.path.exists(path):
+        raise ConfigError(f"config key 'data.tokenizer': no such file {path}")
+    if os.path.exists(path):
+        with np.load(path) as z:
+            precomputed = "train" in z.files
+            ids = {k: z[k] for k in ("train", "eval")} if precomputed else None
+        if not precomputed:
+            tok = KMeansPatchTokenizer.load(path)
+            return tok, tok
+        if train_images.num_crops:
+            raise ConfigError(
+                "precomputed visual tokens need fixed images: set data.sources=['digits']"
+            )
+        vocab = int(max(ids["train"].max(), ids["eval"].max())) + 1
+        render = lambda s: s.render_many(len(s.items()), 0)  # noqa: E731
+        return (
+            PrecomputedTokenizer(render(train_images), ids["train"], vocab),
+            PrecomputedTokenizer(render(eval_images), ids["eval"], vocab),
+        )
+    pixels = train_images.render_many(d.tokenizer_fit_images, config.train.seed)
+    tok = KMeansPatchTokenizer.fit(
+        pixels,
+        patch_size=patch_size,
+        vocab_size=d.vocab_size,
+        dim=d.tokenizer_dim,
+        iterations=d.tokenizer_iterations,
+        seed=config.train.seed,
+    )
+    tok.save(path)
+    return tok, tok

@@ -85,11 +85,20 @@ class XLNetTokenizer:
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
         lines = (s for t in texts for s in (x.strip() for x in t.split("\n")) if s)
         spm.SentencePieceTrainer.train(
-            sentence_iterator=lines, model_prefix=prefix, vocab_size=vocab_size,
-            model_type="unigram", character_coverage=0.9995, unk_id=0, bos_id=1, eos_id=2,
-            pad_id=-1, control_symbols=["<cls>", "<sep>", "<pad>", "<mask>", "<eod>"],
-            user_defined_symbols=["<eop>"], hard_vocab_limit=False, minloglevel=2,
-        )  # fmt: skip
+            sentence_iterator=lines,
+            model_prefix=prefix,
+            vocab_size=vocab_size,
+            model_type="unigram",
+            character_coverage=0.9995,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            control_symbols=["<cls>", "<sep>", "<pad>", "<mask>", "<eod>"],
+            user_defined_symbols=["<eop>"],
+            hard_vocab_limit=False,
+            minloglevel=2,
+        )
         return cls.load(prefix + ".model", **flags)
 
     # ------------------------------------------------------------------------- ids

@@ -3,6 +3,8 @@
 A task owns what differs between objectives: which head it trains, its data pipeline, its loss and
 metrics. `loss_fn(params, batch, rng, *, model, deterministic) -> (loss, aux)` where `aux` holds
 *sums* (e.g. `loss_sum`, `weight`, `correct`) so metrics reduce exactly across steps and hosts.
+What tasks share (the host batch, cross-entropy sums, dataset factories, the fine-tuning and
+text-to-text pieces) is in `tasks/common.py`; task modules import only it, never each other.
 """
 
 from __future__ import annotations

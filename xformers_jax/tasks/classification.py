@@ -1,10 +1,7 @@
 """Sequence classification fine-tuning (language identification on the bundled corpus).
 
-Also home of what the four fine-tuning tasks share (`build_finetune`, `finetune_config`): the
-tokenizer, the generated datasets (`data.finetune_data`), batching, the `TaskSpec`, and the
-per-family presets of `configs/{xlm_roberta,xlnet,yoso}/finetune_*.py`. Nothing here depends on
-the family at run time: the tokenizer lays out examples (XLNet's CLS-last, left-padded layout or
-XLM-R's) and the registry picks the head.
+The head's loss over one label per example, accuracy from sums; the dataset, tokenizer and
+batching are the fine-tuning tasks' (`common.build_finetune`).
 
   xformers-jax train --config configs/xlm_roberta/finetune_classification.py:tiny \
       --workdir workdirs/cls --config.init_from=HF_OR_ORBAX_DIR
@@ -12,186 +9,15 @@ XLM-R's) and the registry picks the head.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-from typing import Any
+from xformers_jax.tasks import TaskSpec, common
 
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
-
-from xformers_jax import config_lib, models
-from xformers_jax.tasks import TaskSpec
-
-
-def _apply(params, batch, rng, model, deterministic, **extra):
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "start_positions",
-                                                            "end_positions")}  # fmt: skip
-    # `lsh`: the hash functions of YOSO's sampled attention, as in MLM pretraining (other
-    # families ignore it).
-    rngs = {"dropout": rng, "lsh": jax.random.fold_in(rng, 1)}
-    return model.apply({"params": params}, **inputs, **extra, deterministic=deterministic,
-                       rngs=rngs)  # fmt: skip
-
-
-def head_inputs(module, arrays: dict[str, Any]) -> dict[str, Any]:
-    """The arrays the head takes (e.g. `p_mask` only for heads that restrict answers).
-
-    Every batch key reaches the head (the trainer initialises it with them), so a dataset's
-    optional inputs are dropped for heads whose `__call__` has no such argument.
-    """
-    takes = inspect.signature(type(module).__call__).parameters
-    return {k: v for k, v in arrays.items() if k in takes}
-
-
-def loss_fn(params, batch, rng, *, model, deterministic: bool = False):
-    """Cross-entropy over `labels` `[batch]`; aux sums `loss_sum`, `weight`, `correct`."""
-    out = _apply(params, batch, rng, model, deterministic, labels=batch["labels"])
-    n = jnp.asarray(batch["labels"].shape[0], jnp.float32)
-    correct = jnp.sum(jnp.argmax(out.logits, -1) == batch["labels"])
-    return out.loss, {"loss_sum": out.loss * n, "weight": n, "correct": correct}
-
-
-def metrics(sums: dict[str, Any]) -> dict[str, float]:
-    """Mean loss and accuracy."""
-    w = max(float(sums["weight"]), 1.0)
-    return {"loss": float(sums["loss_sum"]) / w, "accuracy": float(sums["correct"]) / w}
-
-
-def build_finetune(config, workdir: str, task: str, make_data: Callable, num_labels: int,
-                   loss: Callable, task_metrics: Callable) -> TaskSpec:  # fmt: skip
-    """The `TaskSpec` of a fine-tuning task over a generated dataset.
-
-    Args:
-      task: the registry task name (picks the head, e.g. 'qa' -> `...ForQuestionAnswering`).
-      make_data: `(tokenizer, seq_len, train) -> dict of arrays` (see `data.finetune_data`).
-      num_labels: what the data needs; `model.num_labels` must equal it.
-    """
-    from xformers_jax.data.finetune_data import ArrayBatches
-    from xformers_jax.tasks.mlm import tokenizer_for
-
-    module, model_cfg, arch = models.build_model(config.model, task=task)
-    if model_cfg.num_labels != num_labels:
-        raise config_lib.ConfigError(
-            f"config key 'model.num_labels' is {model_cfg.num_labels}; task {task} has "
-            f"{num_labels} labels"
-        )
-    tokenizer = tokenizer_for(config, workdir)
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, model.vocab_size is "
-                         f"{model_cfg.vocab_size}")  # fmt: skip
-    host_batch = config.train.batch_size // jax.process_count()
-    train_arrays = head_inputs(module, make_data(tokenizer, config.data.seq_len, True))
-    eval_arrays = head_inputs(module, make_data(tokenizer, config.data.seq_len, False))
-
-    def data(arrays, train, seed):
-        return lambda i, n: ArrayBatches(arrays, host_batch, train=train, seed=seed,
-                                         shard_index=i, shard_count=n)  # fmt: skip
-
-    return TaskSpec(
-        model=module, model_config=model_cfg, architecture=arch, loss_fn=loss,
-        metrics=task_metrics,
-        train_data=data(train_arrays, True, config.train.seed),
-        eval_data=data(eval_arrays, False, 0),
-        init_batch={k: v[:host_batch] for k, v in train_arrays.items()},
-        count_tokens=lambda b: int(np.sum(b["attention_mask"])),
-    )  # fmt: skip
+loss_fn = common.label_loss
+metrics = common.accuracy_metrics
 
 
 def build(config, workdir: str) -> TaskSpec:
     from xformers_jax.data.finetune_data import LANGUAGES, language_id
 
-    make = lambda tok, seq_len, train: language_id(tok, seq_len, train)  # noqa: E731
-    return build_finetune(config, workdir, "classification", make, len(LANGUAGES), loss_fn,
-                          metrics)  # fmt: skip
-
-
-# (task, num_labels, seq_len, lr) of each fine-tuning config.
-FINETUNE = {
-    "classification": (4, 48, 1e-3),
-    "token_classification": (4, 48, 1e-3),
-    "qa": (2, 64, 1e-3),
-    "multiple_choice": (1, 48, 1e-3),
-}
-
-# family -> config preset -> (model preset, batch size, steps, compute dtype, lr or None for
-# the task's, `model.*` keys of the preset). `tiny` runs on CPU in minutes; the others are the
-# published model sizes.
-FINETUNE_RUNS = {
-    "xlm_roberta": {
-        "tiny": ("tiny", 32, 200, "float32", None, {}),
-        "base": ("xlm-roberta-base", 32, 3000, "bfloat16", None, {}),
-    },
-    "xlnet": {
-        "tiny": ("tiny", 32, 200, "float32", None, {}),
-        "base": ("base", 32, 3000, "bfloat16", 2e-5, {}),
-        "large": ("large", 32, 3000, "bfloat16", 2e-5, {}),
-    },
-    # YOSO's attention as its pretraining (`configs/yoso/pretrain_mlm.py`) runs it: sampled (LSH)
-    # in `tiny`; `base` keeps uw-madison/yoso-4096's expectation mode: the attention that
-    # checkpoint was trained with, and at fine-tuning lengths (tens to hundreds of tokens) the
-    # dense expectation costs no more than 64 hashes of 9 bits (512 buckets each).
-    # `--config.model.use_expectation=False` samples.
-    "yoso": {
-        "tiny": ("tiny", 32, 200, "float32", None, {"use_expectation": False}),
-        "base": ("base", 32, 3000, "bfloat16", 2e-5, {"use_expectation": True}),
-    },
-}
-
-# family -> (`model.*`, `data.*`) keys of every fine-tuning run of that family.
-FINETUNE_FAMILY = {
-    "xlm_roberta": (dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1), {}),
-    # No Transformer-XL mems: fine-tuning batches are unrelated examples. The XLNet tokenizer
-    # (spm model `spiece.model`) is the one PLM pretraining trains, so its checkpoints carry over.
-    "xlnet": (
-        dict(dropout=0.1, use_mems_train=False, use_mems_eval=False, bi_data=False),
-        dict(tokenizer_type="xlnet"),
-    ),
-    "yoso": (
-        dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, attention_impl="xla"),
-        {},
-    ),
-}
-
-
-def finetune_config(
-    task: str, arg: str | None, family: str = "xlm_roberta"
-) -> ml_collections.ConfigDict:
-    """The shared fine-tuning config of `configs/<family>/finetune_<task>.py`.
-
-    Presets: `FINETUNE_RUNS[family]` (`tiny`, the default, on CPU; `base` / `large` the
-    published sizes in bfloat16). Set `init_from` to an HF dir, an Orbax params export or a
-    pretraining workdir of the same sizes; a tokenizer saved there is used (see
-    `tasks.mlm.tokenizer_for`).
-    """
-    num_labels, seq_len, task_lr = FINETUNE[task]
-    runs = FINETUNE_RUNS[family]
-    model, batch_size, steps, dtype, lr, preset_keys = runs[
-        config_lib.parse_arg(arg, runs, default="tiny")
-    ]
-    model_keys, data_keys = FINETUNE_FAMILY[family]
-    c = config_lib.base_config()
-    c.task = task
-    c.model.family = family
-    c.model.preset = model
-    c.model.num_labels = num_labels
-    c.model.dtype = dtype
-    for k, v in {**model_keys, **preset_keys}.items():
-        c.model[k] = v
-    c.data.seq_len = seq_len
-    c.data.vocab_size = 8000
-    c.data.tokenizer_type = "sentencepiece"
-    for k, v in data_keys.items():
-        c.data[k] = v
-    c.optim.lr = task_lr if lr is None else lr
-    c.optim.warmup_steps = steps // 10
-    c.optim.schedule = "linear"
-    c.optim.layer_decay = 0.9  # layer-wise lr decay, as is usual for fine-tuning
-    c.train.steps = steps
-    c.train.batch_size = batch_size
-    c.train.eval_every_steps = max(steps // 4, 1)
-    c.train.eval_steps = 10
-    c.checkpoint.every_steps = steps
-    c.log.every_steps = 10
-    return c
+    return common.build_finetune(
+        config, workdir, "classification", language_id, len(LANGUAGES), loss_fn, metrics
+    )

@@ -9,16 +9,13 @@ over the vocabulary, never materialising logits. Both give the same loss as the 
 from __future__ import annotations
 
 import functools
-import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from xformers_jax import models
-from xformers_jax.tasks import TaskSpec
+from xformers_jax.tasks import TaskSpec, common
 
 
 def masked_positions(labels: jax.Array, max_predictions: int) -> jax.Array:
@@ -59,8 +56,9 @@ def loss_fn(
     extra = {}
     if max_predictions > 0:
         positions = masked_positions(labels, max_predictions)
-        labels = jnp.where(positions >= 0, jnp.take_along_axis(labels, jnp.maximum(positions, 0),
-                                                               axis=1), -100)  # fmt: skip
+        labels = jnp.where(
+            positions >= 0, jnp.take_along_axis(labels, jnp.maximum(positions, 0), axis=1), -100
+        )
         extra["masked_positions"] = positions
     if vocab_chunk_size > 0:
         extra.update(labels=labels, vocab_chunk_size=vocab_chunk_size)
@@ -75,116 +73,11 @@ def loss_fn(
     )
     valid = labels != -100
     if vocab_chunk_size > 0:
-        losses, predictions = out.token_losses, out.predictions
-    else:
-        logits = out.logits.astype(jnp.float32)
-        safe = jnp.where(valid, labels, 0)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
-        predictions = jnp.argmax(logits, -1)
-    weight = jnp.sum(valid)
-    loss_sum = jnp.sum(jnp.where(valid, losses, 0.0))
-    correct = jnp.sum(jnp.where(valid, predictions == labels, False))
-    aux = {"loss_sum": loss_sum, "weight": weight.astype(jnp.float32), "correct": correct}
-    return loss_sum / jnp.maximum(weight, 1), aux
+        return common.loss_sums(out.token_losses, out.predictions, labels, valid)
+    return common.cross_entropy(out.logits, labels, valid)
 
 
-def metrics(sums: dict[str, Any]) -> dict[str, float]:
-    """Loss and accuracy over masked tokens from summed aux values."""
-    weight = max(float(sums["weight"]), 1.0)
-    return {"loss": float(sums["loss_sum"]) / weight, "accuracy": float(sums["correct"]) / weight}
-
-
-def _sentencepiece(path: str, convention: str = "native"):
-    from xformers_jax.data import SentencePieceTokenizer
-
-    return SentencePieceTokenizer.load(path, convention=convention)
-
-
-def _xlnet(path: str):
-    from xformers_jax.data.xlnet_tokenizer import XLNetTokenizer
-
-    return XLNetTokenizer.load(path)
-
-
-def _train_sentencepiece(texts, prefix: str, vocab_size: int):
-    from xformers_jax.data import SentencePieceTokenizer
-
-    return SentencePieceTokenizer.train(texts, prefix, vocab_size)
-
-
-def _train_xlnet(texts, prefix: str, vocab_size: int):
-    from xformers_jax.data.xlnet_tokenizer import XLNetTokenizer
-
-    return XLNetTokenizer.train(texts, prefix, vocab_size)
-
-
-# `data.tokenizer_type` -> (the prefix a run trains its model to in the workdir, the loader of a
-# `.model` file, the trainer, the tokenizer files an `init_from` dir may hold with their loaders).
-# `sentencepiece`: fairseq/XLM-R ids (an MLM or span-corruption workdir's `tokenizer.model`, an
-# HF XLM-R dir's `sentencepiece.bpe.model`). `xlnet`: XLNet's ids and example layout, trained
-# and named as PLM pretraining does (a PLM workdir's or an HF XLNet dir's `spiece.model`; the
-# dir is loaded, for an HF dir's `tokenizer_config.json` flags).
-TOKENIZER_TYPES = {
-    "sentencepiece": (
-        "tokenizer", _sentencepiece, _train_sentencepiece,
-        (("tokenizer.model", _sentencepiece),
-         ("sentencepiece.bpe.model", lambda p: _sentencepiece(p, "xlm-roberta"))),
-    ),
-    "xlnet": (
-        "spiece", _xlnet, _train_xlnet,
-        (("spiece.model", lambda p: _xlnet(os.path.dirname(p))),),
-    ),
-}  # fmt: skip
-
-
-def tokenizer_for(config, workdir: str):
-    """The run's tokenizer, of kind `data.tokenizer_type` (`TOKENIZER_TYPES`; default
-    `sentencepiece`).
-
-    In order: `data.tokenizer` if set; the one this run saved in its workdir; the one saved with
-    `init_from` (a pretraining workdir or an HF dir holding its tokenizer, so a checkpoint and
-    its tokenizer carry over together); else one trained on the training corpus, once, kept in
-    the workdir so a resumed run tokenises identically.
-    """
-    from xformers_jax import config_lib
-    from xformers_jax.data import read_lines
-
-    kind = config.data.get("tokenizer_type", "sentencepiece")
-    if kind not in TOKENIZER_TYPES:
-        raise config_lib.ConfigError(
-            f"config key 'data.tokenizer_type' must be one of {', '.join(TOKENIZER_TYPES)}; "
-            f"got {kind!r}"
-        )
-    stem, load, train, saved = TOKENIZER_TYPES[kind]
-    if config.data.tokenizer:
-        return load(config.data.tokenizer)
-    prefix = os.path.join(workdir, stem)
-    if os.path.exists(prefix + ".model"):
-        return load(prefix + ".model")
-    init_from = config.get("init_from", "")
-    for name, load_saved in saved if init_from else ():
-        if os.path.isfile(os.path.join(init_from, name)):
-            return load_saved(os.path.join(init_from, name))
-    texts = [line for f in train_files(config, workdir) for line in read_lines(f)]
-    return train(texts, prefix, config.data.vocab_size)
-
-
-def train_files(config, workdir: str) -> list[str]:
-    from xformers_jax.data import default_corpus
-
-    if config.data.train_files:
-        return list(config.data.train_files)
-    return [default_corpus(os.path.join(workdir, "corpus"))[0]]
-
-
-def eval_files(config, workdir: str) -> list[str]:
-    from xformers_jax.data import default_corpus
-
-    if config.data.eval_files:
-        return list(config.data.eval_files)
-    if config.data.train_files:
-        return list(config.data.train_files)
-    return [default_corpus(os.path.join(workdir, "corpus"))[1]]
+metrics = common.accuracy_metrics
 
 
 def make_loss_fn(config):
@@ -198,41 +91,20 @@ def make_loss_fn(config):
 
 def build(config, workdir: str) -> TaskSpec:
     from xformers_jax.data import mlm_dataset, tokens_per_batch
+    from xformers_jax.data.tokenizers import text_tokenizer
 
-    tokenizer = tokenizer_for(config, workdir)
-    module, model_cfg, arch = models.build_model(config.model, task="mlm")
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
-            f"{model_cfg.vocab_size}"
-        )
-    n_proc = jax.process_count()
-    if config.train.batch_size % n_proc:
-        raise ValueError(
-            f"train.batch_size {config.train.batch_size} is not divisible by {n_proc} hosts"
-        )
-    host_batch = config.train.batch_size // n_proc
-    seq_len = config.data.seq_len
-    common = dict(tokenizer=tokenizer, seq_len=seq_len, batch_size=host_batch,
-                  mask_prob=config.data.mask_prob)  # fmt: skip
-
-    def train_data(shard_index: int, shard_count: int):
-        return mlm_dataset(train_files(config, workdir), seed=config.train.seed, train=True,
-                           shard_index=shard_index, shard_count=shard_count, **common)  # fmt: skip
-
-    def eval_data(shard_index: int, shard_count: int):
-        return mlm_dataset(eval_files(config, workdir), seed=config.train.seed + 1, train=False,
-                           shard_index=shard_index, shard_count=shard_count, **common)  # fmt: skip
-
-    zeros = np.zeros((host_batch, seq_len), np.int32)
-    return TaskSpec(
-        model=module,
-        model_config=model_cfg,
-        architecture=arch,
-        loss_fn=make_loss_fn(config),
-        metrics=metrics,
-        train_data=train_data,
-        eval_data=eval_data,
-        init_batch={"input_ids": zeros, "attention_mask": zeros + 1, "labels": zeros},
-        count_tokens=tokens_per_batch,
+    tokenizer = text_tokenizer(config, workdir)
+    built = models.build_model(config.model, task="mlm")
+    common.check_vocab(tokenizer.vocab_size, built[1])
+    data = common.corpus_datasets(
+        config,
+        workdir,
+        mlm_dataset,
+        tokenizer=tokenizer,
+        seq_len=config.data.seq_len,
+        mask_prob=config.data.mask_prob,
     )
+    zeros = np.zeros((common.host_batch_size(config), config.data.seq_len), np.int32)
+    init_batch = {"input_ids": zeros, "attention_mask": zeros + 1, "labels": zeros}
+    loss = make_loss_fn(config)
+    return common.task_spec(built, loss, metrics, data, init_batch, tokens_per_batch)

@@ -24,8 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xformers_jax import config_lib, models
-from xformers_jax.tasks import TaskSpec
-from xformers_jax.tasks.mim import host_batch_size
+from xformers_jax.tasks import TaskSpec, common
 
 MUTABLE = ("batch_stats",)
 
@@ -51,8 +50,12 @@ def loss_fn(params, batch, rng, *, model, deterministic: bool = False, model_sta
     cfg = model.config
     variables = {"params": params, **(model_state or {})}
     labels = jnp.asarray(batch["labels"]).astype(jnp.int32)
-    kwargs = dict(pixel_values=batch["pixel_values"], labels=labels, deterministic=deterministic,
-                  rngs={"dropout": rng})  # fmt: skip
+    kwargs = dict(
+        pixel_values=batch["pixel_values"],
+        labels=labels,
+        deterministic=deterministic,
+        rngs={"dropout": rng},
+    )
     new_state = None
     if deterministic:
         out = model.apply(variables, **kwargs)
@@ -103,8 +106,11 @@ def metrics(sums: dict[str, Any]) -> dict[str, float]:
     union = np.asarray(sums["union"], np.float64)
     present = union > 0
     miou = float(np.mean(inter[present] / union[present])) if present.any() else 0.0
-    return {"loss": float(sums["loss_sum"]) / w, "pixel_accuracy": float(sums["correct"]) / w,
-            "mean_iou": miou}  # fmt: skip
+    return {
+        "loss": float(sums["loss_sum"]) / w,
+        "pixel_accuracy": float(sums["correct"]) / w,
+        "mean_iou": miou,
+    }
 
 
 def _data_size(config, model_cfg) -> int:
@@ -122,15 +128,18 @@ def example_batch(config) -> dict[str, np.ndarray]:
     _, model_cfg, _ = models.build_model(config.model, task="segmentation")
     size = _data_size(config, model_cfg)
     b = config.train.batch_size
-    return {"pixel_values": np.zeros((b, model_cfg.num_channels, size, size), np.float32),
-            "labels": np.zeros((b, size, size), np.int32)}  # fmt: skip
+    return {
+        "pixel_values": np.zeros((b, model_cfg.num_channels, size, size), np.float32),
+        "labels": np.zeros((b, size, size), np.int32),
+    }
 
 
 def build(config, workdir: str) -> TaskSpec:
     from xformers_jax.data.images import default_scenes, segmentation_dataset
 
     del workdir
-    module, model_cfg, arch = models.build_model(config.model, task="segmentation")
+    built = models.build_model(config.model, task="segmentation")
+    model_cfg = built[1]
     d = config.data
     size = _data_size(config, model_cfg)
     scenes = lambda split: default_scenes(  # noqa: E731
@@ -142,32 +151,15 @@ def build(config, workdir: str) -> TaskSpec:
             f"config key 'model.num_labels' is {model_cfg.num_labels}; the digit scenes have "
             f"{train_scenes.num_classes} classes"
         )
-    host_batch = host_batch_size(config)
-
-    def train_data(shard_index: int, shard_count: int):
-        return segmentation_dataset(train_scenes, batch_size=host_batch, seed=config.train.seed,
-                                    train=True, shard_index=shard_index,
-                                    shard_count=shard_count)  # fmt: skip
-
-    def eval_data(shard_index: int, shard_count: int):
-        return segmentation_dataset(eval_scenes, batch_size=host_batch,
-                                    seed=config.train.seed + 1, train=False,
-                                    shard_index=shard_index, shard_count=shard_count)  # fmt: skip
-
+    data = common.datasets(config, segmentation_dataset, (train_scenes,), (eval_scenes,))
+    init_batch = common.zeros_batch(
+        common.host_batch_size(config),
+        pixel_values=((model_cfg.num_channels, size, size), np.float32),
+        labels=((size, size), np.int32),
+    )
+    # "Tokens" of an image model: its patches (for the tokens/s metric).
     patches = (size // model_cfg.patch_size) ** 2
-    return TaskSpec(
-        model=module,
-        model_config=model_cfg,
-        architecture=arch,
-        loss_fn=loss_fn,
-        metrics=metrics,
-        train_data=train_data,
-        eval_data=eval_data,
-        init_batch={
-            "pixel_values": np.zeros((host_batch, model_cfg.num_channels, size, size), np.float32),
-            "labels": np.zeros((host_batch, size, size), np.int32),
-        },
-        # "Tokens" of an image model: its patches (for the tokens/s metric).
-        count_tokens=lambda batch: int(batch["pixel_values"].shape[0]) * patches,
-        mutable=MUTABLE,
+    count_tokens = lambda batch: int(batch["pixel_values"].shape[0]) * patches  # noqa: E731
+    return common.task_spec(
+        built, loss_fn, metrics, data, init_batch, count_tokens, mutable=MUTABLE
     )

@@ -10,7 +10,7 @@ prompts, one language after another, with the trained params through the jitted 
 `xformers_jax.decoding` (greedy, or beam search with `report.num_beams > 1`) and returns them as
 `[language] prompt -> reply` lines, which the trainer prints.
 
-Tokenizer and special ids as in span corruption (`tasks.span_corruption.text_tokenizer`): T5's
+Tokenizer and special ids as in span corruption (`data.tokenizers.seq2seq_tokenizer`): T5's
 (`data.tokenizer_type='t5'`, an HF T5/MT5 dir, or `init_from`'s) or the fairseq-layout one; the
 model's pad / eos / decoder-start ids must be that tokenizer's.
 """
@@ -20,18 +20,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
 from xformers_jax import models
-from xformers_jax.tasks import TaskSpec
-from xformers_jax.tasks.mlm import metrics
-from xformers_jax.tasks.span_corruption import (
-    build_model_for,
-    count_tokens,
-    loss_fn,
-    text_tokenizer,
-)
+from xformers_jax.tasks import TaskSpec, common
+
+# As span corruption: token cross-entropy over the replies, accuracy from sums.
+loss_fn = common.text_to_text_loss
+metrics = common.accuracy_metrics
+count_tokens = common.text_to_text_tokens
 
 __all__ = ["build", "count_tokens", "generate_replies", "loss_fn", "metrics", "pairs_for"]
 
@@ -45,8 +42,10 @@ def pairs_for(config) -> tuple[list, list]:
         pairs = [p for f in d.train_files for p in read_pairs(f)]
         if d.eval_files:
             return pairs, [p for f in d.eval_files for p in read_pairs(f)]
-        return ([p for p in pairs if not is_eval_prompt(p.prompt)],
-                [p for p in pairs if is_eval_prompt(p.prompt)])  # fmt: skip
+        return (
+            [p for p in pairs if not is_eval_prompt(p.prompt)],
+            [p for p in pairs if is_eval_prompt(p.prompt)],
+        )
     languages = list(d.languages) if d.get("languages") else None
     return dialog_pairs(languages, "train"), dialog_pairs(languages, "eval")
 
@@ -95,8 +94,9 @@ def generate_replies(
     from xformers_jax.data.dialog import encode_prompts
 
     ids, mask = encode_prompts(prompts, tokenizer, inputs_length)
-    seqs = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                          num_beams=num_beams)  # fmt: skip
+    seqs = model.generate(
+        ids, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=num_beams
+    )
     # Row 0 is the start token; ids past the tokenizer's (a padded model vocabulary, or the
     # sentinels a span-corruption model still emits) have no text.
     rows = [r[1:][(r[1:] >= 0) & (r[1:] < len(tokenizer))] for r in np.asarray(seqs)]
@@ -106,39 +106,32 @@ def generate_replies(
 def build(config, workdir: str) -> TaskSpec:
     from xformers_jax import hub
     from xformers_jax.data.dialog import dialog_dataset, encode_pairs
+    from xformers_jax.data.tokenizers import seq2seq_tokenizer
 
     train_pairs, eval_pairs = pairs_for(config)
     if not train_pairs or not eval_pairs:
-        raise ValueError(f"{len(train_pairs)} train and {len(eval_pairs)} eval dialog pairs: "
-                         "need both")  # fmt: skip
+        raise ValueError(
+            f"{len(train_pairs)} train and {len(eval_pairs)} eval dialog pairs: need both"
+        )
     texts = lambda: sorted({t for p in train_pairs for t in (p.prompt, p.reply)})  # noqa: E731
-    tokenizer = text_tokenizer(config, workdir, texts)
+    tokenizer = seq2seq_tokenizer(config, workdir, texts)
     # The family's text-to-text LM head (the one span corruption pretrains, if no other is named).
     family = models.FAMILIES.get(config.model.family)
     head_task = "seq2seq" if family and "seq2seq" in family.task_heads else "span_corruption"
-    module, model_cfg, arch = build_model_for(config, tokenizer, head_task)
-    n_proc = jax.process_count()
-    if config.train.batch_size % n_proc:
-        raise ValueError(
-            f"train.batch_size {config.train.batch_size} is not divisible by {n_proc} hosts"
-        )
-    host_batch = config.train.batch_size // n_proc
+    built = common.build_text_to_text(config, tokenizer, head_task)
+    module, model_cfg, arch = built
+    host_batch = common.host_batch_size(config)
     d = config.data
     targets_length = d.get("targets_length", d.seq_len)
-    lengths = dict(inputs_length=d.seq_len, targets_length=targets_length,
-                   decoder_start_token_id=model_cfg.decoder_start_token_id)  # fmt: skip
+    lengths = dict(
+        inputs_length=d.seq_len,
+        targets_length=targets_length,
+        decoder_start_token_id=model_cfg.decoder_start_token_id,
+    )
     train_arrays = encode_pairs(train_pairs, tokenizer, **lengths)
     eval_arrays = encode_pairs(eval_pairs, tokenizer, **lengths)
 
-    def train_data(shard_index: int, shard_count: int):
-        return dialog_dataset(train_arrays, batch_size=host_batch, seed=config.train.seed,
-                              train=True, shard_index=shard_index,
-                              shard_count=shard_count)  # fmt: skip
-
-    def eval_data(shard_index: int, shard_count: int):
-        return dialog_dataset(eval_arrays, batch_size=host_batch, seed=config.train.seed + 1,
-                              train=False, shard_index=shard_index,
-                              shard_count=shard_count)  # fmt: skip
+    data = common.datasets(config, dialog_dataset, (train_arrays,), (eval_arrays,))
 
     r = dict(num_prompts=8, num_beams=1, max_new_tokens=targets_length)
     r.update(config.get("report") or {})
@@ -148,23 +141,19 @@ def build(config, workdir: str) -> TaskSpec:
 
     def report(params) -> str:
         generator.params = params
-        replies = generate_replies(generator, tokenizer, [p.prompt for p in shown],
-                                   inputs_length=d.seq_len, max_new_tokens=r["max_new_tokens"],
-                                   num_beams=r["num_beams"])  # fmt: skip
+        replies = generate_replies(
+            generator,
+            tokenizer,
+            [p.prompt for p in shown],
+            inputs_length=d.seq_len,
+            max_new_tokens=r["max_new_tokens"],
+            num_beams=r["num_beams"],
+        )
         how = "greedy" if r["num_beams"] == 1 else f"beam search, {r['num_beams']} beams"
         lines = [f"Replies to {len(shown)} held-out prompts ({how}):"]
         lines += [f"  [{p.language}] {p.prompt} -> {reply}" for p, reply in zip(shown, replies)]
         return "\n".join(lines)
 
-    return TaskSpec(
-        model=module,
-        model_config=model_cfg,
-        architecture=arch,
-        loss_fn=loss_fn,
-        metrics=metrics,
-        train_data=train_data,
-        eval_data=eval_data,
-        init_batch={k: v[:1].repeat(host_batch, 0) for k, v in train_arrays.items()},
-        count_tokens=count_tokens,
-        report=report if shown else None,
-    )
+    init_batch = {k: v[:1].repeat(host_batch, 0) for k, v in train_arrays.items()}
+    report = report if shown else None
+    return common.task_spec(built, loss_fn, metrics, data, init_batch, count_tokens, report=report)

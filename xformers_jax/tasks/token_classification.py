@@ -11,13 +11,12 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from xformers_jax.tasks import TaskSpec
-from xformers_jax.tasks.classification import _apply, build_finetune
+from xformers_jax.tasks import TaskSpec, common
 
 
 def loss_fn(params, batch, rng, *, model, deterministic: bool = False):
     """Token cross-entropy over `labels` `[batch, length]` (-100 = ignore) and per-class sums."""
-    out = _apply(params, batch, rng, model, deterministic, labels=batch["labels"])
+    out = common.apply_head(params, batch, rng, model, deterministic, labels=batch["labels"])
     labels = batch["labels"]
     valid = labels != -100
     pred = jnp.argmax(out.logits, -1)
@@ -54,6 +53,12 @@ def metrics(sums: dict[str, Any]) -> dict[str, float]:
 def build(config, workdir: str) -> TaskSpec:
     from xformers_jax.data.finetune_data import LANGUAGES, mixed_language_tags
 
-    make = lambda tok, seq_len, train: mixed_language_tags(tok, seq_len, train)  # noqa: E731
-    return build_finetune(config, workdir, "token_classification", make, len(LANGUAGES),
-                          loss_fn, metrics)  # fmt: skip
+    return common.build_finetune(
+        config,
+        workdir,
+        "token_classification",
+        mixed_language_tags,
+        len(LANGUAGES),
+        loss_fn,
+        metrics,
+    )

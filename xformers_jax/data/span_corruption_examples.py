@@ -20,8 +20,7 @@ import numpy as np
 
 from xformers_jax.data.collators import IGNORE_INDEX
 from xformers_jax.data.corpus import DataError, read_lines
-
-_READ_OPTIONS = dict(num_threads=2, prefetch_buffer_size=8)
+from xformers_jax.data.pipeline import iterate, sharded_stream
 
 
 def _lengths(tokens_length: int, noise_density: float, mean_span: float) -> tuple[int, int]:
@@ -186,14 +185,16 @@ def span_corruption_dataset(
         per_step = shard_count * batch_size
         chunks = np.resize(chunks, (-(-n // per_step) * per_step, tokens_length))
     fn = functools.partial(
-        _example, inputs_length=inputs_length, targets_length=targets_length,
-        pad_id=tokenizer.pad_id, vocab_size=vocab_size, eos_id=tokenizer.eos_id,
-        noise_density=noise_density, mean_noise_span_length=mean_noise_span_length,
-    )  # fmt: skip
-    ds = grain.MapDataset.source(chunks)
-    if train:
-        ds = ds.shuffle(seed=seed).repeat(None)
-    ds = ds.random_map(fn, seed=(seed * 0x9E3779B1 + 1) % 2**32)
-    ds = ds[shard_index::shard_count]
-    ds = ds.batch(batch_size, drop_remainder=True)
-    return ds.to_iter_dataset(grain.ReadOptions(**_READ_OPTIONS))
+        _example,
+        inputs_length=inputs_length,
+        targets_length=targets_length,
+        pad_id=tokenizer.pad_id,
+        vocab_size=vocab_size,
+        eos_id=tokenizer.eos_id,
+        noise_density=noise_density,
+        mean_noise_span_length=mean_noise_span_length,
+    )
+    ds = sharded_stream(
+        chunks, fn, seed=seed, train=train, shard_index=shard_index, shard_count=shard_count
+    )
+    return iterate(ds.batch(batch_size, drop_remainder=True))

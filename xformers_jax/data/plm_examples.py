@@ -25,12 +25,18 @@ import grain
 import numpy as np
 
 from xformers_jax.data.corpus import DataError, read_lines
+from xformers_jax.data.pipeline import iterate, sharded_stream
 
 IGNORE_INDEX = -100
 
 
-def sample_spans(n: int, num_predict: int, rng: np.random.Generator, max_span: int = 5,
-                 candidates: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+def sample_spans(
+    n: int,
+    num_predict: int,
+    rng: np.random.Generator,
+    max_span: int = 5,
+    candidates: np.ndarray | None = None,
+) -> np.ndarray:
     """`[n]` bool: whole spans (length ~ 1/l on 1..max_span) until `num_predict` are chosen."""
     allowed = np.ones(n, bool) if candidates is None else candidates.copy()
     chosen = np.zeros(n, bool)
@@ -47,8 +53,9 @@ def sample_spans(n: int, num_predict: int, rng: np.random.Generator, max_span: i
     return chosen
 
 
-def local_perm_mask(is_target: np.ndarray, is_special: np.ndarray, perm_size: int,
-                    rng: np.random.Generator) -> np.ndarray:  # fmt: skip
+def local_perm_mask(
+    is_target: np.ndarray, is_special: np.ndarray, perm_size: int, rng: np.random.Generator
+) -> np.ndarray:
     """`[n, n]` float32 perm_mask (1 = may not attend) for one segment (see module docstring)."""
     n = is_target.shape[0]
     order = np.arange(n)
@@ -61,9 +68,17 @@ def local_perm_mask(is_target: np.ndarray, is_special: np.ndarray, perm_size: in
 
 
 def plm_example(
-    a: np.ndarray, b: np.ndarray, rng: np.random.Generator, *, sep_id: int, cls_id: int,
-    num_predict: int, perm_size: int, reuse_len: int = 0, max_span: int = 5,
-) -> dict[str, np.ndarray]:  # fmt: skip
+    a: np.ndarray,
+    b: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    sep_id: int,
+    cls_id: int,
+    num_predict: int,
+    perm_size: int,
+    reuse_len: int = 0,
+    max_span: int = 5,
+) -> dict[str, np.ndarray]:
     """One example from segments `a`, `b` (ids, no specials; `len(a) + len(b) + 3` tokens).
 
     Returns int32 `input_ids`, `token_type_ids` `[n]`, float32 `perm_mask` `[n, n]`,
@@ -88,12 +103,14 @@ def plm_example(
     mapping[np.arange(len(pos)), pos] = 1.0
     labels = np.full(num_predict, IGNORE_INDEX, np.int32)
     labels[: len(pos)] = ids[pos]
-    return dict(input_ids=ids, token_type_ids=types, perm_mask=perm, target_mapping=mapping,
-                labels=labels)  # fmt: skip
+    return dict(
+        input_ids=ids, token_type_ids=types, perm_mask=perm, target_mapping=mapping, labels=labels
+    )
 
 
-def _make_row(chunk: np.ndarray, rng: np.random.Generator, *, others: np.ndarray, bi_data: bool,
-              **kw) -> dict[str, np.ndarray]:  # fmt: skip
+def _make_row(
+    chunk: np.ndarray, rng: np.random.Generator, *, others: np.ndarray, bi_data: bool, **kw
+) -> dict[str, np.ndarray]:
     """A chunk of raw ids -> one example (two stacked, forward then reversed, with bi_data)."""
 
     def one(x):
@@ -116,11 +133,21 @@ def _halves(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def plm_dataset(
-    files: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, *, seq_len: int,
-    batch_size: int, seed: int, num_predict: int, perm_size: int, reuse_len: int = 0,
-    bi_data: bool = False, max_span: int = 5, train: bool = True, shard_index: int = 0,
+    files: str | os.PathLike | Sequence[str | os.PathLike],
+    tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    num_predict: int,
+    perm_size: int,
+    reuse_len: int = 0,
+    bi_data: bool = False,
+    max_span: int = 5,
+    train: bool = True,
+    shard_index: int = 0,
     shard_count: int = 1,
-) -> grain.IterDataset:  # fmt: skip
+) -> grain.IterDataset:
     """Permutation-LM batches from UTF-8 text files, resumable (grain iterator state).
 
     The lines are tokenised (an `XLNetTokenizer`), joined with `<eod>` between documents and cut
@@ -140,15 +167,25 @@ def plm_dataset(
     rows = np.asarray(stream[: len(stream) // body * body], np.int32).reshape(-1, body)
     if rows.shape[0] < 2:
         raise DataError(f"{', '.join(map(str, files))}: too little text for seq_len {seq_len}")
-    kw = dict(others=rows, bi_data=bi_data, sep_id=tokenizer.sep_token_id,
-              cls_id=tokenizer.cls_token_id, num_predict=num_predict, perm_size=perm_size,
-              reuse_len=reuse_len, max_span=max_span)  # fmt: skip
-    ds = grain.MapDataset.source(rows)
-    if train:
-        ds = ds.shuffle(seed=seed).repeat(None)
-    ds = ds.random_map(functools.partial(_make_row, **kw), seed=(seed * 0x9E3779B1 + 1) % 2**32)
-    ds = ds[shard_index::shard_count]
+    kw = dict(
+        others=rows,
+        bi_data=bi_data,
+        sep_id=tokenizer.sep_token_id,
+        cls_id=tokenizer.cls_token_id,
+        num_predict=num_predict,
+        perm_size=perm_size,
+        reuse_len=reuse_len,
+        max_span=max_span,
+    )
+    ds = sharded_stream(
+        rows,
+        functools.partial(_make_row, **kw),
+        seed=seed,
+        train=train,
+        shard_index=shard_index,
+        shard_count=shard_count,
+    )
     ds = ds.batch(batch_size // 2 if bi_data else batch_size, drop_remainder=True)
     if bi_data:
         ds = ds.map(_halves)
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
+    return iterate(ds)
