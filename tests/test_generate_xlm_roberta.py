@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import xformers_jax as xj  # noqa: E402
-from xformers_jax.models import xlm_roberta  # noqa: E402
+from xformers_jax.models import xlm_roberta_heads  # noqa: E402
 
 PAD = 1
 TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -94,13 +94,13 @@ def test_generate_matches_transformers(models, kwargs):
 def test_step_traces_once(models, monkeypatch):
     _, ours = models
     calls = []
-    original = xlm_roberta.XLMRobertaForCausalLM.decode_step
+    original = xlm_roberta_heads.XLMRobertaForCausalLM.decode_step
 
     def counted(self, *args):
         calls.append(1)
         return original(self, *args)
 
-    monkeypatch.setattr(xlm_roberta.XLMRobertaForCausalLM, "decode_step", counted)
+    monkeypatch.setattr(xlm_roberta_heads.XLMRobertaForCausalLM, "decode_step", counted)
     ours.__dict__.pop("_generate_fns", None)
     ids, mask = left_padded_batch()
     ours.generate(ids, attention_mask=mask, max_new_tokens=NEW)

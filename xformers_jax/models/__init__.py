@@ -1,4 +1,8 @@
-"""The model registry: HF model_type -> family module, HF architecture name -> head module."""
+"""The model registry: HF model_type -> family module, HF architecture name -> head class.
+
+Each head class is found in the module that defines it (`Family.sources`); base modules never
+import their heads, so the registry is the one place that knows where every head lives.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ from typing import Any
 class Family:
     """How the hub finds a family: its module, config class and HF architecture names.
 
-    `heads` maps an HF architecture name to the attribute name of our head module in `module`.
+    `heads` maps an HF architecture name to our head class name; `sources` maps a head class
+    name to the module that defines it (default: `module`, the family's base module).
     """
 
     name: str
@@ -21,6 +26,7 @@ class Family:
     heads: dict[str, str]
     default_head: str
     task_heads: dict[str, str] = dataclasses.field(default_factory=dict)
+    sources: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def load(self) -> Any:
         return importlib.import_module(self.module)
@@ -28,8 +34,17 @@ class Family:
     def config_cls(self) -> type:
         return getattr(self.load(), self.config_class)
 
+    def head_class(self, class_name: str) -> type:
+        """Our head class `class_name`, from the module that defines it."""
+        module = importlib.import_module(self.sources.get(class_name, self.module))
+        return getattr(module, class_name)
+
     def head_module(self, architecture: str) -> type:
-        return getattr(self.load(), self.heads[architecture])
+        return self.head_class(self.heads[architecture])
+
+
+def _defined_in(module: str, *class_names: str) -> dict[str, str]:
+    return dict.fromkeys(class_names, module)
 
 
 FAMILIES: dict[str, Family] = {
@@ -51,6 +66,15 @@ FAMILIES: dict[str, Family] = {
             )
         },
         default_head="XLNetModel",
+        sources=_defined_in(
+            "xformers_jax.models.xlnet_heads",
+            "XLNetLMHeadModel",
+            "XLNetForSequenceClassification",
+            "XLNetForTokenClassification",
+            "XLNetForMultipleChoice",
+            "XLNetForQuestionAnsweringSimple",
+            "XLNetForQuestionAnswering",
+        ),
         task_heads={
             "plm": "XLNetLMHeadModel",
             "classification": "XLNetForSequenceClassification",
@@ -77,6 +101,9 @@ FAMILIES: dict[str, Family] = {
             )
         },
         default_head="BeitModel",
+        sources=_defined_in(
+            "xformers_jax.models.beit_segmentation", "BeitForSemanticSegmentation", "BeitBackbone"
+        ),
         task_heads={
             "mim": "BeitForMaskedImageModeling",
             "image_classification": "BeitForImageClassification",
@@ -102,6 +129,14 @@ FAMILIES: dict[str, Family] = {
             )
         },
         default_head="XLMRobertaModel",
+        sources=_defined_in(
+            "xformers_jax.models.xlm_roberta_heads",
+            "XLMRobertaForCausalLM",
+            "XLMRobertaForSequenceClassification",
+            "XLMRobertaForMultipleChoice",
+            "XLMRobertaForTokenClassification",
+            "XLMRobertaForQuestionAnswering",
+        ),
         task_heads={
             "mlm": "XLMRobertaForMaskedLM",
             "clm": "XLMRobertaForCausalLM",
@@ -201,4 +236,4 @@ def build_model(model_cfg: Any, task: str) -> tuple[Any, Any, str]:
         raise ValueError(f"family {family_name} has no head for task {task!r}")
     cfg = fam.config_cls().from_dict({**module.PRESETS[preset], **model_cfg})
     head_name = fam.task_heads[task]
-    return getattr(module, head_name)(cfg), cfg, module.architecture_name(cfg, head_name)
+    return fam.head_class(head_name)(cfg), cfg, module.architecture_name(cfg, head_name)

@@ -10,7 +10,7 @@ size. Pooling is the mean of the patch tokens (plus a LayerNorm) or the CLS toke
 
 Heads: `BeitModel`, `BeitForMaskedImageModeling`, `BeitForImageClassification` here;
 `BeitForSemanticSegmentation` and `BeitBackbone` (FPN, UperNet, FCN, BatchNorm) live in
-`beit_segmentation.py` and are re-exported at the bottom of this file.
+`beit_segmentation.py`, which imports this module (never the reverse).
 """
 
 from __future__ import annotations
@@ -25,16 +25,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from xformers_jax.layers import MLP, DenseGeneral, LayerNorm, dot_product_attention, get_activation
 from xformers_jax.layers.dense import param_init, residual
+from xformers_jax.layers.losses import cross_entropy_with_ignore, sequence_classification_loss
 from xformers_jax.models import outputs
 from xformers_jax.models.common import (
     REMAT_POLICIES,
     InputError,
     check_scan_unroll,
-    cross_entropy_with_ignore,
     dtype_from_name,
     scan_layers,
     unstack,
@@ -676,26 +675,6 @@ def masked_image_loss(logits, bool_masked_pos, labels):
     return cross_entropy_with_ignore(picked, labels)
 
 
-def classification_loss(logits, labels, config: BeitConfig):
-    """transformers' `ForSequenceClassification` loss: MSE, CE or BCE by `problem_type`."""
-    problem = config.problem_type
-    labels = jnp.asarray(labels)
-    if problem is None:
-        if config.num_labels == 1:
-            problem = "regression"
-        elif jnp.issubdtype(labels.dtype, jnp.integer):
-            problem = "single_label_classification"
-        else:
-            problem = "multi_label_classification"
-    logits = logits.astype(jnp.float32)
-    if problem == "regression":
-        pred = logits.squeeze(-1) if config.num_labels == 1 else logits
-        return jnp.mean(jnp.square(pred - labels.astype(jnp.float32).reshape(pred.shape)))
-    if problem == "single_label_classification":
-        return cross_entropy_with_ignore(logits, labels.reshape(-1).astype(jnp.int32))
-    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)))
-
-
 class BeitForImageClassification(nn.Module):
     """A linear classifier on the pooled output (HF `BeitForImageClassification`).
 
@@ -726,7 +705,11 @@ class BeitForImageClassification(nn.Module):
             param_dtype=dtype_from_name(cfg.param_dtype),
             kernel_init=nn.initializers.normal(cfg.initializer_range), name="classifier",
         )(out.pooler_output)  # fmt: skip
-        loss = None if labels is None else classification_loss(logits, labels, cfg)
+        loss = (
+            None
+            if labels is None
+            else sequence_classification_loss(logits, labels, cfg.num_labels, cfg.problem_type)
+        )
         return outputs.ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
         )
@@ -738,18 +721,10 @@ def architecture_name(config: BeitConfig, class_name: str) -> str:
     return class_name
 
 
-# The segmentation heads and the backbone build on the modules above.
-from xformers_jax.models.beit_segmentation import (  # noqa: E402
-    BeitBackbone,
-    BeitForSemanticSegmentation,
-)
-
 __all__ = [
     "PRESETS",
-    "BeitBackbone",
     "BeitConfig",
     "BeitForImageClassification",
     "BeitForMaskedImageModeling",
-    "BeitForSemanticSegmentation",
     "BeitModel",
 ]

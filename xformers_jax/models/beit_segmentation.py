@@ -22,8 +22,10 @@ import jax
 import jax.numpy as jnp
 
 from xformers_jax.layers.dense import param_init
+from xformers_jax.layers.losses import cross_entropy_with_ignore
 from xformers_jax.models import outputs
-from xformers_jax.models.common import cross_entropy_with_ignore, dtype_from_name
+from xformers_jax.models.beit import BeitModel, Encoder, resize_2d
+from xformers_jax.models.common import dtype_from_name
 
 
 class BatchNorm(nn.Module):
@@ -142,8 +144,6 @@ class UperHead(nn.Module):
 
     @nn.compact
     def __call__(self, features):
-        from xformers_jax.models.beit import resize_2d
-
         cfg = self.config
         ch = cfg.hidden_size
         cm = lambda name, k=1, p=0: ConvModule(cfg, ch, k, p, self.deterministic, name=name)  # noqa: E731
@@ -198,8 +198,6 @@ def _nchw(x):
 def segmentation_loss(logits, aux_logits, labels, config) -> jax.Array:
     """HF's loss: bilinear upsampling to the label size, CE ignoring `semantic_loss_ignore_index`,
     plus `auxiliary_loss_weight` times the auxiliary head's. Logits NHWC, labels `[b, H, W]`."""
-    from xformers_jax.models.beit import resize_2d
-
     labels = jnp.asarray(labels).astype(jnp.int32)
     size = labels.shape[-2:]
     ignore = config.semantic_loss_ignore_index
@@ -231,8 +229,6 @@ class BeitForSemanticSegmentation(nn.Module):
         interpolate_pos_encoding: bool = False,
         deterministic: bool = True,
     ) -> outputs.SemanticSegmenterOutput:
-        from xformers_jax.models.beit import BeitModel
-
         cfg = self.config
         if len(cfg.out_indices) != 4:
             raise ValueError(f"segmentation needs 4 out_indices, got {cfg.out_indices}")
@@ -284,8 +280,6 @@ class BeitBackbone(nn.Module):
         output_attentions: bool = False,
         deterministic: bool = True,
     ) -> outputs.BackboneOutput:
-        from xformers_jax.models.beit import Encoder
-
         cfg = self.config
         _, hidden, attn, grid = Encoder(cfg, name="encoder")(
             pixel_values, None, None, output_attentions, True, deterministic

@@ -1,4 +1,4 @@
-"""Pieces every family module shares: dtype names, remat policies, the layer scan, HF's losses."""
+"""Pieces every family module shares: dtype names, remat policies, the layer scan."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 from xformers_jax.config_lib import UserError
 
@@ -71,19 +70,6 @@ def scan_layers(
 def unstack(x: jax.Array | None) -> tuple | None:
     """`[layers, ...]` stacked scan outputs -> a tuple of per-layer arrays (HF's layout)."""
     return None if x is None else tuple(x[i] for i in range(x.shape[0]))
-
-
-def cross_entropy_with_ignore(
-    logits: jax.Array, labels: jax.Array, ignore_index: int = -100
-) -> jax.Array:
-    """Mean token cross-entropy over labels != ignore_index, in float32 (torch's CrossEntropyLoss).
-
-    `[..., vocab]` logits, `[...]` int labels -> scalar.
-    """
-    valid = labels != ignore_index
-    safe = jnp.where(valid, labels, 0)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
-    return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
 def check_scan_unroll(value: int) -> None:

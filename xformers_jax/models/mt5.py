@@ -19,6 +19,7 @@ moves the self-attention cache, a step reads each slot from the row that wrote i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -26,7 +27,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 from xformers_jax.layers import (
     DEFAULT_MASK_VALUE,
@@ -37,11 +37,16 @@ from xformers_jax.layers import (
     dot_product_attention,
     param_init,
 )
-from xformers_jax.models import outputs
+from xformers_jax.layers.losses import (
+    cross_entropy_with_ignore,
+    sequence_classification_loss,
+    span_loss,
+    token_classification_loss,
+)
+from xformers_jax.models import heads, outputs
 from xformers_jax.models.common import (
     REMAT_POLICIES,
     check_scan_unroll,
-    cross_entropy_with_ignore,
     dtype_from_name,
     scan_layers,
     unstack,
@@ -654,23 +659,6 @@ def _dense(cfg: MT5Config, features: int, axes, name: str) -> DenseGeneral:
                         name=name)  # fmt: skip
 
 
-def _classification_loss(cfg: MT5Config, logits, labels):
-    """HF's `problem_type` rules: regression (MSE), single-label (CE) or multi-label (BCE)."""
-    problem = cfg.problem_type
-    if problem is None:
-        if cfg.num_labels == 1:
-            problem = "regression"
-        elif jnp.issubdtype(labels.dtype, jnp.integer):
-            problem = "single_label_classification"
-        else:
-            problem = "multi_label_classification"
-    if problem == "regression":
-        return jnp.mean(jnp.square(jnp.squeeze(logits) - jnp.squeeze(labels.astype(jnp.float32))))
-    if problem == "single_label_classification":
-        return cross_entropy_with_ignore(logits.reshape(-1, cfg.num_labels), labels.reshape(-1))
-    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)))
-
-
 class MT5ForSequenceClassification(nn.Module):
     """Classifies with the decoder state at the last EOS of `input_ids` (HF's rule).
 
@@ -697,12 +685,13 @@ class MT5ForSequenceClassification(nn.Module):
         last_eos = n - 1 - jnp.argmax((input_ids == cfg.eos_token_id)[:, ::-1], axis=1)
         last_eos = jnp.where(jnp.any(input_ids == cfg.eos_token_id, axis=1), last_eos, 0)
         x = jnp.take_along_axis(out.last_hidden_state, last_eos[:, None, None], axis=1)[:, 0]
-        drop = nn.Dropout(cfg.classifier_dropout)
-        x = drop(x, deterministic=deterministic)
-        x = jnp.tanh(_dense(cfg, cfg.d_model, ("embed", "mlp"), "dense")(x))
-        x = drop(x, deterministic=deterministic)
-        logits = _dense(cfg, cfg.num_labels, ("mlp", "classes"), "out_proj")(x).astype(jnp.float32)
-        loss = None if labels is None else _classification_loss(cfg, logits, jnp.asarray(labels))
+        logits = heads.classification_head(
+            functools.partial(_dense, cfg), x, cfg.d_model, cfg.num_labels,
+            cfg.classifier_dropout, jnp.tanh, deterministic,
+        ).astype(jnp.float32)  # fmt: skip
+        loss = None
+        if labels is not None:
+            loss = sequence_classification_loss(logits, labels, cfg.num_labels, cfg.problem_type)
         return outputs.Seq2SeqSequenceClassifierOutput(
             loss=loss, logits=logits, **_seq2seq_fields(out)
         )
@@ -730,7 +719,7 @@ class MT5ForTokenClassification(nn.Module):
         x = nn.Dropout(cfg.classifier_dropout)(out.last_hidden_state, deterministic=deterministic)
         logits = _dense(cfg, cfg.num_labels, ("embed", "classes"), "classifier")(x)
         logits = logits.astype(jnp.float32)
-        loss = None if labels is None else cross_entropy_with_ignore(logits, jnp.asarray(labels))
+        loss = None if labels is None else token_classification_loss(logits, labels)
         return outputs.TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
         )
@@ -759,20 +748,15 @@ class MT5ForQuestionAnswering(nn.Module):
             input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, None, None,
             output_attentions, output_hidden_states, deterministic,
         )  # fmt: skip
-        logits = _dense(cfg, cfg.num_labels, ("embed", "classes"), "qa_outputs")(
-            out.last_hidden_state
-        ).astype(jnp.float32)  # fmt: skip
-        start, end = logits[..., 0], logits[..., 1]
+        # transformers' qa_outputs has num_labels outputs; start and end are the first two.
+        start, end = heads.span_logits(
+            functools.partial(_dense, cfg), out.last_hidden_state, cfg.num_labels
+        )
+        start, end = start.astype(jnp.float32), end.astype(jnp.float32)
         loss = None
         if start_positions is not None and end_positions is not None:
-            m = start.shape[1]
             # HF clamps to [0, m] and ignores m: out-of-range positions add no loss.
-            sp = jnp.clip(jnp.asarray(start_positions).reshape(-1), 0, m)
-            ep = jnp.clip(jnp.asarray(end_positions).reshape(-1), 0, m)
-            loss = (
-                cross_entropy_with_ignore(start, sp, ignore_index=m)
-                + cross_entropy_with_ignore(end, ep, ignore_index=m)
-            ) / 2
+            loss = span_loss(start, end, start_positions, end_positions)
         return outputs.Seq2SeqQuestionAnsweringModelOutput(
             loss=loss, start_logits=start, end_logits=end, **_seq2seq_fields(out)
         )

@@ -26,13 +26,16 @@ from xformers_jax.layers import (
     padding_mask,
 )
 from xformers_jax.layers.dense import add_bias, residual
-from xformers_jax.layers.losses import chunked_cross_entropy, gather_positions
+from xformers_jax.layers.losses import (
+    chunked_cross_entropy,
+    cross_entropy_with_ignore,
+    gather_positions,
+)
 from xformers_jax.models import outputs
 from xformers_jax.models.common import (
     REMAT_POLICIES,
     InputError,
     check_scan_unroll,
-    cross_entropy_with_ignore,
     dtype_from_name,
     scan_layers,
     unstack,
@@ -593,34 +596,6 @@ def architecture_name(config: XLMRobertaConfig, class_name: str) -> str:
     return class_name.replace("XLMRoberta", "XLMRobertaXL", 1) if config.pre_ln else class_name
 
 
-# The task heads live in their own file (this one stays the base model + MLM) and are re-exported
-# lazily, so the registry and users find every head here and either module can be imported first.
-_HEADS = (
-    "XLMRobertaForCausalLM",
-    "XLMRobertaForMultipleChoice",
-    "XLMRobertaForQuestionAnswering",
-    "XLMRobertaForSequenceClassification",
-    "XLMRobertaForTokenClassification",
-    "XLMRobertaXLForCausalLM",
-    "XLMRobertaXLForMultipleChoice",
-    "XLMRobertaXLForQuestionAnswering",
-    "XLMRobertaXLForSequenceClassification",
-    "XLMRobertaXLForTokenClassification",
-)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _HEADS:
-        from xformers_jax.models import xlm_roberta_heads
-
-        return getattr(xlm_roberta_heads, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_HEADS])
-
-
 __all__ = [
     "PRESETS",
     "XLMRobertaConfig",
@@ -630,5 +605,4 @@ __all__ = [
     "XLMRobertaXLModel",
     "architecture_name",
     "position_ids_from_input_ids",
-    *_HEADS,
 ]

@@ -19,8 +19,7 @@ also start from an `inp_q` marking (original XLNet) when no `target_mapping` is 
 
 This file holds the config, the layers and the base `XLNetModel`; the heads (LM head with its
 generation, SequenceSummary, classification / token / multiple-choice / QA heads) live in
-`xlnet_heads.py` and are re-exported here, so `from xformers_jax.models.xlnet import
-XLNetLMHeadModel` and the registry keep working.
+`xlnet_heads.py`, which imports this module (never the reverse).
 """
 
 from __future__ import annotations
@@ -686,27 +685,3 @@ def _layer_head_mask(head_mask, cfg: XLNetConfig):
     if head_mask.shape != (cfg.n_layer, cfg.n_head):
         raise ValueError(f"head_mask must be [heads] or [layers, heads], got {head_mask.shape}")
     return head_mask
-
-
-# --------------------------------------------------------------------------------------------------
-# The heads live in xlnet_heads.py (which imports this module); re-exported lazily so that either
-# module can be imported first.
-# --------------------------------------------------------------------------------------------------
-
-_HEADS = (
-    "LMBias", "PoolerAnswerClass", "PoolerEndLogits", "SequenceSummary",
-    "XLNetForMultipleChoice", "XLNetForQuestionAnswering", "XLNetForQuestionAnsweringSimple",
-    "XLNetForSequenceClassification", "XLNetForTokenClassification", "XLNetLMHeadModel",
-)  # fmt: skip
-
-
-def __getattr__(name: str) -> Any:
-    if name in _HEADS:
-        from xformers_jax.models import xlnet_heads
-
-        return getattr(xlnet_heads, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_HEADS])

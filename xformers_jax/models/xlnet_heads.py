@@ -6,11 +6,12 @@ per-token classifier), `XLNetForQuestionAnsweringSimple` and `XLNetForQuestionAn
 start / end beam with an answer class). Every head runs `XLNetModel` as `transformer` (HF's
 base_model_prefix), takes HF's argument names, returns HF's output fields (`mems` included) and
 with `labels` (`start_positions` / `end_positions` for QA) gives HF's loss. `xlnet.py` re-exports
-every head, so the registry and older imports find them there too.
+nothing from here: the registry finds each head in this module.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,8 +22,14 @@ import numpy as np
 
 from xformers_jax.layers import DenseGeneral, LayerNorm, get_activation, param_init
 from xformers_jax.layers.dense import add_bias
-from xformers_jax.models import outputs
-from xformers_jax.models.common import cross_entropy_with_ignore, dtype_from_name
+from xformers_jax.layers.losses import (
+    cross_entropy_with_ignore,
+    sequence_classification_loss,
+    span_loss,
+    token_classification_loss,
+)
+from xformers_jax.models import heads, outputs
+from xformers_jax.models.common import dtype_from_name
 from xformers_jax.models.xlnet import (
     _NEG,
     KV_SLOT_AXIS,
@@ -410,28 +417,6 @@ def _pad_mask(attention_mask, input_mask):
     return None if input_mask is None else jnp.asarray(input_mask) > 0
 
 
-def _classification_loss(cfg: XLNetConfig, logits, labels):
-    """HF's `problem_type` rule: regression (1 label), single-label (int labels) or multi-label."""
-    kind = cfg.problem_type
-    if kind is None:
-        if cfg.num_labels == 1:
-            kind = "regression"
-        elif jnp.issubdtype(labels.dtype, jnp.integer):
-            kind = "single_label_classification"
-        else:
-            kind = "multi_label_classification"
-    logits = logits.astype(jnp.float32)
-    if kind == "regression":
-        labels = labels.astype(jnp.float32)
-        if cfg.num_labels == 1:
-            return jnp.mean((jnp.squeeze(logits) - jnp.squeeze(labels)) ** 2)
-        return jnp.mean((logits - labels) ** 2)
-    if kind == "single_label_classification":
-        return cross_entropy_with_ignore(logits.reshape(-1, cfg.num_labels), labels.reshape(-1))
-    labels = labels.astype(jnp.float32)
-    return jnp.mean(jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits))))
-
-
 class XLNetForSequenceClassification(nn.Module):
     """SequenceSummary + `logits_proj` (HF `XLNetForSequenceClassification`): `[b, num_labels]`."""
 
@@ -452,7 +437,11 @@ class XLNetForSequenceClassification(nn.Module):
             out.last_hidden_state, pad_mask=pad, deterministic=deterministic
         )
         logits = _dense(cfg, cfg.num_labels, ("embed", "classes"), "logits_proj")(x)
-        loss = None if labels is None else _classification_loss(cfg, logits, jnp.asarray(labels))
+        loss = (
+            None
+            if labels is None
+            else sequence_classification_loss(logits, labels, cfg.num_labels, cfg.problem_type)
+        )
         return outputs.XLNetForSequenceClassificationOutput(loss=loss, logits=logits,
                                                             **_extras(out))  # fmt: skip
 
@@ -475,7 +464,7 @@ class XLNetForTokenClassification(nn.Module):
         logits = _dense(cfg, cfg.num_labels, ("embed", "classes"), "classifier")(
             out.last_hidden_state
         )
-        loss = None if labels is None else cross_entropy_with_ignore(logits, labels)
+        loss = None if labels is None else token_classification_loss(logits, labels)
         return outputs.XLNetForTokenClassificationOutput(loss=loss, logits=logits,
                                                          **_extras(out))  # fmt: skip
 
@@ -514,17 +503,6 @@ class XLNetForMultipleChoice(nn.Module):
         return outputs.XLNetForMultipleChoiceOutput(loss=loss, logits=logits, **_extras(out))
 
 
-def _qa_span_loss(start_logits, end_logits, start_positions, end_positions):
-    """HF's simple-QA loss: positions clamped to `[0, l]`, `l` ignored, mean of the two."""
-    n = start_logits.shape[1]
-    s = jnp.clip(jnp.asarray(start_positions).reshape(-1), 0, n)
-    e = jnp.clip(jnp.asarray(end_positions).reshape(-1), 0, n)
-    return (
-        cross_entropy_with_ignore(start_logits, s, ignore_index=n)
-        + cross_entropy_with_ignore(end_logits, e, ignore_index=n)
-    ) / 2
-
-
 class XLNetForQuestionAnsweringSimple(nn.Module):
     """`qa_outputs` span logits (HF `XLNetForQuestionAnsweringSimple`): `start_logits`,
     `end_logits` `[b, l]`."""
@@ -546,11 +524,10 @@ class XLNetForQuestionAnsweringSimple(nn.Module):
             raise ValueError(
                 f"XLNetForQuestionAnsweringSimple needs num_labels=2, not {cfg.num_labels}"
             )
-        logits = _dense(cfg, 2, ("embed", "classes"), "qa_outputs")(out.last_hidden_state)
-        start, end = logits[..., 0], logits[..., 1]
+        start, end = heads.span_logits(functools.partial(_dense, cfg), out.last_hidden_state)
         loss = None
         if start_positions is not None and end_positions is not None:
-            loss = _qa_span_loss(start, end, start_positions, end_positions)
+            loss = span_loss(start, end, start_positions, end_positions)
         return outputs.XLNetForQuestionAnsweringSimpleOutput(
             loss=loss, start_logits=start, end_logits=end, **_extras(out)
         )

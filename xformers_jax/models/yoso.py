@@ -36,22 +36,20 @@ import jax.numpy as jnp
 from xformers_jax.kernels.yoso import yoso_expectation_attention, yoso_lsh_attention
 from xformers_jax.layers import MLP, DenseGeneral, Embed, LayerNorm, get_activation
 from xformers_jax.layers.dense import add_bias, param_init
-from xformers_jax.layers.losses import chunked_cross_entropy, gather_positions
-from xformers_jax.models import outputs
-
-# HF's head losses are shared with XLM-R. Its heads module must be imported through
-# `xlm_roberta` (the two import each other), hence the first line.
-from xformers_jax.models import xlm_roberta as _xlm_roberta  # noqa: F401
+from xformers_jax.layers.losses import (
+    chunked_cross_entropy,
+    cross_entropy_with_ignore,
+    gather_positions,
+)
+from xformers_jax.models import heads, outputs
 from xformers_jax.models.common import (
     REMAT_POLICIES,
     InputError,
     check_scan_unroll,
-    cross_entropy_with_ignore,
     dtype_from_name,
     scan_layers,
     unstack,
 )
-from xformers_jax.models.xlm_roberta_heads import sequence_classification_loss, span_loss
 
 ATTENTION_IMPLS = ("xla", "pallas")
 POSITION_TYPES = ("absolute", "relative_key", "relative_key_query")
@@ -408,10 +406,6 @@ class YosoModel(nn.Module):
         )
 
 
-def _base(module: nn.Module, kw: dict[str, Any]) -> outputs.BaseModelOutput:
-    return YosoModel(module.config, name="model")(**kw)
-
-
 class LMHead(nn.Module):
     """dense -> `hidden_act` -> LayerNorm -> tied decoder (+ bias). `[..., hidden] -> [..., vocab]`.
 
@@ -485,167 +479,54 @@ class YosoForMaskedLM(nn.Module):
         )
 
 
-class ClassificationHead(nn.Module):
-    """HF's `YosoClassificationHead`: dropout, dense + `hidden_act` on `<s>`, dropout, `out_proj`.
-
-    `[batch, length, hidden] -> [batch, num_labels]`.
-    """
-
-    config: YosoConfig
-
-    @nn.compact
-    def __call__(self, x, deterministic: bool = True):
-        cfg = self.config
-        drop = nn.Dropout(cfg.hidden_dropout_prob)
-        x = drop(x[:, 0], deterministic=deterministic)
-        x = get_activation(cfg.hidden_act)(
-            _dense(cfg, cfg.hidden_size, ("embed", "mlp"), "dense")(x)
-        )
-        x = drop(x, deterministic=deterministic)
-        return _dense(cfg, cfg.num_labels, ("mlp", "classes"), "out_proj")(x)
+def _choice_logits(dense: heads.Dense, out, cfg: YosoConfig, deterministic: bool):
+    """HF's YOSO scorer: `pre_classifier` + ReLU on `<s>`, a `[hidden, 1]` `classifier`, no
+    dropout (as in transformers)."""
+    del deterministic
+    pooled = dense(cfg.hidden_size, ("embed", "mlp"), "pre_classifier")(out.last_hidden_state[:, 0])
+    return dense(1, ("mlp", "classes"), "classifier")(jax.nn.relu(pooled))
 
 
-class YosoForSequenceClassification(nn.Module):
-    """Sequence classification / regression (HF `YosoForSequenceClassification`).
-
-    Returns `SequenceClassifierOutput` with `logits` `[batch, num_labels]`; `labels` give the loss
-    of `config.problem_type` (inferred as transformers does when None).
-    """
-
-    config: YosoConfig
-
-    @nn.compact
-    def __call__(
-        self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-        head_mask=None, inputs_embeds=None, labels=None, output_attentions: bool = False,
-        output_hidden_states: bool = False, deterministic: bool = True,
-    ) -> outputs.SequenceClassifierOutput:  # fmt: skip
-        cfg = self.config
-        out = _base(self, dict(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            deterministic=deterministic,
-        ))  # fmt: skip
-        logits = ClassificationHead(cfg, name="classifier")(out.last_hidden_state, deterministic)
-        loss = None
-        if labels is not None:
-            loss = sequence_classification_loss(
-                logits, jnp.asarray(labels), cfg.num_labels, cfg.problem_type
-            )
-        return outputs.SequenceClassifierOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
+# HF's YOSO heads are XLM-R's but for the classifier's activation (`hidden_act`), its dropout
+# (`hidden_dropout_prob`), the multiple-choice scorer and the token loss, which always drops
+# padding tokens; QA forces num_labels = 2.
+ENCODER = heads.Encoder(
+    model=lambda cfg, pooler: YosoModel(cfg, name="model"),
+    dense=lambda cfg: heads.dense_factory(cfg, _init(cfg)),
+    classifier_dropout=lambda cfg: cfg.hidden_dropout_prob,
+    classifier_activation=lambda cfg: get_activation(cfg.hidden_act),
+    choice_pooler=False,
+    choice_logits=_choice_logits,
+    token_mask_padding=lambda cfg: True,
+)
 
 
-class YosoForMultipleChoice(nn.Module):
-    """Multiple choice (HF `YosoForMultipleChoice`): each choice encoded alone, its `<s>` scored
-    by `pre_classifier` + ReLU + a `[hidden, 1]` `classifier` (no dropout, as in transformers).
+class YosoForSequenceClassification(heads.SequenceClassification):
+    """HF `YosoForSequenceClassification`: dropout, dense + `hidden_act` on `<s>`, dropout,
+    `out_proj` (in `classifier`); see `heads.SequenceClassification`."""
 
-    Inputs `[batch, choices, length]` (`inputs_embeds` `[batch, choices, length, hidden]`);
-    returns `MultipleChoiceModelOutput` with `logits` `[batch, choices]`.
-    """
-
-    config: YosoConfig
-
-    @nn.compact
-    def __call__(
-        self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-        head_mask=None, inputs_embeds=None, labels=None, output_attentions: bool = False,
-        output_hidden_states: bool = False, deterministic: bool = True,
-    ) -> outputs.MultipleChoiceModelOutput:  # fmt: skip
-        cfg = self.config
-        num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-
-        def flat(x, trailing=1):
-            return None if x is None else jnp.asarray(x).reshape((-1, *x.shape[-trailing:]))
-
-        out = _base(self, dict(
-            input_ids=flat(input_ids), attention_mask=flat(attention_mask),
-            token_type_ids=flat(token_type_ids), position_ids=flat(position_ids),
-            head_mask=head_mask, inputs_embeds=flat(inputs_embeds, 2),
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            deterministic=deterministic,
-        ))  # fmt: skip
-        pooled = _dense(cfg, cfg.hidden_size, ("embed", "mlp"), "pre_classifier")(
-            out.last_hidden_state[:, 0]
-        )
-        logits = _dense(cfg, 1, ("mlp", "classes"), "classifier")(jax.nn.relu(pooled))
-        logits = logits.reshape(-1, num_choices)
-        loss = None if labels is None else cross_entropy_with_ignore(logits, jnp.asarray(labels))
-        return outputs.MultipleChoiceModelOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
+    encoder = ENCODER
 
 
-class YosoForTokenClassification(nn.Module):
-    """Per-token classification (HF `YosoForTokenClassification`).
+class YosoForMultipleChoice(heads.MultipleChoice):
+    """HF `YosoForMultipleChoice`: each choice's `<s>` scored by `pre_classifier` + ReLU + a
+    `[hidden, 1]` `classifier`; see `heads.MultipleChoice`."""
 
-    Returns `TokenClassifierOutput` with `logits` `[batch, length, num_labels]`; `labels`
-    `[batch, length]` give the mean cross-entropy over tokens with `attention_mask == 1` (as
-    transformers) and labels != -100.
-    """
-
-    config: YosoConfig
-
-    @nn.compact
-    def __call__(
-        self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-        head_mask=None, inputs_embeds=None, labels=None, output_attentions: bool = False,
-        output_hidden_states: bool = False, deterministic: bool = True,
-    ) -> outputs.TokenClassifierOutput:  # fmt: skip
-        cfg = self.config
-        out = _base(self, dict(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            deterministic=deterministic,
-        ))  # fmt: skip
-        x = nn.Dropout(cfg.hidden_dropout_prob)(out.last_hidden_state, deterministic=deterministic)
-        logits = _dense(cfg, cfg.num_labels, ("embed", "classes"), "classifier")(x)
-        loss = None
-        if labels is not None:
-            labels = jnp.asarray(labels)
-            if attention_mask is not None:
-                labels = jnp.where(jnp.asarray(attention_mask) == 1, labels, -100)
-            loss = cross_entropy_with_ignore(logits.reshape(-1, cfg.num_labels), labels.reshape(-1))
-        return outputs.TokenClassifierOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
+    encoder = ENCODER
 
 
-class YosoForQuestionAnswering(nn.Module):
-    """Extractive QA (HF `YosoForQuestionAnswering`): a `[hidden, 2]` span scorer.
+class YosoForTokenClassification(heads.TokenClassification):
+    """HF `YosoForTokenClassification`: the loss is over tokens with `attention_mask == 1` (as
+    transformers) and labels != -100; see `heads.TokenClassification`."""
 
-    Returns `QuestionAnsweringModelOutput` with `start_logits`, `end_logits` `[batch, length]`;
-    `start_positions` / `end_positions` `[batch]` give HF's clamped span loss.
-    """
+    encoder = ENCODER
 
-    config: YosoConfig
 
-    @nn.compact
-    def __call__(
-        self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-        head_mask=None, inputs_embeds=None, start_positions=None, end_positions=None,
-        output_attentions: bool = False, output_hidden_states: bool = False,
-        deterministic: bool = True,
-    ) -> outputs.QuestionAnsweringModelOutput:  # fmt: skip
-        out = _base(self, dict(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            deterministic=deterministic,
-        ))  # fmt: skip
-        # transformers forces num_labels = 2 for this head.
-        logits = _dense(self.config, 2, ("embed", "classes"), "qa_outputs")(out.last_hidden_state)
-        start_logits, end_logits = logits[..., 0], logits[..., 1]
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            loss = span_loss(start_logits, end_logits, start_positions, end_positions)
-        return outputs.QuestionAnsweringModelOutput(
-            loss=loss, start_logits=start_logits, end_logits=end_logits,
-            hidden_states=out.hidden_states, attentions=out.attentions,
-        )  # fmt: skip
+class YosoForQuestionAnswering(heads.QuestionAnswering):
+    """HF `YosoForQuestionAnswering` (transformers forces num_labels = 2 for it); see
+    `heads.QuestionAnswering`."""
+
+    encoder = ENCODER
 
 
 def architecture_name(config: YosoConfig, class_name: str) -> str:
