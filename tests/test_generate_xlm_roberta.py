@@ -101,7 +101,7 @@ def test_step_traces_once(models, monkeypatch):
         return original(self, *args)
 
     monkeypatch.setattr(xlm_roberta_heads.XLMRobertaForCausalLM, "decode_step", counted)
-    ours.__dict__.pop("_generate_fns", None)
+    ours.decoding_cache = None  # a fresh cache: generate compiles again
     ids, mask = left_padded_batch()
     ours.generate(ids, attention_mask=mask, max_new_tokens=NEW)
     ours.generate(ids[::-1].copy(), attention_mask=mask[::-1].copy(), max_new_tokens=NEW)

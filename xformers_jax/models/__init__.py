@@ -15,8 +15,8 @@ from typing import Any
 class Family:
     """How the hub finds a family: its module, config class and HF architecture names.
 
-    `heads` maps an HF architecture name to our head class name; `sources` maps a head class
-    name to the module that defines it (default: `module`, the family's base module).
+    `heads` maps an HF architecture name to our head class name; `sources` maps each head class
+    name to the module that defines it.
     """
 
     name: str
@@ -36,45 +36,54 @@ class Family:
 
     def head_class(self, class_name: str) -> type:
         """Our head class `class_name`, from the module that defines it."""
-        module = importlib.import_module(self.sources.get(class_name, self.module))
+        module = importlib.import_module(self.sources[class_name])
         return getattr(module, class_name)
 
     def head_module(self, architecture: str) -> type:
         return self.head_class(self.heads[architecture])
 
 
-def _defined_in(module: str, *class_names: str) -> dict[str, str]:
-    return dict.fromkeys(class_names, module)
+def _family(
+    name: str,
+    config_class: str,
+    model_types: tuple[str, ...],
+    classes: dict[str, tuple[str, ...]],
+    task_heads: dict[str, str],
+    prefixes: tuple[str, ...] = (),
+) -> Family:
+    """A family whose head classes are listed per defining module (`classes`, the base module
+    `xformers_jax.models.<name>` first; its first class is the default head). Every class is
+    its own HF architecture name, and with `prefixes` also the names transformers gives the
+    variants (its first word replaced by each prefix)."""
+    sources = {cls: f"xformers_jax.models.{module}" for module, names in classes.items()
+               for cls in names}  # fmt: skip
+    first = next(iter(classes.values()))[0]
+    word = first[: first.index("Model")] if prefixes else ""
+    heads = {cls.replace(word, prefix, 1): cls for prefix in prefixes for cls in sources}
+    heads.update({cls: cls for cls in sources})
+    return Family(
+        name=name, module=f"xformers_jax.models.{name}", config_class=config_class,
+        model_types=model_types, heads=heads, default_head=first, task_heads=task_heads,
+        sources=sources,
+    )  # fmt: skip
 
 
 FAMILIES: dict[str, Family] = {
-    "xlnet": Family(
-        name="xlnet",
-        module="xformers_jax.models.xlnet",
-        config_class="XLNetConfig",
-        model_types=("xlnet",),
-        heads={
-            name: name
-            for name in (
-                "XLNetModel",
+    "xlnet": _family(
+        "xlnet",
+        "XLNetConfig",
+        ("xlnet",),
+        {
+            "xlnet": ("XLNetModel",),
+            "xlnet_heads": (
                 "XLNetLMHeadModel",
                 "XLNetForSequenceClassification",
                 "XLNetForTokenClassification",
                 "XLNetForMultipleChoice",
                 "XLNetForQuestionAnsweringSimple",
                 "XLNetForQuestionAnswering",
-            )
+            ),
         },
-        default_head="XLNetModel",
-        sources=_defined_in(
-            "xformers_jax.models.xlnet_heads",
-            "XLNetLMHeadModel",
-            "XLNetForSequenceClassification",
-            "XLNetForTokenClassification",
-            "XLNetForMultipleChoice",
-            "XLNetForQuestionAnsweringSimple",
-            "XLNetForQuestionAnswering",
-        ),
         task_heads={
             "plm": "XLNetLMHeadModel",
             "classification": "XLNetForSequenceClassification",
@@ -85,58 +94,34 @@ FAMILIES: dict[str, Family] = {
             "multiple_choice": "XLNetForMultipleChoice",
         },
     ),
-    "beit": Family(
-        name="beit",
-        module="xformers_jax.models.beit",
-        config_class="BeitConfig",
-        model_types=("beit",),
-        heads={
-            name: name
-            for name in (
-                "BeitModel",
-                "BeitForMaskedImageModeling",
-                "BeitForImageClassification",
-                "BeitForSemanticSegmentation",
-                "BeitBackbone",
-            )
+    "beit": _family(
+        "beit",
+        "BeitConfig",
+        ("beit",),
+        {
+            "beit": ("BeitModel", "BeitForMaskedImageModeling", "BeitForImageClassification"),
+            "beit_segmentation": ("BeitForSemanticSegmentation", "BeitBackbone"),
         },
-        default_head="BeitModel",
-        sources=_defined_in(
-            "xformers_jax.models.beit_segmentation", "BeitForSemanticSegmentation", "BeitBackbone"
-        ),
         task_heads={
             "mim": "BeitForMaskedImageModeling",
             "image_classification": "BeitForImageClassification",
             "segmentation": "BeitForSemanticSegmentation",
         },
     ),
-    "xlm_roberta": Family(
-        name="xlm_roberta",
-        module="xformers_jax.models.xlm_roberta",
-        config_class="XLMRobertaConfig",
-        model_types=("xlm-roberta-xl", "xlm-roberta"),
-        heads={
-            name.replace("XLMRoberta", prefix, 1): name
-            for prefix in ("XLMRobertaXL", "XLMRoberta")
-            for name in (
-                "XLMRobertaModel",
-                "XLMRobertaForMaskedLM",
+    "xlm_roberta": _family(
+        "xlm_roberta",
+        "XLMRobertaConfig",
+        ("xlm-roberta-xl", "xlm-roberta"),
+        {
+            "xlm_roberta": ("XLMRobertaModel", "XLMRobertaForMaskedLM"),
+            "xlm_roberta_heads": (
                 "XLMRobertaForCausalLM",
                 "XLMRobertaForSequenceClassification",
                 "XLMRobertaForMultipleChoice",
                 "XLMRobertaForTokenClassification",
                 "XLMRobertaForQuestionAnswering",
-            )
+            ),
         },
-        default_head="XLMRobertaModel",
-        sources=_defined_in(
-            "xformers_jax.models.xlm_roberta_heads",
-            "XLMRobertaForCausalLM",
-            "XLMRobertaForSequenceClassification",
-            "XLMRobertaForMultipleChoice",
-            "XLMRobertaForTokenClassification",
-            "XLMRobertaForQuestionAnswering",
-        ),
         task_heads={
             "mlm": "XLMRobertaForMaskedLM",
             "clm": "XLMRobertaForCausalLM",
@@ -145,24 +130,22 @@ FAMILIES: dict[str, Family] = {
             "qa": "XLMRobertaForQuestionAnswering",
             "multiple_choice": "XLMRobertaForMultipleChoice",
         },
+        prefixes=("XLMRobertaXL",),
     ),
-    "yoso": Family(
-        name="yoso",
-        module="xformers_jax.models.yoso",
-        config_class="YosoConfig",
-        model_types=("yoso",),
-        heads={
-            name: name
-            for name in (
+    "yoso": _family(
+        "yoso",
+        "YosoConfig",
+        ("yoso",),
+        {
+            "yoso": (
                 "YosoModel",
                 "YosoForMaskedLM",
                 "YosoForSequenceClassification",
                 "YosoForMultipleChoice",
                 "YosoForTokenClassification",
                 "YosoForQuestionAnswering",
-            )
+            ),
         },
-        default_head="YosoModel",
         task_heads={
             "mlm": "YosoForMaskedLM",
             "classification": "YosoForSequenceClassification",
@@ -171,23 +154,20 @@ FAMILIES: dict[str, Family] = {
             "multiple_choice": "YosoForMultipleChoice",
         },
     ),
-    "mt5": Family(
-        name="mt5",
-        module="xformers_jax.models.mt5",
-        config_class="MT5Config",
-        model_types=("mt5",),
-        heads={
-            name: name
-            for name in (
+    "mt5": _family(
+        "mt5",
+        "MT5Config",
+        ("mt5",),
+        {
+            "mt5": (
                 "MT5Model",
                 "MT5ForConditionalGeneration",
                 "MT5EncoderModel",
                 "MT5ForSequenceClassification",
                 "MT5ForTokenClassification",
                 "MT5ForQuestionAnswering",
-            )
+            ),
         },
-        default_head="MT5Model",
         task_heads={
             "span_corruption": "MT5ForConditionalGeneration",
             "seq2seq": "MT5ForConditionalGeneration",

@@ -25,7 +25,6 @@ from xformers_jax.layers.dense import param_init
 from xformers_jax.layers.losses import cross_entropy_with_ignore
 from xformers_jax.models import outputs
 from xformers_jax.models.beit import BeitModel, Encoder, resize_2d
-from xformers_jax.models.common import dtype_from_name
 
 
 class BatchNorm(nn.Module):
@@ -63,12 +62,12 @@ class BatchNorm(nn.Module):
 
 
 def _batch_norm(cfg, eps, deterministic, name):
-    dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+    dtype, pdtype = cfg.dtype, cfg.param_dtype
     return BatchNorm(eps, deterministic=deterministic, dtype=dtype, param_dtype=pdtype, name=name)
 
 
 def _conv(features, kernel, padding, use_bias, cfg, name):
-    dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+    dtype, pdtype = cfg.dtype, cfg.param_dtype
     return nn.Conv(
         features, (kernel, kernel), padding=((padding, padding), (padding, padding)),
         use_bias=use_bias, dtype=dtype, param_dtype=pdtype,
@@ -103,13 +102,13 @@ class ConvTranspose2x(nn.Module):
     def __call__(self, x):
         cfg = self.config
         d = x.shape[-1]
-        pdtype = dtype_from_name(cfg.param_dtype)
+        pdtype = cfg.param_dtype
         kernel = self.param(
             "kernel", param_init(nn.initializers.normal(cfg.initializer_range),
                                  (None, None, "conv_in", "conv_out")), (2, 2, d, d), pdtype,
         )  # fmt: skip
         bias = self.param("bias", param_init(nn.initializers.zeros, ("conv_out",)), (d,), pdtype)
-        dtype = dtype_from_name(cfg.dtype)
+        dtype = cfg.dtype
         y = jnp.einsum("bhwi,yxio->bhywxo", x.astype(dtype), jnp.asarray(kernel, dtype))
         b, h, _, w, _, o = y.shape
         return y.reshape(b, 2 * h, 2 * w, o) + jnp.asarray(bias, dtype)

@@ -7,6 +7,9 @@ differs between families: the base model, the dense layers' init, dropouts, the 
 activation, the multiple-choice scorer). Param names are HF's module names (`classifier`,
 `dense`, `out_proj`, `qa_outputs`), so the converters' name maps hold for every family.
 
+The masked LM of the BERT-style families is shared too: `LMHead` (dense, activation, LayerNorm,
+tied decoder + bias) and `masked_lm_output` (masked positions, vocabulary-chunked loss).
+
 The building blocks (`classification_head`, `span_logits`) create their layers in the calling
 module's scope, so heads that do not fit the encoder mould (XLNet's summary, MT5's decoder
 states) use them with the same param names. The losses live in `layers/losses.py`.
@@ -25,15 +28,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xformers_jax.layers import DenseGeneral
+from xformers_jax.layers import DenseGeneral, LayerNorm
+from xformers_jax.layers.dense import add_bias, param_init
 from xformers_jax.layers.losses import (
+    chunked_cross_entropy,
     cross_entropy_with_ignore,
+    gather_positions,
     sequence_classification_loss,
     span_loss,
     token_classification_loss,
 )
 from xformers_jax.models import outputs
-from xformers_jax.models.common import dtype_from_name
 
 Dense = Callable[[int, tuple, str], nn.Module]
 
@@ -43,8 +48,8 @@ def dense_factory(config: Any, kernel_init: Any) -> Dense:
 
     def dense(features: int, axes: tuple, name: str) -> nn.Module:
         return DenseGeneral(
-            features, axes, dtype=dtype_from_name(config.dtype),
-            param_dtype=dtype_from_name(config.param_dtype),
+            features, axes, dtype=config.dtype,
+            param_dtype=config.param_dtype,
             kernel_init=kernel_init, name=name,
         )  # fmt: skip
 
@@ -76,6 +81,75 @@ def span_logits(dense: Dense, x: jax.Array, features: int = 2, name: str = "qa_o
     `[batch, length, hidden]` -> start, end `[batch, length]`."""
     logits = dense(features, ("embed", "classes"), name)(x)
     return logits[..., 0], logits[..., 1]
+
+
+class LMHead(nn.Module):
+    """dense -> `activation` -> LayerNorm -> tied decoder (+ bias). `[..., hidden] -> [..., vocab]`.
+
+    With `chunk_size > 0` and `labels`, the decoder is never applied as a whole: returns
+    `chunked_cross_entropy`'s `(token losses, predictions)` instead of logits.
+    """
+
+    config: Any
+    activation: Callable[[jax.Array], jax.Array]
+
+    @nn.compact
+    def __call__(self, x, embedding: jax.Array, labels=None, chunk_size: int = 0):
+        cfg = self.config
+        dtype = cfg.dtype
+        dense = dense_factory(cfg, nn.initializers.normal(cfg.initializer_range))
+        x = self.activation(dense(cfg.hidden_size, ("embed", "mlp"), "dense")(x))
+        x = LayerNorm(cfg.layer_norm_eps, dtype=dtype, param_dtype=cfg.param_dtype, name="norm")(x)
+        bias = self.param(
+            "bias", param_init(nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,),
+            cfg.param_dtype,
+        )  # fmt: skip
+        if chunk_size > 0 and labels is not None:
+            return chunked_cross_entropy(
+                x, jnp.asarray(embedding, dtype), bias, labels, chunk_size=chunk_size
+            )
+        logits = jnp.einsum("...d,vd->...v", x, jnp.asarray(embedding, dtype))
+        logits = add_bias(logits, jnp.asarray(bias, dtype))
+        return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+
+
+def word_embeddings(base: nn.Module) -> jax.Array:
+    """The `[vocab, hidden]` word embedding table of a called base model (for tied heads)."""
+    table = base.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
+    return nn.meta.unbox(table)
+
+
+def masked_lm_output(
+    out: outputs.BaseModelOutput,
+    head: LMHead,
+    table: jax.Array,
+    labels=None,
+    masked_positions=None,
+    vocab_chunk_size: int = 0,
+) -> outputs.MaskedLMOutput | outputs.ChunkedLMOutput:
+    """The masked-LM tail over a base output: `head` on every position, or only at
+    `masked_positions` `[batch, P]` (`-1` = padding; `labels` then `[batch, P]`); with
+    `vocab_chunk_size > 0` and `labels` a `ChunkedLMOutput` (no logits), else `MaskedLMOutput`
+    with HF's mean cross-entropy (`-100` ignored)."""
+    x = out.last_hidden_state
+    if labels is not None:
+        labels = jnp.asarray(labels)
+    if masked_positions is not None:
+        x = gather_positions(x, masked_positions)
+        if labels is not None:
+            labels = jnp.where(masked_positions >= 0, labels, -100)
+    if vocab_chunk_size > 0 and labels is not None:
+        losses, predictions = head(x, table, labels, vocab_chunk_size)
+        loss = jnp.sum(losses) / jnp.maximum(jnp.sum(labels != -100), 1)
+        return outputs.ChunkedLMOutput(
+            loss=loss, token_losses=losses, predictions=predictions,
+            hidden_states=out.hidden_states, attentions=out.attentions,
+        )  # fmt: skip
+    logits = head(x, table)
+    loss = None if labels is None else cross_entropy_with_ignore(logits, labels)
+    return outputs.MaskedLMOutput(
+        loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+    )
 
 
 class ClassificationHead(nn.Module):

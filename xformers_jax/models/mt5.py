@@ -21,13 +21,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xformers_jax import decoding
 from xformers_jax.layers import (
     DEFAULT_MASK_VALUE,
     MLP,
@@ -44,10 +44,8 @@ from xformers_jax.layers.losses import (
     token_classification_loss,
 )
 from xformers_jax.models import heads, outputs
-from xformers_jax.models.common import (
-    REMAT_POLICIES,
-    check_scan_unroll,
-    dtype_from_name,
+from xformers_jax.models.base import (
+    FamilyConfig,
     scan_layers,
     unstack,
 )
@@ -57,7 +55,7 @@ _ACT_HEADS = ("act_batch", "act_length", "act_heads", "act_kv")
 
 
 @dataclasses.dataclass(frozen=True)
-class MT5Config:
+class MT5Config(FamilyConfig):
     """Hyper-parameters; field names are transformers' `MT5Config` names.
 
     `dtype` (compute), `param_dtype` and `remat_policy` are ours and never written to config.json.
@@ -83,21 +81,11 @@ class MT5Config:
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
-    num_labels: int = 2
-    problem_type: str | None = None
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat_policy: str = "none"
-    scan_unroll: int = 1
 
     def __post_init__(self):
+        super().__post_init__()
         if self.num_decoder_layers is None:
             object.__setattr__(self, "num_decoder_layers", self.num_layers)
-        check_scan_unroll(self.scan_unroll)
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
-                f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}"
-            )
         parts = self.feed_forward_proj.split("-")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
             raise ValueError(
@@ -119,29 +107,8 @@ class MT5Config:
     def hidden_size(self) -> int:
         return self.d_model
 
-    def replace(self, **kw) -> MT5Config:
-        return dataclasses.replace(self, **kw)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> MT5Config:
-        """Builds from a mapping, ignoring keys that are not fields (e.g. config.json extras)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any]) -> MT5Config:
-        kw = dict(hf)
-        if "id2label" in kw and "num_labels" not in kw:
-            kw["num_labels"] = len(kw["id2label"])
-        return cls.from_dict(kw)
-
-    def to_hf_config(self) -> dict[str, Any]:
-        skip = {"dtype", "param_dtype", "remat_policy", "scan_unroll", "num_labels"}
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
-        d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
-        d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+    def _to_hf(self, d: dict[str, Any]) -> None:
         d.update(is_encoder_decoder=True, use_cache=True, tokenizer_class="T5Tokenizer")
-        return d
 
 
 _MT5 = dict(vocab_size=250112, d_kv=64, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
@@ -163,7 +130,7 @@ def architecture_name(config: MT5Config, class_name: str) -> str:
 
 
 def _dtypes(cfg: MT5Config):
-    return dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+    return cfg.dtype, cfg.param_dtype
 
 
 def _fan_in(cfg: MT5Config, in_axis, out_axis, extra: float = 1.0):
@@ -224,7 +191,7 @@ class RelativePositionBias(nn.Module):
         init = nn.initializers.normal(cfg.initializer_factor * cfg.d_model**-0.5)
         table = self.param(
             "embedding", param_init(init, ("relpos", "heads")),
-            (cfg.relative_attention_num_buckets, cfg.num_heads), dtype_from_name(cfg.param_dtype),
+            (cfg.relative_attention_num_buckets, cfg.num_heads), cfg.param_dtype,
         )  # fmt: skip
         values = jnp.take(jnp.asarray(table, jnp.float32), buckets, axis=0)  # [q, k, heads]
         return jnp.transpose(values, (2, 0, 1))[None]
@@ -275,7 +242,7 @@ class Attention(nn.Module):
         Returns:
           `([rows, 1, d_model], (k, v) [rows, heads, d_kv] of this position, or None)`.
         """
-        dtype = dtype_from_name(self.config.dtype)
+        dtype = self.config.dtype
         q = self.q(x)[:, 0]
         rows, heads, d = q.shape
         n = k_cache.shape[2]
@@ -310,7 +277,7 @@ class Attention(nn.Module):
             rng = self.make_rng("dropout")
         out, probs = dot_product_attention(
             q, k, v, mask=mask, bias=bias, scale=1.0, dropout_rate=cfg.dropout_rate,
-            dropout_rng=rng, deterministic=deterministic, dtype=dtype_from_name(cfg.dtype),
+            dropout_rng=rng, deterministic=deterministic, dtype=cfg.dtype,
         )  # fmt: skip
         return self.o(out), probs
 
@@ -535,6 +502,7 @@ class MT5Model(nn.Module):
         )  # fmt: skip
 
 
+@decoding.generator
 class MT5ForConditionalGeneration(nn.Module):
     """mT5 with its LM head (HF `MT5ForConditionalGeneration`): logits `[b, m, vocab]` (float32).
 
@@ -544,7 +512,6 @@ class MT5ForConditionalGeneration(nn.Module):
     """
 
     config: MT5Config
-    can_generate = True
 
     def setup(self):
         cfg = self.config
@@ -603,7 +570,7 @@ class MT5ForConditionalGeneration(nn.Module):
         cross_k, cross_v = self.model.decoder(enc, enc=enc, mode="cross_kv")
         b = input_ids.shape[0]
         shape = (cfg.num_decoder_layers, b, cfg.num_heads, max_length, cfg.d_kv)
-        zeros = jnp.zeros(shape, dtype_from_name(cfg.dtype))
+        zeros = jnp.zeros(shape, cfg.dtype)
         cache = dict(self_k=zeros, self_v=zeros, cross_k=cross_k, cross_v=cross_v)
         return dict(encoder_attention_mask=attention_mask, cache=cache)
 
@@ -652,6 +619,17 @@ def _seq2seq_fields(out: outputs.Seq2SeqModelOutput) -> dict[str, Any]:
     )  # fmt: skip
 
 
+def _encoder_decoder(cfg: MT5Config, input_ids, attention_mask, decoder_input_ids,
+                     decoder_attention_mask, *flags) -> outputs.Seq2SeqModelOutput:  # fmt: skip
+    """`MT5Model` (named `model`) in the caller's scope, decoder inputs defaulting to
+    `input_ids` shifted right (transformers' rule for the classification and QA heads)."""
+    if decoder_input_ids is None:
+        decoder_input_ids = shift_right(input_ids, cfg.decoder_start_token_id, cfg.pad_token_id)
+    return MT5Model(cfg, name="model")(
+        input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, None, None, *flags
+    )
+
+
 def _dense(cfg: MT5Config, features: int, axes, name: str) -> DenseGeneral:
     dtype, pdtype = _dtypes(cfg)
     init = nn.initializers.normal(cfg.initializer_factor * cfg.d_model**-0.5)
@@ -675,10 +653,8 @@ class MT5ForSequenceClassification(nn.Module):
         output_hidden_states: bool = False, deterministic: bool = True,
     ) -> outputs.Seq2SeqSequenceClassifierOutput:  # fmt: skip
         cfg = self.config
-        if decoder_input_ids is None:
-            decoder_input_ids = shift_right(input_ids, cfg.decoder_start_token_id, cfg.pad_token_id)
-        out = MT5Model(cfg, name="model")(
-            input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, None, None,
+        out = _encoder_decoder(
+            cfg, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
             output_attentions, output_hidden_states, deterministic,
         )  # fmt: skip
         n = input_ids.shape[1]
@@ -742,10 +718,8 @@ class MT5ForQuestionAnswering(nn.Module):
         deterministic: bool = True,
     ) -> outputs.Seq2SeqQuestionAnsweringModelOutput:  # fmt: skip
         cfg = self.config
-        if decoder_input_ids is None:
-            decoder_input_ids = shift_right(input_ids, cfg.decoder_start_token_id, cfg.pad_token_id)
-        out = MT5Model(cfg, name="model")(
-            input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, None, None,
+        out = _encoder_decoder(
+            cfg, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
             output_attentions, output_hidden_states, deterministic,
         )  # fmt: skip
         # transformers' qa_outputs has num_labels outputs; start and end are the first two.

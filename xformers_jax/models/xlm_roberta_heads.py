@@ -24,17 +24,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xformers_jax import decoding
 from xformers_jax.layers.losses import causal_lm_loss
 from xformers_jax.models import heads, outputs
-from xformers_jax.models.common import dtype_from_name
-from xformers_jax.models.xlm_roberta import (
-    LMHead,
-    XLMRobertaConfig,
-    XLMRobertaModel,
-    word_embeddings,
-)
+from xformers_jax.models.xlm_roberta import XLMRobertaConfig, XLMRobertaModel, exact_gelu
 
 
+@decoding.generator(decoder_only=True)
 class XLMRobertaForCausalLM(nn.Module):
     """Left-to-right LM (HF `XLMRobertaForCausalLM` / `XLMRobertaXLForCausalLM`).
 
@@ -54,8 +50,6 @@ class XLMRobertaForCausalLM(nn.Module):
     """
 
     config: XLMRobertaConfig
-    can_generate = True
-    decoder_only = True
 
     @nn.compact
     def __call__(
@@ -70,7 +64,8 @@ class XLMRobertaForCausalLM(nn.Module):
             output_attentions, output_hidden_states, deterministic, cache=cache,
             cache_index=cache_index,
         )  # fmt: skip
-        logits = LMHead(self.config, name="lm_head")(out.last_hidden_state, word_embeddings(base))
+        head = heads.LMHead(self.config, exact_gelu, name="lm_head")
+        logits = head(out.last_hidden_state, heads.word_embeddings(base))
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return outputs.CausalLMOutput(
             loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
@@ -93,7 +88,7 @@ class XLMRobertaForCausalLM(nn.Module):
         cfg = self.config
         b, p = input_ids.shape
         shape = (b, cfg.num_hidden_layers, max_length, cfg.num_attention_heads, cfg.head_dim)
-        zeros = jnp.zeros(shape, dtype_from_name(cfg.dtype))
+        zeros = jnp.zeros(shape, cfg.dtype)
         mask = jnp.ones((b, max_length), jnp.int32).at[:, :p].set(attention_mask.astype(jnp.int32))
         if cfg.pre_ln:
             real = (input_ids != cfg.pad_token_id).astype(jnp.int32)

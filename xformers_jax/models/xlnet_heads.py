@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xformers_jax import decoding
 from xformers_jax.layers import DenseGeneral, LayerNorm, get_activation, param_init
 from xformers_jax.layers.dense import add_bias
 from xformers_jax.layers.losses import (
@@ -29,7 +30,6 @@ from xformers_jax.layers.losses import (
     token_classification_loss,
 )
 from xformers_jax.models import heads, outputs
-from xformers_jax.models.common import dtype_from_name
 from xformers_jax.models.xlnet import (
     _NEG,
     KV_SLOT_AXIS,
@@ -55,8 +55,8 @@ def _base(cfg: XLNetConfig, loc: Mapping[str, Any], **override) -> outputs.XLNet
 
 def _dense(cfg: XLNetConfig, features: int, axes: tuple, name: str, use_bias: bool = True):
     return DenseGeneral(
-        features, axes, use_bias=use_bias, dtype=dtype_from_name(cfg.dtype),
-        param_dtype=dtype_from_name(cfg.param_dtype),
+        features, axes, use_bias=use_bias, dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
         kernel_init=nn.initializers.normal(cfg.initializer_range), name=name,
     )  # fmt: skip
 
@@ -77,7 +77,7 @@ class LMBias(nn.Module):
 
     @nn.compact
     def __call__(self):
-        pd = dtype_from_name(self.config.param_dtype)
+        pd = self.config.param_dtype
         init = param_init(nn.initializers.zeros, ("vocab",))
         return self.param("bias", init, (self.config.vocab_size,), pd)
 
@@ -116,6 +116,7 @@ def _right_align(x: jax.Array, size: int, axis: int) -> jax.Array:
     return jnp.pad(x, pad)
 
 
+@decoding.generator(decoder_only=True)
 class XLNetLMHeadModel(nn.Module):
     """Tied LM head (HF `XLNetLMHeadModel`): `logits` `[b, num_predict or l, vocab]`; `labels`
     (`-100` = ignore) give the mean cross-entropy. `generate` uses the permutation trick.
@@ -147,8 +148,6 @@ class XLNetLMHeadModel(nn.Module):
     """
 
     config: XLNetConfig
-    can_generate = True
-    decoder_only = True
 
     @nn.compact
     def __call__(
@@ -162,7 +161,7 @@ class XLNetLMHeadModel(nn.Module):
         cfg = self.config
         out = _base(cfg, locals(), inp_q=inp_q)
         table = nn.meta.unbox(self.variables["params"]["transformer"]["word_embedding"])
-        dt = dtype_from_name(cfg.dtype)
+        dt = cfg.dtype
         x = out.last_hidden_state
         if kv_cache is not None and "lm_table" in kv_cache:  # generation's `[d, vocab]` copy
             logits = jnp.einsum("...d,dv->...v", x, kv_cache["lm_table"].astype(dt))
@@ -211,7 +210,7 @@ class XLNetLMHeadModel(nn.Module):
         if _kv_cacheable(cfg, max_length):
             params = self.variables["params"]["transformer"]
             weights = nn.meta.unbox(params["layers"]["rel_attn"])
-            dt = dtype_from_name(cfg.dtype)
+            dt = cfg.dtype
             kv = {}
             for name, spec in (("k", "lbth,lhnd->lbndt"), ("v", "lbth,lhnd->lbntd")):
                 x = jnp.einsum(spec, out.mems.astype(dt), jnp.asarray(weights[name], dt))
@@ -231,7 +230,7 @@ class XLNetLMHeadModel(nn.Module):
         projections as `o_t` `[layers, heads, d_head, d_model]`, which a step's matmul reads as
         they are (the params' `[d_model, heads, d_head]` cost a transposed copy every step)."""
         params = nn.meta.unbox(self.variables["params"]["transformer"])
-        dt = dtype_from_name(self.config.dtype)
+        dt = self.config.dtype
         o_t = jnp.asarray(params["layers"]["rel_attn"]["o"], dt).transpose(0, 2, 3, 1)
         return dict(lm_table=jnp.asarray(params["word_embedding"], dt).T, o_t=o_t)
 
@@ -393,7 +392,7 @@ class SequenceSummary(nn.Module):
     def _attn(self, x, pad_mask, deterministic):
         """Multi-head attention from a learned `[d]` query; output proj + LayerNorm, no residual."""
         cfg = self.config
-        dt, pd = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+        dt, pd = cfg.dtype, cfg.param_dtype
         init = nn.initializers.normal(cfg.initializer_range)
         shape, axes = (cfg.d_model, cfg.n_head, cfg.d_head), ("embed", "heads", "kv")
         w = {n: jnp.asarray(self.param(n, param_init(init, axes), shape, pd), dt) for n in "qkvo"}
@@ -552,7 +551,7 @@ class PoolerEndLogits(nn.Module):
         y = _dense(cfg, cfg.d_model, ("mlp", "embed"), "dense_0")(
             jnp.concatenate([x, start_states], -1)
         )
-        dt, pd = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+        dt, pd = cfg.dtype, cfg.param_dtype
         y = LayerNorm(cfg.layer_norm_eps, dtype=dt, param_dtype=pd, name="norm")(jnp.tanh(y))
         return _p_masked(_dense(cfg, 1, ("embed", "classes"), "dense_1")(y)[..., 0], p_mask)
 
