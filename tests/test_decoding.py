@@ -98,7 +98,7 @@ def test_step_compiles_once(models, monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(mt5.MT5ForConditionalGeneration, "decode_step", counting)
-    model.__dict__.pop("_generate_fns", None)
+    model.decoding_cache = None  # a fresh cache: generate compiles again
     ids, mask = padded_batch()
     for num_beams in (1, 2):
         traces.clear()

@@ -13,8 +13,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import xformers_jax as xj  # noqa: E402
 from tests.parity import TINY_XLMR, load_hf, random_hf_model  # noqa: E402
-from xformers_jax.models import xlm_roberta  # noqa: E402
+from xformers_jax.models import xlm_roberta_heads  # noqa: E402
 
 PAD = 1
 TINY = dict(
@@ -96,14 +97,14 @@ def test_generate_matches_transformers(models, kwargs):
 def test_step_traces_once(models, monkeypatch):
     _, ours = models
     calls = []
-    original = xlm_roberta.XLMRobertaForCausalLM.decode_step
+    original = xlm_roberta_heads.XLMRobertaForCausalLM.decode_step
 
     def counted(self, *args):
         calls.append(1)
         return original(self, *args)
 
-    monkeypatch.setattr(xlm_roberta.XLMRobertaForCausalLM, "decode_step", counted)
-    ours.__dict__.pop("_generate_fns", None)
+    monkeypatch.setattr(xlm_roberta_heads.XLMRobertaForCausalLM, "decode_step", counted)
+    ours.decoding_cache = None  # a fresh cache: generate compiles again
     ids, mask = left_padded_batch()
     ours.generate(ids, attention_mask=mask, max_new_tokens=NEW)
     ours.generate(ids[::-1].copy(), attention_mask=mask[::-1].copy(), max_new_tokens=NEW)

@@ -155,7 +155,7 @@ def test_step_traces_once(models, monkeypatch, use_mems):
         return original(self, *args)
 
     monkeypatch.setattr(xlnet_heads.XLNetLMHeadModel, "decode_step", counted)
-    ours.__dict__.pop("_generate_fns", None)
+    ours.decoding_cache = None  # a fresh cache: generate compiles again
     ours.generate(prompt(), max_new_tokens=8, use_mems=use_mems)
     ours.generate(prompt()[::-1].copy(), max_new_tokens=8, use_mems=use_mems)
     assert len(calls) == 1
@@ -184,14 +184,14 @@ def test_decoding_constants_follow_the_params(models):
     _, ours = models
     ids = prompt()
     ours.generate(ids, max_new_tokens=4)
-    consts = ours.__dict__["_decoding_constants"][2]
+    consts = ours.decoding_cache.constants
     ours.generate(ids, max_new_tokens=4)
-    assert ours.__dict__["_decoding_constants"][2] is consts
+    assert ours.decoding_cache.constants is consts
     old = ours.params
     try:
         ours.params = jax.tree.map(lambda x: x * 1.5, old)
         ours.generate(ids, max_new_tokens=4)
-        now = ours.__dict__["_decoding_constants"][2]["lm_table"]
+        now = ours.decoding_cache.constants["lm_table"]
         np.testing.assert_allclose(now, 1.5 * np.asarray(consts["lm_table"]), rtol=1e-6)
     finally:
         ours.params = old

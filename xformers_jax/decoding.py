@@ -1,7 +1,8 @@
 """Autoregressive generation under `jax.jit`: greedy, sampling and beam search in `lax.while_loop`.
 
-A head that generates sets `can_generate = True` and has two methods (called through
-`module.apply(..., method=...)`):
+A head that generates implements the `Generator` protocol and declares it with the `@generator`
+class decorator (which checks the hooks and sets `can_generate = True`). Two hooks are required
+(called through `module.apply(..., method=...)`):
 
   init_decoding(input_ids, attention_mask, max_length) -> context
       everything the steps need (a dict of arrays): for encoder-decoders the encoder mask, a
@@ -35,14 +36,15 @@ one), and the dict it returns (hashable values: it is part of the compile key) i
 
 A head may also derive arrays from its params alone with a method `decoding_constants() -> pytree`
 (called through `module.apply`; e.g. a weight in the layout the step's matmul reads fastest):
-`generate` computes them once per model and params (cached on the model, recomputed when a params
-leaf is replaced) and the steps find them as `context["constants"]`, shared by every row.
+`generate` computes them once per model and params (kept in the model's `DecodingCache`, recomputed
+when a params leaf is replaced) and the steps find them as `context["constants"]`, shared by every
+row.
 
-A decoder-only head also sets `decoder_only = True`: `init_decoding` then prefills its cache with
-the whole prompt, sequences start with the prompt (left-padded rows as transformers expects them),
-the first step re-runs the last prompt token at `index = prompt_len - 1`, and `max_length`,
-`min_length` and the length penalty count as transformers' do (prompt included in the lengths,
-penalty over generated tokens only).
+A decoder-only head is declared with `@generator(decoder_only=True)`: `init_decoding` then
+prefills its cache with the whole prompt, sequences start with the prompt (left-padded rows as
+transformers expects them), the first step re-runs the last prompt token at
+`index = prompt_len - 1`, and `max_length`, `min_length` and the length penalty count as
+transformers' do (prompt included in the lengths, penalty over generated tokens only).
 
 Shapes never change inside the loop (the cache has `max_length` slots and each step writes one),
 so the whole generation compiles once per (batch, input length, settings). Beam search keeps the
@@ -57,13 +59,135 @@ search is transformers' vectorised one (2 * num_beams candidates per step, lengt
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 NEG_INF = -1.0e9  # transformers' "impossible" score in beam search
+
+Context = dict[str, Any]
+
+
+# ==================================================================================================
+# The head protocol and the per-model cache.
+# ==================================================================================================
+
+
+class Generator(Protocol):
+    """The hooks of a head that generates (see the module docstring for their contracts).
+
+    `init_decoding` and `decode_step` are required; the others are optional, with these defaults:
+    `decoder_only` False; `decoding_batch_axes` every leaf's rows on axis 0;
+    `decoding_slot_caches` no slot cache; `decoding_options` none (any option is a TypeError);
+    `decoding_constants` none.
+    """
+
+    config: Any
+    can_generate: ClassVar[bool]
+    decoder_only: ClassVar[bool]
+
+    def init_decoding(self, input_ids, attention_mask, max_length: int, **options) -> Context:
+        """Everything the steps need, from `[rows, n]` inputs, for `max_length` positions."""
+
+    def decode_step(self, tokens, index, context: Context) -> tuple[jax.Array, Context]:
+        """`[rows]` tokens at position `index` -> (`[rows, vocab]` float32 logits, context)."""
+
+    @staticmethod
+    def decoding_batch_axes(context: Context) -> Any:
+        """Per context leaf: its row axis, or None for a leaf per input (shared by its beams)."""
+
+    @staticmethod
+    def decoding_slot_caches(context: Context) -> Any:
+        """Per context leaf: True for an append-only cache a step writes at slot `index` only."""
+
+    @staticmethod
+    def decoding_options(config: Any, **options: Any) -> dict[str, Any]:
+        """The head's own `generate` options, validated and defaulted."""
+
+    def decoding_constants(self) -> Any:
+        """Arrays derived from the params alone, computed once per params."""
+
+
+_REQUIRED = ("init_decoding", "decode_step")
+
+
+def generator(cls: type | None = None, *, decoder_only: bool = False) -> Any:
+    """Class decorator: declares that a head implements `Generator` (checked here).
+
+    `@generator` for encoder-decoders, `@generator(decoder_only=True)` for heads whose sequences
+    start with the prompt.
+    """
+
+    def declare(head: type) -> type:
+        missing = [name for name in _REQUIRED if not callable(getattr(head, name, None))]
+        if missing:
+            raise TypeError(f"{head.__name__} declares Generator but lacks {missing}")
+        head.can_generate = True
+        head.decoder_only = decoder_only
+        return head
+
+    return declare if cls is None else declare(cls)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Hooks:
+    """A `Generator` head's optional hooks, the defaults filled in."""
+
+    decoder_only: bool
+    batch_axes: Callable[[Context], Any]
+    slot_caches: Callable[[Context], Any]
+    options: Callable[..., dict[str, Any]] | None
+    has_constants: bool
+
+    @classmethod
+    def of(cls, head: type) -> _Hooks:
+        if not getattr(head, "can_generate", False):
+            raise TypeError(f"{head.__name__} is not declared a decoding.Generator")
+        rows_first = lambda context: jax.tree.map(lambda _: 0, context)  # noqa: E731
+        no_slots = lambda context: jax.tree.map(lambda _: False, context)  # noqa: E731
+        return cls(
+            decoder_only=bool(head.decoder_only),
+            batch_axes=getattr(head, "decoding_batch_axes", rows_first),
+            slot_caches=getattr(head, "decoding_slot_caches", no_slots),
+            options=getattr(head, "decoding_options", None),
+            has_constants=hasattr(head, "decoding_constants"),
+        )
+
+
+class DecodingCache:
+    """What `generate` keeps per model (`PretrainedModel.decoding_cache`): one jitted function
+    per settings (jax then keeps one trace per input shape), and the head's `decoding_constants`
+    with the params leaves they were computed from (jax arrays are immutable: the same leaf
+    objects mean the same values)."""
+
+    def __init__(self):
+        self.fns: dict[tuple, Callable] = {}
+        self.constants: Any = None
+        self._constants_of: list | None = None
+
+    def compiled(self, module: Any, settings: tuple) -> Callable:
+        if settings not in self.fns:
+            self.fns[settings] = _build(module, settings)
+        return self.fns[settings]
+
+    def constants_for(self, module: Any, params: Any) -> Any:
+        """`module`'s `decoding_constants` for `params`, recomputed when a leaf was replaced."""
+        leaves = jax.tree.leaves(params)
+        same = self._constants_of is not None and len(leaves) == len(self._constants_of)
+        if not (same and all(a is b for a, b in zip(leaves, self._constants_of))):
+            fn = jax.jit(lambda p: module.apply({"params": p}, method="decoding_constants"))
+            self.constants, self._constants_of = fn(params), leaves
+        return self.constants
+
+
+def _cache(model: Any) -> DecodingCache:
+    if model.decoding_cache is None:
+        model.decoding_cache = DecodingCache()
+    return model.decoding_cache
 
 
 # ==================================================================================================
@@ -281,15 +405,6 @@ def _beam_loop(step, context, axes, slot_caches, *, batch, num_beams, max_length
 # ==================================================================================================
 
 
-def _compiled(model: Any, settings: tuple):
-    """One jitted generate per (model, settings), kept on the model; jax then caches one trace
-    per input shape, so repeated calls never retrace."""
-    fns = model.__dict__.setdefault("_generate_fns", {})
-    if settings not in fns:
-        fns[settings] = _build(model.module, settings)
-    return fns[settings]
-
-
 def _build(module: Any, settings: tuple):
     opts = dict(settings)
 
@@ -297,15 +412,12 @@ def _build(module: Any, settings: tuple):
         variables = {"params": params}
         context = module.apply(variables, input_ids, attention_mask, opts["max_length"],
                                method="init_decoding", **dict(opts["head_options"]))  # fmt: skip
-        batch_axes = getattr(type(module), "decoding_batch_axes", None)
-        axes = jax.tree.map(lambda _: 0, context) if batch_axes is None else batch_axes(context)
-        slot_caches = getattr(type(module), "decoding_slot_caches", None)
-        no = lambda tree: jax.tree.map(lambda _: False, tree)  # noqa: E731
-        slot_caches = no(context) if slot_caches is None else slot_caches(context)
+        hooks = _Hooks.of(type(module))
+        axes, slot_caches = hooks.batch_axes(context), hooks.slot_caches(context)
         if constants is not None:
             context = dict(context, constants=constants)
             axes = dict(axes, constants=jax.tree.map(lambda _: None, constants))
-            slot_caches = dict(slot_caches, constants=no(constants))
+            slot_caches = dict(slot_caches, constants=jax.tree.map(lambda _: False, constants))
 
         def step(tokens, index, ctx):
             logits, new = module.apply(variables, tokens, index, ctx, method="decode_step")
@@ -335,22 +447,6 @@ def _build(module: Any, settings: tuple):
                             top_p=opts["top_p"], **common)  # fmt: skip
 
     return jax.jit(run)
-
-
-def _constants(model: Any) -> Any:
-    """The head's `decoding_constants` for the model's current params, computed once and kept
-    on the model with the params leaves they came from (jax arrays are immutable: the same leaf
-    objects mean the same values)."""
-    if not hasattr(type(model.module), "decoding_constants"):
-        return None
-    leaves = jax.tree.leaves(model.params)
-    key = tuple(map(id, leaves))
-    cached = model.__dict__.get("_decoding_constants")
-    if cached is None or cached[0] != key:
-        fn = jax.jit(lambda p: model.module.apply({"params": p}, method="decoding_constants"))
-        cached = (key, leaves, fn(model.params))
-        model.__dict__["_decoding_constants"] = cached
-    return cached[2]
 
 
 def generate(
@@ -397,7 +493,8 @@ def generate(
     cfg = model.config
     ids = np.asarray(input_ids, np.int32)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
-    decoder_only = bool(getattr(type(model.module), "decoder_only", False))
+    hooks = _Hooks.of(type(model.module))
+    decoder_only = hooks.decoder_only
     # Lengths count the prompt for decoder-only heads, the start token for encoder-decoders.
     prompt_len = ids.shape[1] if decoder_only else 1
     if max_new_tokens is not None:
@@ -414,10 +511,9 @@ def generate(
         raise NotImplementedError("beam sampling (do_sample with num_beams > 1) is not supported")
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    resolve = getattr(type(model.module), "decoding_options", None)
-    if resolve is None and head_options:
+    if hooks.options is None and head_options:
         raise TypeError(f"generate() got unexpected keyword arguments {sorted(head_options)}")
-    head_opts = {} if resolve is None else resolve(cfg, **head_options)
+    head_opts = {} if hooks.options is None else hooks.options(cfg, **head_options)
     pick = lambda v, name: int(getattr(cfg, name) if v is None else v)  # noqa: E731
     settings = dict(
         max_length=int(max_length), min_length=int(min_length), num_beams=int(num_beams),
@@ -428,8 +524,10 @@ def generate(
         start=-1 if decoder_only else pick(decoder_start_token_id, "decoder_start_token_id"),
         decoder_only=decoder_only, head_options=tuple(sorted(head_opts.items())),
     )  # fmt: skip
-    fn = _compiled(model, tuple(sorted(settings.items())))
+    cache = _cache(model)
+    fn = cache.compiled(model.module, tuple(sorted(settings.items())))
+    constants = cache.constants_for(model.module, model.params) if hooks.has_constants else None
     rng = jax.random.key(seed) if prng_key is None else prng_key
-    seqs, lengths = fn(model.params, _constants(model), jnp.asarray(ids), jnp.asarray(mask), rng)
+    seqs, lengths = fn(model.params, constants, jnp.asarray(ids), jnp.asarray(mask), rng)
     seqs, lengths = np.asarray(seqs), np.asarray(lengths)
     return seqs[:, : int(lengths.max())]

@@ -65,6 +65,7 @@ class PretrainedModel:
         self.mesh = mesh
         self.rules = rules
         self._fns: dict[tuple, Any] = {}
+        self.decoding_cache: Any = None  # generate()'s compiled functions (decoding.DecodingCache)
 
     def __repr__(self) -> str:
         return (
@@ -340,7 +341,7 @@ def place_params(
     import jax
     import jax.numpy as jnp
 
-    from xformers_jax.models.common import dtype_from_name
+    from xformers_jax.models.base import dtype_from_name
 
     pdtype = np.dtype(dtype_from_name(getattr(config, "param_dtype", "float32")))
 

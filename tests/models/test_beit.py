@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from xformers_jax.convert import param_map
-from xformers_jax.models import beit, beit_segmentation
+from xformers_jax.models import FAMILIES, beit, beit_segmentation
 
 TINY = dict(beit.PRESETS["tiny"], hidden_size=32, intermediate_size=64, num_labels=3)
 
 
 def _init(head, cfg, x, **kw):
-    module = getattr(beit, head)(cfg)
+    module = FAMILIES["beit"].head_class(head)(cfg)
     variables = jax.jit(lambda: module.init(jax.random.key(0), x, **kw))()
     return module, variables
 
@@ -36,7 +36,7 @@ def test_tiny_shapes_every_head():
         "BeitBackbone": ({}, lambda o: [m.shape for m in o.feature_maps] == [(2, 32, 4, 4)] * 4),
     }
     for head, (kw, check) in cases.items():
-        module = getattr(beit, head)(cfg)
+        module = FAMILIES["beit"].head_class(head)(cfg)
         out = jax.eval_shape(lambda: module.apply(module.init(jax.random.key(0), x, **kw), x, **kw))
         assert check(out), head
 
@@ -45,7 +45,7 @@ def test_params_have_logical_names_and_stack_on_layers():
     cfg = beit.BeitConfig.from_dict(dict(TINY, use_relative_position_bias=True))
     x = jnp.ones((1, 3, 32, 32))
     boxed = jax.eval_shape(
-        lambda: beit.BeitForSemanticSegmentation(cfg).init(jax.random.key(0), x)
+        lambda: beit_segmentation.BeitForSemanticSegmentation(cfg).init(jax.random.key(0), x)
     )["params"]
     flat = param_map.flatten(boxed)
     table = flat[("beit", "encoder", "layers", "relative_position_bias",
@@ -89,7 +89,8 @@ def test_batch_norm_statistics():
 def test_full_size_presets_trace(preset):
     cfg = beit.BeitConfig.from_dict(beit.PRESETS[preset])
     x = jax.ShapeDtypeStruct((1, 3, cfg.image_size, cfg.image_size), jnp.float32)
-    head = beit.BeitForSemanticSegmentation if "ade" in preset else beit.BeitForImageClassification
+    seg = beit_segmentation.BeitForSemanticSegmentation
+    head = seg if "ade" in preset else beit.BeitForImageClassification
     shapes = jax.eval_shape(lambda x: head(cfg).init(jax.random.key(0), x), x)
     n = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes["params"]))
     assert n > 80e6

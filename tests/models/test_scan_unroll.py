@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xformers_jax.models import beit, mt5, xlm_roberta, xlnet, yoso
+from xformers_jax.models import beit, mt5, xlm_roberta, xlnet, xlnet_heads, yoso
 
 rng = np.random.default_rng(0)
 IDS = rng.integers(3, 99, (2, 12)).astype(np.int32)
@@ -20,8 +20,9 @@ CASES = {
         dict(input_ids=IDS, labels=IDS),
     ),
     "xlnet": lambda u: (
-        xlnet.XLNetLMHeadModel(xlnet.XLNetConfig(vocab_size=100, d_model=32, n_layer=3, n_head=4,
-                                                 d_inner=64, mem_len=8, scan_unroll=u)),
+        xlnet_heads.XLNetLMHeadModel(xlnet.XLNetConfig(vocab_size=100, d_model=32, n_layer=3,
+                                                       n_head=4, d_inner=64, mem_len=8,
+                                                       scan_unroll=u)),
         dict(input_ids=IDS, labels=IDS),
     ),
     "yoso": lambda u: (

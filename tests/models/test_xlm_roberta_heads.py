@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 import xformers_jax as xj  # noqa: E402
 from tests.parity import TINY_XLMR, assert_close, random_hf_model  # noqa: E402
 from xformers_jax.models import xlm_roberta as xr  # noqa: E402
+from xformers_jax.models import xlm_roberta_heads as xrh  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS, HEADS, LENGTH = 100, 32, 2, 4, 10
 VARIANTS = ("xlm-roberta-xl", "xlm-roberta")
@@ -145,14 +146,14 @@ def test_classifier_heads_load_from_lm_checkpoint(tmp_path):
 
 
 def test_problem_type_explicit_and_xl_aliases():
-    assert xr.XLMRobertaXLForQuestionAnswering is xr.XLMRobertaForQuestionAnswering
+    assert xrh.XLMRobertaXLForQuestionAnswering is xrh.XLMRobertaForQuestionAnswering
     cfg = xr.XLMRobertaConfig(model_type="xlm-roberta")
     assert xr.architecture_name(cfg, "XLMRobertaForCausalLM") == "XLMRobertaForCausalLM"
     assert (
         xr.architecture_name(cfg.replace(model_type="xlm-roberta-xl"), "XLMRobertaForCausalLM")
         == "XLMRobertaXLForCausalLM"
     )
-    from xformers_jax.models.xlm_roberta_heads import sequence_classification_loss
+    from xformers_jax.layers.losses import sequence_classification_loss
 
     logits = np.array([[0.5, -1.0], [2.0, 0.0]], np.float32)
     labels = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)

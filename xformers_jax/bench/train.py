@@ -121,9 +121,9 @@ def _case(
     """A family's case: same config, same batch, HF's loss on both sides."""
 
     def ours(b, dtype):
-        import importlib
+        from xformers_jax.models import FAMILIES
 
-        module_cls = getattr(importlib.import_module(f"xformers_jax.models.{family}"), ours_cls)
+        module_cls = FAMILIES[family].head_class(ours_cls)
         module = module_cls(make_cfg(b, dtype))
         batch = batch_fn(b)
         init_kw = {k: v[:1] for k, v in batch.items()}  # labels too: MT5 derives decoder inputs

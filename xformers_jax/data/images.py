@@ -34,7 +34,7 @@ from PIL import Image
 from xformers_jax.data.image_processing import BeitImageProcessor
 from xformers_jax.data.masking import MaskingGenerator
 from xformers_jax.data.pipeline import iterate, sharded_stream
-from xformers_jax.models.common import InputError
+from xformers_jax.models.base import InputError
 
 SOURCES = ("digits", "sample_images")
 _DIGITS, _PHOTO, _PAD = 0, 1, -1

@@ -1,4 +1,9 @@
-"""Vocabulary-scale losses that never materialise `[tokens, vocab]` logits.
+"""Every loss of the models: torch's token cross-entropy, HF's head losses, the chunked LM loss.
+
+`cross_entropy_with_ignore` is torch's `CrossEntropyLoss` (mean over labels != ignore_index, in
+float32); `sequence_classification_loss` is transformers' `problem_type` rule shared by every
+`*ForSequenceClassification` / `*ForImageClassification`; `span_loss` the extractive-QA loss;
+`token_classification_loss` and `causal_lm_loss` the per-token ones.
 
 `chunked_cross_entropy` scores features against a (tied) output embedding one vocabulary chunk
 at a time under `lax.scan`, keeping a running logsumexp, the label's logit and a running argmax.
@@ -16,8 +21,95 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 _NEG = -1e30  # finite "minus infinity" for padded vocabulary rows (keeps gradients NaN-free)
+
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+
+def cross_entropy_with_ignore(
+    logits: jax.Array, labels: jax.Array, ignore_index: int = -100
+) -> jax.Array:
+    """Mean token cross-entropy over labels != ignore_index, in float32 (torch's CrossEntropyLoss).
+
+    `[..., vocab]` logits, `[...]` int labels -> scalar.
+    """
+    labels = jnp.asarray(labels)
+    valid = labels != ignore_index
+    safe = jnp.where(valid, labels, 0)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
+    return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def sequence_classification_loss(
+    logits: jax.Array, labels: jax.Array, num_labels: int, problem_type: str | None
+) -> jax.Array:
+    """transformers' loss for `*ForSequenceClassification`, `problem_type` inferred as HF does.
+
+    None: 1 label -> regression (MSE); integer labels -> single-label cross-entropy; float labels
+    -> multi-label BCE-with-logits. In float32.
+
+    Args:
+      logits: `[batch, num_labels]`.
+      labels: `[batch]` ints (single-label), `[batch]` / `[batch, num_labels]` floats (regression),
+        `[batch, num_labels]` floats (multi-label).
+    """
+    labels = jnp.asarray(labels)
+    if problem_type is None:
+        if num_labels == 1:
+            problem_type = "regression"
+        elif jnp.issubdtype(labels.dtype, jnp.integer):
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
+    logits = logits.astype(jnp.float32)
+    if problem_type == "regression":
+        labels = labels.astype(jnp.float32)
+        if num_labels == 1:
+            return jnp.mean(jnp.square(jnp.squeeze(logits) - jnp.squeeze(labels)))
+        return jnp.mean(jnp.square(logits - labels))
+    if problem_type == "single_label_classification":
+        return cross_entropy_with_ignore(logits.reshape(-1, num_labels), labels.reshape(-1))
+    if problem_type == "multi_label_classification":
+        return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)))
+    raise ValueError(f"unknown problem_type {problem_type!r}; known: {PROBLEM_TYPES}")
+
+
+def token_classification_loss(
+    logits: jax.Array, labels: jax.Array, attention_mask: jax.Array | None = None
+) -> jax.Array:
+    """Mean cross-entropy over tokens: `[..., num_labels]` logits, `[...]` labels (-100 ignored).
+
+    With `attention_mask` (`[...]`, 1 = token) padding tokens are ignored too, as the heads of
+    transformers that pass the mask to the loss do (XLM-R-XL, YOSO).
+    """
+    labels = jnp.asarray(labels)
+    if attention_mask is not None:
+        labels = jnp.where(jnp.asarray(attention_mask) == 1, labels, -100)
+    return cross_entropy_with_ignore(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def span_loss(
+    start_logits: jax.Array, end_logits: jax.Array, start_positions, end_positions
+) -> jax.Array:
+    """HF's extractive-QA loss: positions clamped to `[0, length]`, `length` itself ignored.
+
+    `[batch, length]` logits, `[batch]` positions -> scalar, the mean of start and end losses.
+    """
+    length = start_logits.shape[1]
+    start = jnp.clip(jnp.asarray(start_positions).reshape(-1), 0, length)
+    end = jnp.clip(jnp.asarray(end_positions).reshape(-1), 0, length)
+    start_loss = cross_entropy_with_ignore(start_logits, start, ignore_index=length)
+    end_loss = cross_entropy_with_ignore(end_logits, end, ignore_index=length)
+    return (start_loss + end_loss) / 2
+
+
+def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """HF's causal-LM loss: position t predicts `labels[t + 1]`; `-100` (and the last) ignored."""
+    labels = jnp.asarray(labels)
+    shifted = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], -100)], axis=1)
+    return cross_entropy_with_ignore(logits, shifted)
 
 
 def chunked_cross_entropy(

@@ -1,4 +1,8 @@
-"""The model registry: HF model_type -> family module, HF architecture name -> head module."""
+"""The model registry: HF model_type -> family module, HF architecture name -> head class.
+
+Each head class is found in the module that defines it (`Family.sources`); base modules never
+import their heads, so the registry is the one place that knows where every head lives.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ from typing import Any
 class Family:
     """How the hub finds a family: its module, config class and HF architecture names.
 
-    `heads` maps an HF architecture name to the attribute name of our head module in `module`.
+    `heads` maps an HF architecture name to our head class name; `sources` maps each head class
+    name to the module that defines it.
     """
 
     name: str
@@ -21,6 +26,7 @@ class Family:
     heads: dict[str, str]
     default_head: str
     task_heads: dict[str, str] = dataclasses.field(default_factory=dict)
+    sources: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def load(self) -> Any:
         return importlib.import_module(self.module)
@@ -28,29 +34,56 @@ class Family:
     def config_cls(self) -> type:
         return getattr(self.load(), self.config_class)
 
+    def head_class(self, class_name: str) -> type:
+        """Our head class `class_name`, from the module that defines it."""
+        module = importlib.import_module(self.sources[class_name])
+        return getattr(module, class_name)
+
     def head_module(self, architecture: str) -> type:
-        return getattr(self.load(), self.heads[architecture])
+        return self.head_class(self.heads[architecture])
+
+
+def _family(
+    name: str,
+    config_class: str,
+    model_types: tuple[str, ...],
+    classes: dict[str, tuple[str, ...]],
+    task_heads: dict[str, str],
+    prefixes: tuple[str, ...] = (),
+) -> Family:
+    """A family whose head classes are listed per defining module (`classes`, the base module
+    `xformers_jax.models.<name>` first; its first class is the default head). Every class is
+    its own HF architecture name, and with `prefixes` also the names transformers gives the
+    variants (its first word replaced by each prefix)."""
+    sources = {cls: f"xformers_jax.models.{module}" for module, names in classes.items()
+               for cls in names}  # fmt: skip
+    first = next(iter(classes.values()))[0]
+    word = first[: first.index("Model")] if prefixes else ""
+    heads = {cls.replace(word, prefix, 1): cls for prefix in prefixes for cls in sources}
+    heads.update({cls: cls for cls in sources})
+    return Family(
+        name=name, module=f"xformers_jax.models.{name}", config_class=config_class,
+        model_types=model_types, heads=heads, default_head=first, task_heads=task_heads,
+        sources=sources,
+    )  # fmt: skip
 
 
 FAMILIES: dict[str, Family] = {
-    "xlnet": Family(
-        name="xlnet",
-        module="xformers_jax.models.xlnet",
-        config_class="XLNetConfig",
-        model_types=("xlnet",),
-        heads={
-            name: name
-            for name in (
-                "XLNetModel",
+    "xlnet": _family(
+        "xlnet",
+        "XLNetConfig",
+        ("xlnet",),
+        {
+            "xlnet": ("XLNetModel",),
+            "xlnet_heads": (
                 "XLNetLMHeadModel",
                 "XLNetForSequenceClassification",
                 "XLNetForTokenClassification",
                 "XLNetForMultipleChoice",
                 "XLNetForQuestionAnsweringSimple",
                 "XLNetForQuestionAnswering",
-            )
+            ),
         },
-        default_head="XLNetModel",
         task_heads={
             "plm": "XLNetLMHeadModel",
             "classification": "XLNetForSequenceClassification",
@@ -61,47 +94,34 @@ FAMILIES: dict[str, Family] = {
             "multiple_choice": "XLNetForMultipleChoice",
         },
     ),
-    "beit": Family(
-        name="beit",
-        module="xformers_jax.models.beit",
-        config_class="BeitConfig",
-        model_types=("beit",),
-        heads={
-            name: name
-            for name in (
-                "BeitModel",
-                "BeitForMaskedImageModeling",
-                "BeitForImageClassification",
-                "BeitForSemanticSegmentation",
-                "BeitBackbone",
-            )
+    "beit": _family(
+        "beit",
+        "BeitConfig",
+        ("beit",),
+        {
+            "beit": ("BeitModel", "BeitForMaskedImageModeling", "BeitForImageClassification"),
+            "beit_segmentation": ("BeitForSemanticSegmentation", "BeitBackbone"),
         },
-        default_head="BeitModel",
         task_heads={
             "mim": "BeitForMaskedImageModeling",
             "image_classification": "BeitForImageClassification",
             "segmentation": "BeitForSemanticSegmentation",
         },
     ),
-    "xlm_roberta": Family(
-        name="xlm_roberta",
-        module="xformers_jax.models.xlm_roberta",
-        config_class="XLMRobertaConfig",
-        model_types=("xlm-roberta-xl", "xlm-roberta"),
-        heads={
-            name.replace("XLMRoberta", prefix, 1): name
-            for prefix in ("XLMRobertaXL", "XLMRoberta")
-            for name in (
-                "XLMRobertaModel",
-                "XLMRobertaForMaskedLM",
+    "xlm_roberta": _family(
+        "xlm_roberta",
+        "XLMRobertaConfig",
+        ("xlm-roberta-xl", "xlm-roberta"),
+        {
+            "xlm_roberta": ("XLMRobertaModel", "XLMRobertaForMaskedLM"),
+            "xlm_roberta_heads": (
                 "XLMRobertaForCausalLM",
                 "XLMRobertaForSequenceClassification",
                 "XLMRobertaForMultipleChoice",
                 "XLMRobertaForTokenClassification",
                 "XLMRobertaForQuestionAnswering",
-            )
+            ),
         },
-        default_head="XLMRobertaModel",
         task_heads={
             "mlm": "XLMRobertaForMaskedLM",
             "clm": "XLMRobertaForCausalLM",
@@ -110,24 +130,22 @@ FAMILIES: dict[str, Family] = {
             "qa": "XLMRobertaForQuestionAnswering",
             "multiple_choice": "XLMRobertaForMultipleChoice",
         },
+        prefixes=("XLMRobertaXL",),
     ),
-    "yoso": Family(
-        name="yoso",
-        module="xformers_jax.models.yoso",
-        config_class="YosoConfig",
-        model_types=("yoso",),
-        heads={
-            name: name
-            for name in (
+    "yoso": _family(
+        "yoso",
+        "YosoConfig",
+        ("yoso",),
+        {
+            "yoso": (
                 "YosoModel",
                 "YosoForMaskedLM",
                 "YosoForSequenceClassification",
                 "YosoForMultipleChoice",
                 "YosoForTokenClassification",
                 "YosoForQuestionAnswering",
-            )
+            ),
         },
-        default_head="YosoModel",
         task_heads={
             "mlm": "YosoForMaskedLM",
             "classification": "YosoForSequenceClassification",
@@ -136,23 +154,20 @@ FAMILIES: dict[str, Family] = {
             "multiple_choice": "YosoForMultipleChoice",
         },
     ),
-    "mt5": Family(
-        name="mt5",
-        module="xformers_jax.models.mt5",
-        config_class="MT5Config",
-        model_types=("mt5",),
-        heads={
-            name: name
-            for name in (
+    "mt5": _family(
+        "mt5",
+        "MT5Config",
+        ("mt5",),
+        {
+            "mt5": (
                 "MT5Model",
                 "MT5ForConditionalGeneration",
                 "MT5EncoderModel",
                 "MT5ForSequenceClassification",
                 "MT5ForTokenClassification",
                 "MT5ForQuestionAnswering",
-            )
+            ),
         },
-        default_head="MT5Model",
         task_heads={
             "span_corruption": "MT5ForConditionalGeneration",
             "seq2seq": "MT5ForConditionalGeneration",
@@ -201,4 +216,4 @@ def build_model(model_cfg: Any, task: str) -> tuple[Any, Any, str]:
         raise ValueError(f"family {family_name} has no head for task {task!r}")
     cfg = fam.config_cls().from_dict({**module.PRESETS[preset], **model_cfg})
     head_name = fam.task_heads[task]
-    return getattr(module, head_name)(cfg), cfg, module.architecture_name(cfg, head_name)
+    return fam.head_class(head_name)(cfg), cfg, module.architecture_name(cfg, head_name)

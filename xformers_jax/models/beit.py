@@ -10,7 +10,7 @@ size. Pooling is the mean of the patch tokens (plus a LayerNorm) or the CLS toke
 
 Heads: `BeitModel`, `BeitForMaskedImageModeling`, `BeitForImageClassification` here;
 `BeitForSemanticSegmentation` and `BeitBackbone` (FPN, UperNet, FCN, BatchNorm) live in
-`beit_segmentation.py` and are re-exported at the bottom of this file.
+`beit_segmentation.py`, which imports this module (never the reverse).
 """
 
 from __future__ import annotations
@@ -18,24 +18,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from xformers_jax.layers import MLP, DenseGeneral, LayerNorm, dot_product_attention, get_activation
 from xformers_jax.layers.dense import param_init, residual
+from xformers_jax.layers.losses import cross_entropy_with_ignore, sequence_classification_loss
 from xformers_jax.models import outputs
-from xformers_jax.models.common import (
-    REMAT_POLICIES,
+from xformers_jax.models.base import (
+    FamilyConfig,
     InputError,
-    check_scan_unroll,
-    cross_entropy_with_ignore,
-    dtype_from_name,
     scan_layers,
     unstack,
 )
@@ -45,7 +41,7 @@ _TUPLE_FIELDS = ("pool_scales", "out_features", "out_indices")
 
 
 @dataclasses.dataclass(frozen=True)
-class BeitConfig:
+class BeitConfig(FamilyConfig):
     """Hyper-parameters; field names are transformers' `BeitConfig` names.
 
     `dtype` (compute), `param_dtype`, `remat_policy` and `hf_compat` are ours and never written to
@@ -86,15 +82,12 @@ class BeitConfig:
     add_fpn: bool = False
     reshape_hidden_states: bool = True
     batch_norm_eps: float = 1e-5
-    num_labels: int = 2
-    problem_type: str | None = None
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat_policy: str = "none"
-    scan_unroll: int = 1
     hf_compat: bool = False
 
+    LOCAL_FIELDS = ("hf_compat",)
+
     def __post_init__(self):
+        super().__post_init__()
         if self.model_type != "beit":
             raise ValueError(f"model_type must be 'beit', got {self.model_type!r}")
         if self.hidden_size % self.num_attention_heads:
@@ -104,11 +97,6 @@ class BeitConfig:
             )
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of {self.patch_size}")
-        check_scan_unroll(self.scan_unroll)
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
-                f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}"
-            )
         get_activation(self.hidden_act)
         for name in _TUPLE_FIELDS:
             value = getattr(self, name)
@@ -145,20 +133,8 @@ class BeitConfig:
         """The patch grid at the config resolution (the relative tables are sized for it)."""
         return (self.image_size // self.patch_size,) * 2
 
-    def replace(self, **kw) -> BeitConfig:
-        return dataclasses.replace(self, **kw)
-
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> BeitConfig:
-        """Builds from a mapping, ignoring keys that are not fields (e.g. config.json extras)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any]) -> BeitConfig:
-        kw = dict(hf)
-        if "id2label" in kw and "num_labels" not in kw:
-            kw["num_labels"] = len(kw["id2label"])
+    def _from_hf(cls, kw: dict[str, Any]) -> None:
         if "segmentation_indices" in kw and kw.get("out_indices") is None:
             kw["out_indices"] = kw["segmentation_indices"]
         for key in ("image_size", "patch_size"):
@@ -167,17 +143,11 @@ class BeitConfig:
                 if a != b:
                     raise ValueError(f"non-square {key} {kw[key]} is not supported")
                 kw[key] = a
-        return cls.from_dict(kw)
 
-    def to_hf_config(self) -> dict[str, Any]:
-        skip = {"dtype", "param_dtype", "remat_policy", "scan_unroll", "num_labels", "hf_compat"}
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+    def _to_hf(self, d: dict[str, Any]) -> None:
         for name in _TUPLE_FIELDS:
             d[name] = list(d[name])
-        d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
-        d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
         d["stage_names"] = list(self.stage_names)
-        return d
 
 
 _BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
@@ -356,7 +326,7 @@ class RelativePositionBias(nn.Module):
         heads = cfg.num_attention_heads
         table = self.param(
             "relative_position_bias_table", param_init(nn.initializers.zeros, ("relpos", "heads")),
-            (oh * ow + 3, heads), dtype_from_name(cfg.param_dtype),
+            (oh * ow + 3, heads), cfg.param_dtype,
         )  # fmt: skip
         table = jnp.asarray(table, jnp.float32)
         nh, nw = 2 * grid[0] - 1, 2 * grid[1] - 1
@@ -381,7 +351,7 @@ class Embeddings(nn.Module):
     @nn.compact
     def __call__(self, pixel_values, bool_masked_pos=None):
         cfg = self.config
-        dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+        dtype, pdtype = cfg.dtype, cfg.param_dtype
         init = nn.initializers.normal(cfg.initializer_range)
         if pixel_values.shape[1] != cfg.num_channels:
             raise InputError(
@@ -452,7 +422,7 @@ class Layer(nn.Module):
     @nn.compact
     def __call__(self, x, drop_rate, head_mask, shared_bias):
         cfg = self.config
-        dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+        dtype, pdtype = cfg.dtype, cfg.param_dtype
         init = nn.initializers.normal(cfg.initializer_range)
         heads, hd = cfg.num_attention_heads, cfg.head_dim
         norm = lambda name: LayerNorm(
@@ -509,7 +479,7 @@ class Layer(nn.Module):
         if cfg.layer_scale_init_value <= 0:
             return None
         init = param_init(nn.initializers.constant(cfg.layer_scale_init_value), ("embed",))
-        pdtype = dtype_from_name(cfg.param_dtype)
+        pdtype = cfg.param_dtype
         return tuple(
             self.param(n, init, (cfg.hidden_size,), pdtype) for n in ("lambda_1", "lambda_2")
         )
@@ -592,7 +562,7 @@ class BeitModel(nn.Module):
         # interpolate_pos_encoding: tables are always resized to the input grid (HF's result).
         del interpolate_pos_encoding
         cfg = self.config
-        dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+        dtype, pdtype = cfg.dtype, cfg.param_dtype
         x, hidden, attn, _ = Encoder(cfg, name="encoder")(
             pixel_values, bool_masked_pos, head_mask, output_attentions, output_hidden_states,
             deterministic,
@@ -635,7 +605,7 @@ class BeitForMaskedImageModeling(nn.Module):
         deterministic: bool = True,
     ) -> outputs.MaskedLMOutput:
         cfg = self.config
-        dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+        dtype, pdtype = cfg.dtype, cfg.param_dtype
         out = BeitModel(cfg, add_pooling_layer=False, name="beit")(
             pixel_values, bool_masked_pos, head_mask, output_attentions, output_hidden_states,
             interpolate_pos_encoding, deterministic,
@@ -676,26 +646,6 @@ def masked_image_loss(logits, bool_masked_pos, labels):
     return cross_entropy_with_ignore(picked, labels)
 
 
-def classification_loss(logits, labels, config: BeitConfig):
-    """transformers' `ForSequenceClassification` loss: MSE, CE or BCE by `problem_type`."""
-    problem = config.problem_type
-    labels = jnp.asarray(labels)
-    if problem is None:
-        if config.num_labels == 1:
-            problem = "regression"
-        elif jnp.issubdtype(labels.dtype, jnp.integer):
-            problem = "single_label_classification"
-        else:
-            problem = "multi_label_classification"
-    logits = logits.astype(jnp.float32)
-    if problem == "regression":
-        pred = logits.squeeze(-1) if config.num_labels == 1 else logits
-        return jnp.mean(jnp.square(pred - labels.astype(jnp.float32).reshape(pred.shape)))
-    if problem == "single_label_classification":
-        return cross_entropy_with_ignore(logits, labels.reshape(-1).astype(jnp.int32))
-    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)))
-
-
 class BeitForImageClassification(nn.Module):
     """A linear classifier on the pooled output (HF `BeitForImageClassification`).
 
@@ -722,11 +672,15 @@ class BeitForImageClassification(nn.Module):
             interpolate_pos_encoding, deterministic,
         )  # fmt: skip
         logits = DenseGeneral(
-            cfg.num_labels, ("embed", "classes"), dtype=dtype_from_name(cfg.dtype),
-            param_dtype=dtype_from_name(cfg.param_dtype),
+            cfg.num_labels, ("embed", "classes"), dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
             kernel_init=nn.initializers.normal(cfg.initializer_range), name="classifier",
         )(out.pooler_output)  # fmt: skip
-        loss = None if labels is None else classification_loss(logits, labels, cfg)
+        loss = (
+            None
+            if labels is None
+            else sequence_classification_loss(logits, labels, cfg.num_labels, cfg.problem_type)
+        )
         return outputs.ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
         )
@@ -738,18 +692,10 @@ def architecture_name(config: BeitConfig, class_name: str) -> str:
     return class_name
 
 
-# The segmentation heads and the backbone build on the modules above.
-from xformers_jax.models.beit_segmentation import (  # noqa: E402
-    BeitBackbone,
-    BeitForSemanticSegmentation,
-)
-
 __all__ = [
     "PRESETS",
-    "BeitBackbone",
     "BeitConfig",
     "BeitForImageClassification",
     "BeitForMaskedImageModeling",
-    "BeitForSemanticSegmentation",
     "BeitModel",
 ]

@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from xformers_jax.layers.dense import param_init
+from xformers_jax.layers.losses import cross_entropy_with_ignore
 from xformers_jax.models import outputs
-from xformers_jax.models.common import cross_entropy_with_ignore, dtype_from_name
+from xformers_jax.models.beit import BeitModel, Encoder, resize_2d
 
 
 class BatchNorm(nn.Module):
@@ -61,12 +62,12 @@ class BatchNorm(nn.Module):
 
 
 def _batch_norm(cfg, eps, deterministic, name):
-    dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+    dtype, pdtype = cfg.dtype, cfg.param_dtype
     return BatchNorm(eps, deterministic=deterministic, dtype=dtype, param_dtype=pdtype, name=name)
 
 
 def _conv(features, kernel, padding, use_bias, cfg, name):
-    dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+    dtype, pdtype = cfg.dtype, cfg.param_dtype
     return nn.Conv(
         features, (kernel, kernel), padding=((padding, padding), (padding, padding)),
         use_bias=use_bias, dtype=dtype, param_dtype=pdtype,
@@ -101,13 +102,13 @@ class ConvTranspose2x(nn.Module):
     def __call__(self, x):
         cfg = self.config
         d = x.shape[-1]
-        pdtype = dtype_from_name(cfg.param_dtype)
+        pdtype = cfg.param_dtype
         kernel = self.param(
             "kernel", param_init(nn.initializers.normal(cfg.initializer_range),
                                  (None, None, "conv_in", "conv_out")), (2, 2, d, d), pdtype,
         )  # fmt: skip
         bias = self.param("bias", param_init(nn.initializers.zeros, ("conv_out",)), (d,), pdtype)
-        dtype = dtype_from_name(cfg.dtype)
+        dtype = cfg.dtype
         y = jnp.einsum("bhwi,yxio->bhywxo", x.astype(dtype), jnp.asarray(kernel, dtype))
         b, h, _, w, _, o = y.shape
         return y.reshape(b, 2 * h, 2 * w, o) + jnp.asarray(bias, dtype)
@@ -142,8 +143,6 @@ class UperHead(nn.Module):
 
     @nn.compact
     def __call__(self, features):
-        from xformers_jax.models.beit import resize_2d
-
         cfg = self.config
         ch = cfg.hidden_size
         cm = lambda name, k=1, p=0: ConvModule(cfg, ch, k, p, self.deterministic, name=name)  # noqa: E731
@@ -198,8 +197,6 @@ def _nchw(x):
 def segmentation_loss(logits, aux_logits, labels, config) -> jax.Array:
     """HF's loss: bilinear upsampling to the label size, CE ignoring `semantic_loss_ignore_index`,
     plus `auxiliary_loss_weight` times the auxiliary head's. Logits NHWC, labels `[b, H, W]`."""
-    from xformers_jax.models.beit import resize_2d
-
     labels = jnp.asarray(labels).astype(jnp.int32)
     size = labels.shape[-2:]
     ignore = config.semantic_loss_ignore_index
@@ -231,8 +228,6 @@ class BeitForSemanticSegmentation(nn.Module):
         interpolate_pos_encoding: bool = False,
         deterministic: bool = True,
     ) -> outputs.SemanticSegmenterOutput:
-        from xformers_jax.models.beit import BeitModel
-
         cfg = self.config
         if len(cfg.out_indices) != 4:
             raise ValueError(f"segmentation needs 4 out_indices, got {cfg.out_indices}")
@@ -284,8 +279,6 @@ class BeitBackbone(nn.Module):
         output_attentions: bool = False,
         deterministic: bool = True,
     ) -> outputs.BackboneOutput:
-        from xformers_jax.models.beit import Encoder
-
         cfg = self.config
         _, hidden, attn, grid = Encoder(cfg, name="encoder")(
             pixel_values, None, None, output_attentions, True, deterministic

@@ -19,15 +19,15 @@ moves the self-attention cache, a step reads each slot from the row that wrote i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
+from xformers_jax import decoding
 from xformers_jax.layers import (
     DEFAULT_MASK_VALUE,
     MLP,
@@ -37,12 +37,15 @@ from xformers_jax.layers import (
     dot_product_attention,
     param_init,
 )
-from xformers_jax.models import outputs
-from xformers_jax.models.common import (
-    REMAT_POLICIES,
-    check_scan_unroll,
+from xformers_jax.layers.losses import (
     cross_entropy_with_ignore,
-    dtype_from_name,
+    sequence_classification_loss,
+    span_loss,
+    token_classification_loss,
+)
+from xformers_jax.models import heads, outputs
+from xformers_jax.models.base import (
+    FamilyConfig,
     scan_layers,
     unstack,
 )
@@ -52,7 +55,7 @@ _ACT_HEADS = ("act_batch", "act_length", "act_heads", "act_kv")
 
 
 @dataclasses.dataclass(frozen=True)
-class MT5Config:
+class MT5Config(FamilyConfig):
     """Hyper-parameters; field names are transformers' `MT5Config` names.
 
     `dtype` (compute), `param_dtype` and `remat_policy` are ours and never written to config.json.
@@ -78,21 +81,11 @@ class MT5Config:
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
-    num_labels: int = 2
-    problem_type: str | None = None
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat_policy: str = "none"
-    scan_unroll: int = 1
 
     def __post_init__(self):
+        super().__post_init__()
         if self.num_decoder_layers is None:
             object.__setattr__(self, "num_decoder_layers", self.num_layers)
-        check_scan_unroll(self.scan_unroll)
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
-                f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}"
-            )
         parts = self.feed_forward_proj.split("-")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
             raise ValueError(
@@ -114,29 +107,8 @@ class MT5Config:
     def hidden_size(self) -> int:
         return self.d_model
 
-    def replace(self, **kw) -> MT5Config:
-        return dataclasses.replace(self, **kw)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> MT5Config:
-        """Builds from a mapping, ignoring keys that are not fields (e.g. config.json extras)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any]) -> MT5Config:
-        kw = dict(hf)
-        if "id2label" in kw and "num_labels" not in kw:
-            kw["num_labels"] = len(kw["id2label"])
-        return cls.from_dict(kw)
-
-    def to_hf_config(self) -> dict[str, Any]:
-        skip = {"dtype", "param_dtype", "remat_policy", "scan_unroll", "num_labels"}
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
-        d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
-        d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+    def _to_hf(self, d: dict[str, Any]) -> None:
         d.update(is_encoder_decoder=True, use_cache=True, tokenizer_class="T5Tokenizer")
-        return d
 
 
 _MT5 = dict(vocab_size=250112, d_kv=64, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
@@ -158,7 +130,7 @@ def architecture_name(config: MT5Config, class_name: str) -> str:
 
 
 def _dtypes(cfg: MT5Config):
-    return dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+    return cfg.dtype, cfg.param_dtype
 
 
 def _fan_in(cfg: MT5Config, in_axis, out_axis, extra: float = 1.0):
@@ -219,7 +191,7 @@ class RelativePositionBias(nn.Module):
         init = nn.initializers.normal(cfg.initializer_factor * cfg.d_model**-0.5)
         table = self.param(
             "embedding", param_init(init, ("relpos", "heads")),
-            (cfg.relative_attention_num_buckets, cfg.num_heads), dtype_from_name(cfg.param_dtype),
+            (cfg.relative_attention_num_buckets, cfg.num_heads), cfg.param_dtype,
         )  # fmt: skip
         values = jnp.take(jnp.asarray(table, jnp.float32), buckets, axis=0)  # [q, k, heads]
         return jnp.transpose(values, (2, 0, 1))[None]
@@ -270,7 +242,7 @@ class Attention(nn.Module):
         Returns:
           `([rows, 1, d_model], (k, v) [rows, heads, d_kv] of this position, or None)`.
         """
-        dtype = dtype_from_name(self.config.dtype)
+        dtype = self.config.dtype
         q = self.q(x)[:, 0]
         rows, heads, d = q.shape
         n = k_cache.shape[2]
@@ -305,7 +277,7 @@ class Attention(nn.Module):
             rng = self.make_rng("dropout")
         out, probs = dot_product_attention(
             q, k, v, mask=mask, bias=bias, scale=1.0, dropout_rate=cfg.dropout_rate,
-            dropout_rng=rng, deterministic=deterministic, dtype=dtype_from_name(cfg.dtype),
+            dropout_rng=rng, deterministic=deterministic, dtype=cfg.dtype,
         )  # fmt: skip
         return self.o(out), probs
 
@@ -530,6 +502,7 @@ class MT5Model(nn.Module):
         )  # fmt: skip
 
 
+@decoding.generator
 class MT5ForConditionalGeneration(nn.Module):
     """mT5 with its LM head (HF `MT5ForConditionalGeneration`): logits `[b, m, vocab]` (float32).
 
@@ -539,7 +512,6 @@ class MT5ForConditionalGeneration(nn.Module):
     """
 
     config: MT5Config
-    can_generate = True
 
     def setup(self):
         cfg = self.config
@@ -598,7 +570,7 @@ class MT5ForConditionalGeneration(nn.Module):
         cross_k, cross_v = self.model.decoder(enc, enc=enc, mode="cross_kv")
         b = input_ids.shape[0]
         shape = (cfg.num_decoder_layers, b, cfg.num_heads, max_length, cfg.d_kv)
-        zeros = jnp.zeros(shape, dtype_from_name(cfg.dtype))
+        zeros = jnp.zeros(shape, cfg.dtype)
         cache = dict(self_k=zeros, self_v=zeros, cross_k=cross_k, cross_v=cross_v)
         return dict(encoder_attention_mask=attention_mask, cache=cache)
 
@@ -647,28 +619,22 @@ def _seq2seq_fields(out: outputs.Seq2SeqModelOutput) -> dict[str, Any]:
     )  # fmt: skip
 
 
+def _encoder_decoder(cfg: MT5Config, input_ids, attention_mask, decoder_input_ids,
+                     decoder_attention_mask, *flags) -> outputs.Seq2SeqModelOutput:  # fmt: skip
+    """`MT5Model` (named `model`) in the caller's scope, decoder inputs defaulting to
+    `input_ids` shifted right (transformers' rule for the classification and QA heads)."""
+    if decoder_input_ids is None:
+        decoder_input_ids = shift_right(input_ids, cfg.decoder_start_token_id, cfg.pad_token_id)
+    return MT5Model(cfg, name="model")(
+        input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, None, None, *flags
+    )
+
+
 def _dense(cfg: MT5Config, features: int, axes, name: str) -> DenseGeneral:
     dtype, pdtype = _dtypes(cfg)
     init = nn.initializers.normal(cfg.initializer_factor * cfg.d_model**-0.5)
     return DenseGeneral(features, axes, dtype=dtype, param_dtype=pdtype, kernel_init=init,
                         name=name)  # fmt: skip
-
-
-def _classification_loss(cfg: MT5Config, logits, labels):
-    """HF's `problem_type` rules: regression (MSE), single-label (CE) or multi-label (BCE)."""
-    problem = cfg.problem_type
-    if problem is None:
-        if cfg.num_labels == 1:
-            problem = "regression"
-        elif jnp.issubdtype(labels.dtype, jnp.integer):
-            problem = "single_label_classification"
-        else:
-            problem = "multi_label_classification"
-    if problem == "regression":
-        return jnp.mean(jnp.square(jnp.squeeze(logits) - jnp.squeeze(labels.astype(jnp.float32))))
-    if problem == "single_label_classification":
-        return cross_entropy_with_ignore(logits.reshape(-1, cfg.num_labels), labels.reshape(-1))
-    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)))
 
 
 class MT5ForSequenceClassification(nn.Module):
@@ -687,22 +653,21 @@ class MT5ForSequenceClassification(nn.Module):
         output_hidden_states: bool = False, deterministic: bool = True,
     ) -> outputs.Seq2SeqSequenceClassifierOutput:  # fmt: skip
         cfg = self.config
-        if decoder_input_ids is None:
-            decoder_input_ids = shift_right(input_ids, cfg.decoder_start_token_id, cfg.pad_token_id)
-        out = MT5Model(cfg, name="model")(
-            input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, None, None,
+        out = _encoder_decoder(
+            cfg, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
             output_attentions, output_hidden_states, deterministic,
         )  # fmt: skip
         n = input_ids.shape[1]
         last_eos = n - 1 - jnp.argmax((input_ids == cfg.eos_token_id)[:, ::-1], axis=1)
         last_eos = jnp.where(jnp.any(input_ids == cfg.eos_token_id, axis=1), last_eos, 0)
         x = jnp.take_along_axis(out.last_hidden_state, last_eos[:, None, None], axis=1)[:, 0]
-        drop = nn.Dropout(cfg.classifier_dropout)
-        x = drop(x, deterministic=deterministic)
-        x = jnp.tanh(_dense(cfg, cfg.d_model, ("embed", "mlp"), "dense")(x))
-        x = drop(x, deterministic=deterministic)
-        logits = _dense(cfg, cfg.num_labels, ("mlp", "classes"), "out_proj")(x).astype(jnp.float32)
-        loss = None if labels is None else _classification_loss(cfg, logits, jnp.asarray(labels))
+        logits = heads.classification_head(
+            functools.partial(_dense, cfg), x, cfg.d_model, cfg.num_labels,
+            cfg.classifier_dropout, jnp.tanh, deterministic,
+        ).astype(jnp.float32)  # fmt: skip
+        loss = None
+        if labels is not None:
+            loss = sequence_classification_loss(logits, labels, cfg.num_labels, cfg.problem_type)
         return outputs.Seq2SeqSequenceClassifierOutput(
             loss=loss, logits=logits, **_seq2seq_fields(out)
         )
@@ -730,7 +695,7 @@ class MT5ForTokenClassification(nn.Module):
         x = nn.Dropout(cfg.classifier_dropout)(out.last_hidden_state, deterministic=deterministic)
         logits = _dense(cfg, cfg.num_labels, ("embed", "classes"), "classifier")(x)
         logits = logits.astype(jnp.float32)
-        loss = None if labels is None else cross_entropy_with_ignore(logits, jnp.asarray(labels))
+        loss = None if labels is None else token_classification_loss(logits, labels)
         return outputs.TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
         )
@@ -753,26 +718,19 @@ class MT5ForQuestionAnswering(nn.Module):
         deterministic: bool = True,
     ) -> outputs.Seq2SeqQuestionAnsweringModelOutput:  # fmt: skip
         cfg = self.config
-        if decoder_input_ids is None:
-            decoder_input_ids = shift_right(input_ids, cfg.decoder_start_token_id, cfg.pad_token_id)
-        out = MT5Model(cfg, name="model")(
-            input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, None, None,
+        out = _encoder_decoder(
+            cfg, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
             output_attentions, output_hidden_states, deterministic,
         )  # fmt: skip
-        logits = _dense(cfg, cfg.num_labels, ("embed", "classes"), "qa_outputs")(
-            out.last_hidden_state
-        ).astype(jnp.float32)  # fmt: skip
-        start, end = logits[..., 0], logits[..., 1]
+        # transformers' qa_outputs has num_labels outputs; start and end are the first two.
+        start, end = heads.span_logits(
+            functools.partial(_dense, cfg), out.last_hidden_state, cfg.num_labels
+        )
+        start, end = start.astype(jnp.float32), end.astype(jnp.float32)
         loss = None
         if start_positions is not None and end_positions is not None:
-            m = start.shape[1]
             # HF clamps to [0, m] and ignores m: out-of-range positions add no loss.
-            sp = jnp.clip(jnp.asarray(start_positions).reshape(-1), 0, m)
-            ep = jnp.clip(jnp.asarray(end_positions).reshape(-1), 0, m)
-            loss = (
-                cross_entropy_with_ignore(start, sp, ignore_index=m)
-                + cross_entropy_with_ignore(end, ep, ignore_index=m)
-            ) / 2
+            loss = span_loss(start, end, start_positions, end_positions)
         return outputs.Seq2SeqQuestionAnsweringModelOutput(
             loss=loss, start_logits=start, end_logits=end, **_seq2seq_fields(out)
         )

@@ -25,15 +25,11 @@ from xformers_jax.layers import (
     get_activation,
     padding_mask,
 )
-from xformers_jax.layers.dense import add_bias, residual
-from xformers_jax.layers.losses import chunked_cross_entropy, gather_positions
-from xformers_jax.models import outputs
-from xformers_jax.models.common import (
-    REMAT_POLICIES,
+from xformers_jax.layers.dense import residual
+from xformers_jax.models import heads, outputs
+from xformers_jax.models.base import (
+    FamilyConfig,
     InputError,
-    check_scan_unroll,
-    cross_entropy_with_ignore,
-    dtype_from_name,
     scan_layers,
     unstack,
 )
@@ -43,7 +39,7 @@ POSITION_TYPES = ("absolute", "relative_key", "relative_key_query")
 
 
 @dataclasses.dataclass(frozen=True)
-class XLMRobertaConfig:
+class XLMRobertaConfig(FamilyConfig):
     """Hyper-parameters; field names are transformers' config.json names.
 
     `dtype` (compute), `param_dtype` and `remat_policy` are ours and never written to config.json.
@@ -67,15 +63,10 @@ class XLMRobertaConfig:
     eos_token_id: int = 2
     position_embedding_type: str = "absolute"
     classifier_dropout: float | None = None
-    num_labels: int = 2
-    problem_type: str | None = None
     is_decoder: bool = False
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat_policy: str = "none"
-    scan_unroll: int = 1
 
     def __post_init__(self):
+        super().__post_init__()
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
         if self.position_embedding_type not in POSITION_TYPES:
@@ -88,11 +79,6 @@ class XLMRobertaConfig:
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
                 f"{self.num_attention_heads}"
             )
-        check_scan_unroll(self.scan_unroll)
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
-                f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}"
-            )
         get_activation(self.hidden_act)
 
     @property
@@ -103,31 +89,13 @@ class XLMRobertaConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    def replace(self, **kw) -> XLMRobertaConfig:
-        return dataclasses.replace(self, **kw)
-
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> XLMRobertaConfig:
-        """Builds from a mapping, ignoring keys that are not fields (e.g. config.json extras)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+    def _hf_defaults(cls, hf: Mapping[str, Any]) -> dict[str, Any]:
+        return _HF_DEFAULTS[hf.get("model_type", "xlm-roberta-xl")]
 
-    @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any]) -> XLMRobertaConfig:
-        """From a config.json dict; absent keys take transformers' defaults for its model_type."""
-        kw = {**_HF_DEFAULTS[hf.get("model_type", "xlm-roberta-xl")], **hf}
-        if "id2label" in kw and "num_labels" not in kw:
-            kw["num_labels"] = len(kw["id2label"])
-        return cls.from_dict(kw)
-
-    def to_hf_config(self) -> dict[str, Any]:
-        skip = {"dtype", "param_dtype", "remat_policy", "scan_unroll", "num_labels"}
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
-        d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
-        d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+    def _to_hf(self, d: dict[str, Any]) -> None:
         d["layer_norm_eps"] = float(self.layer_norm_eps)
         d["use_cache"] = True
-        return d
 
 
 # transformers' config-class defaults, which a hand-written config.json relies on.
@@ -212,7 +180,7 @@ class Embeddings(nn.Module):
     @nn.compact
     def __call__(self, input_ids, token_type_ids, position_ids, inputs_embeds=None):
         cfg = self.config
-        dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+        dtype, pdtype = cfg.dtype, cfg.param_dtype
         init = nn.initializers.normal(cfg.initializer_range)
         word = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), dtype, pdtype, init,
                      name="word_embeddings")  # fmt: skip
@@ -247,7 +215,7 @@ class SelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x, mask, head_mask=None, index=None, cache=None):
         cfg = self.config
-        dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+        dtype, pdtype = cfg.dtype, cfg.param_dtype
         init = nn.initializers.normal(cfg.initializer_range)
         heads, hd = cfg.num_attention_heads, cfg.head_dim
         proj = lambda name: DenseGeneral(  # noqa: E731
@@ -310,7 +278,7 @@ class Layer(nn.Module):
     @nn.compact
     def __call__(self, x, mask, head_mask, index=None, cache=None):
         cfg = self.config
-        dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+        dtype, pdtype = cfg.dtype, cfg.param_dtype
         norm = lambda name: LayerNorm(
             cfg.layer_norm_eps, dtype=dtype, param_dtype=pdtype, name=name
         )  # noqa: E731
@@ -417,7 +385,7 @@ class XLMRobertaModel(nn.Module):
             unroll=cfg.scan_unroll,
         )(x, mask, layer_head_mask)
         if cfg.pre_ln:
-            dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+            dtype, pdtype = cfg.dtype, cfg.param_dtype
             x = LayerNorm(cfg.layer_norm_eps, dtype=dtype, param_dtype=pdtype, name="final_norm")(x)
 
         hidden_states = None
@@ -450,7 +418,7 @@ class XLMRobertaModel(nn.Module):
             length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"},
         )(config=cfg, name="layers")(x, mask, None, index, cache)  # fmt: skip
         if cfg.pre_ln:
-            dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+            dtype, pdtype = cfg.dtype, cfg.param_dtype
             x = LayerNorm(cfg.layer_norm_eps, dtype=dtype, param_dtype=pdtype, name="final_norm")(x)
         return outputs.BaseModelOutput(last_hidden_state=x, past_key_values=cache)
 
@@ -479,43 +447,11 @@ class Pooler(nn.Module):
     def __call__(self, x):
         cfg = self.config
         dense = DenseGeneral(
-            cfg.hidden_size, ("embed", "mlp"), dtype=dtype_from_name(cfg.dtype),
-            param_dtype=dtype_from_name(cfg.param_dtype),
+            cfg.hidden_size, ("embed", "mlp"), dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
             kernel_init=nn.initializers.normal(cfg.initializer_range), name="dense",
         )  # fmt: skip
         return jnp.tanh(dense(x[:, 0]))
-
-
-class LMHead(nn.Module):
-    """dense -> gelu -> LayerNorm -> tied decoder (+ bias). `[..., hidden] -> [..., vocab]`.
-
-    With `chunk_size > 0` and `labels`, the decoder is never applied as a whole: returns
-    `chunked_cross_entropy`'s `(token losses, predictions)` instead of logits.
-    """
-
-    config: XLMRobertaConfig
-
-    @nn.compact
-    def __call__(self, x, embedding: jax.Array, labels=None, chunk_size: int = 0):
-        cfg = self.config
-        dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
-        x = DenseGeneral(
-            cfg.hidden_size, ("embed", "mlp"), dtype=dtype, param_dtype=pdtype,
-            kernel_init=nn.initializers.normal(cfg.initializer_range), name="dense",
-        )(x)  # fmt: skip
-        x = jax.nn.gelu(x, approximate=False)
-        x = LayerNorm(cfg.layer_norm_eps, dtype=dtype, param_dtype=pdtype, name="norm")(x)
-        bias = self.param(
-            "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
-            (cfg.vocab_size,), pdtype,
-        )  # fmt: skip
-        if chunk_size > 0 and labels is not None:
-            return chunked_cross_entropy(
-                x, jnp.asarray(embedding, dtype), bias, labels, chunk_size=chunk_size
-            )
-        logits = jnp.einsum("...d,vd->...v", x, jnp.asarray(embedding, dtype))
-        logits = add_bias(logits, jnp.asarray(bias, dtype))
-        return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
 
 
 class XLMRobertaForMaskedLM(nn.Module):
@@ -556,31 +492,14 @@ class XLMRobertaForMaskedLM(nn.Module):
             input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
             output_attentions, output_hidden_states, deterministic,
         )  # fmt: skip
-        x = out.last_hidden_state
-        if masked_positions is not None:
-            x = gather_positions(x, masked_positions)
-            if labels is not None:
-                labels = jnp.where(masked_positions >= 0, labels, -100)
-        head = LMHead(self.config, name="lm_head")
-        if vocab_chunk_size > 0 and labels is not None:
-            losses, predictions = head(x, word_embeddings(base), labels, vocab_chunk_size)
-            valid = labels != -100
-            loss = jnp.sum(losses) / jnp.maximum(jnp.sum(valid), 1)
-            return outputs.ChunkedLMOutput(
-                loss=loss, token_losses=losses, predictions=predictions,
-                hidden_states=out.hidden_states, attentions=out.attentions,
-            )  # fmt: skip
-        logits = head(x, word_embeddings(base))
-        loss = None if labels is None else cross_entropy_with_ignore(logits, labels)
-        return outputs.MaskedLMOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+        head = heads.LMHead(self.config, exact_gelu, name="lm_head")
+        return heads.masked_lm_output(
+            out, head, heads.word_embeddings(base), labels, masked_positions, vocab_chunk_size
         )
 
 
-def word_embeddings(base: XLMRobertaModel) -> jax.Array:
-    """The `[vocab, hidden]` word embedding table of a called base model (for tied heads)."""
-    table = base.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
-    return nn.meta.unbox(table)
+def exact_gelu(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=False)
 
 
 # transformers names the XL variant's classes apart; the modules are the same.
@@ -593,34 +512,6 @@ def architecture_name(config: XLMRobertaConfig, class_name: str) -> str:
     return class_name.replace("XLMRoberta", "XLMRobertaXL", 1) if config.pre_ln else class_name
 
 
-# The task heads live in their own file (this one stays the base model + MLM) and are re-exported
-# lazily, so the registry and users find every head here and either module can be imported first.
-_HEADS = (
-    "XLMRobertaForCausalLM",
-    "XLMRobertaForMultipleChoice",
-    "XLMRobertaForQuestionAnswering",
-    "XLMRobertaForSequenceClassification",
-    "XLMRobertaForTokenClassification",
-    "XLMRobertaXLForCausalLM",
-    "XLMRobertaXLForMultipleChoice",
-    "XLMRobertaXLForQuestionAnswering",
-    "XLMRobertaXLForSequenceClassification",
-    "XLMRobertaXLForTokenClassification",
-)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _HEADS:
-        from xformers_jax.models import xlm_roberta_heads
-
-        return getattr(xlm_roberta_heads, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_HEADS])
-
-
 __all__ = [
     "PRESETS",
     "XLMRobertaConfig",
@@ -630,5 +521,4 @@ __all__ = [
     "XLMRobertaXLModel",
     "architecture_name",
     "position_ids_from_input_ids",
-    *_HEADS,
 ]

@@ -1,9 +1,10 @@
 """XLM-R(-XL) task heads, named and behaving as transformers' classes (both variants).
 
-`XLMRobertaForCausalLM`, `...ForSequenceClassification`, `...ForMultipleChoice`,
-`...ForTokenClassification`, `...ForQuestionAnswering`; the base model and the masked LM live in
-`xlm_roberta.py`, which re-exports these. Every head takes HF's argument names, returns HF's
-output fields, and with `labels` (`start_positions` / `end_positions` for QA) gives HF's loss:
+`XLMRobertaForCausalLM` (with generation) here; `...ForSequenceClassification`,
+`...ForMultipleChoice`, `...ForTokenClassification` and `...ForQuestionAnswering` are the shared
+heads of `heads.py` over XLM-R's encoder. The base model and the masked LM live in
+`xlm_roberta.py` (which never imports this module). With `labels` (`start_positions` /
+`end_positions` for QA) every head gives HF's loss:
 
 * causal LM: labels shifted left by one inside (token t predicts label t+1), `-100` ignored;
 * sequence classification: `problem_type` as transformers infers it (1 label -> regression (MSE);
@@ -11,7 +12,8 @@ output fields, and with `labels` (`start_positions` / `end_positions` for QA) gi
 * token classification: cross-entropy over tokens; the XL variant also ignores tokens where
   `attention_mask != 1` (as `XLMRobertaXLForTokenClassification` does, XLM-R does not);
 * QA: positions clamped to `[0, length]`, `length` ignored, mean of start and end losses;
-* multiple choice: cross-entropy over the choices.
+* multiple choice: the pooled `<s>` of every choice scored by a `[hidden, 1]` classifier,
+  cross-entropy over the choices.
 """
 
 from __future__ import annotations
@@ -21,84 +23,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
-from xformers_jax.layers import DenseGeneral
-from xformers_jax.models import outputs
-from xformers_jax.models.common import cross_entropy_with_ignore, dtype_from_name
-from xformers_jax.models.xlm_roberta import (
-    LMHead,
-    XLMRobertaConfig,
-    XLMRobertaModel,
-    word_embeddings,
-)
+from xformers_jax import decoding
+from xformers_jax.layers.losses import causal_lm_loss
+from xformers_jax.models import heads, outputs
+from xformers_jax.models.xlm_roberta import XLMRobertaConfig, XLMRobertaModel, exact_gelu
 
 
-def _dense(cfg: XLMRobertaConfig, features: int, axes: tuple[str, str], name: str) -> DenseGeneral:
-    return DenseGeneral(
-        features, axes, dtype=dtype_from_name(cfg.dtype),
-        param_dtype=dtype_from_name(cfg.param_dtype),
-        kernel_init=nn.initializers.normal(cfg.initializer_range), name=name,
-    )  # fmt: skip
-
-
-def _run_base(module: nn.Module, pooler: bool, kw: dict[str, Any]) -> outputs.BaseModelOutput:
-    base = XLMRobertaModel(module.config, add_pooling_layer=pooler, name="model")
-    return base(**kw)
-
-
-def _classifier_dropout(cfg: XLMRobertaConfig) -> float:
-    return cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
-
-
-def sequence_classification_loss(
-    logits: jax.Array, labels: jax.Array, num_labels: int, problem_type: str | None
-) -> jax.Array:
-    """transformers' loss for `*ForSequenceClassification`, `problem_type` inferred as HF does.
-
-    Args:
-      logits: `[batch, num_labels]`.
-      labels: `[batch]` ints (single-label), `[batch]` / `[batch, num_labels]` floats (regression),
-        `[batch, num_labels]` floats (multi-label).
-    """
-    if problem_type is None:
-        if num_labels == 1:
-            problem_type = "regression"
-        elif jnp.issubdtype(labels.dtype, jnp.integer):
-            problem_type = "single_label_classification"
-        else:
-            problem_type = "multi_label_classification"
-    logits = logits.astype(jnp.float32)
-    if problem_type == "regression":
-        labels = labels.astype(jnp.float32)
-        if num_labels == 1:
-            return jnp.mean(jnp.square(jnp.squeeze(logits) - jnp.squeeze(labels)))
-        return jnp.mean(jnp.square(logits - labels))
-    if problem_type == "single_label_classification":
-        return cross_entropy_with_ignore(logits.reshape(-1, num_labels), labels.reshape(-1))
-    if problem_type == "multi_label_classification":
-        return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)))
-    raise ValueError(f"unknown problem_type {problem_type!r}")
-
-
-def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """HF's causal-LM loss: position t predicts `labels[t + 1]`; `-100` (and the last) ignored."""
-    shifted = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], -100)], axis=1)
-    return cross_entropy_with_ignore(logits, shifted)
-
-
-def span_loss(
-    start_logits: jax.Array, end_logits: jax.Array, start_positions, end_positions
-) -> jax.Array:
-    """HF's extractive-QA loss: positions clamped to `[0, length]`, `length` itself ignored."""
-    length = start_logits.shape[1]
-    start = jnp.clip(jnp.asarray(start_positions).reshape(-1), 0, length)
-    end = jnp.clip(jnp.asarray(end_positions).reshape(-1), 0, length)
-    start_loss = cross_entropy_with_ignore(start_logits, start, ignore_index=length)
-    end_loss = cross_entropy_with_ignore(end_logits, end, ignore_index=length)
-    return (start_loss + end_loss) / 2
-
-
+@decoding.generator(decoder_only=True)
 class XLMRobertaForCausalLM(nn.Module):
     """Left-to-right LM (HF `XLMRobertaForCausalLM` / `XLMRobertaXLForCausalLM`).
 
@@ -118,8 +50,6 @@ class XLMRobertaForCausalLM(nn.Module):
     """
 
     config: XLMRobertaConfig
-    can_generate = True
-    decoder_only = True
 
     @nn.compact
     def __call__(
@@ -134,7 +64,8 @@ class XLMRobertaForCausalLM(nn.Module):
             output_attentions, output_hidden_states, deterministic, cache=cache,
             cache_index=cache_index,
         )  # fmt: skip
-        logits = LMHead(self.config, name="lm_head")(out.last_hidden_state, word_embeddings(base))
+        head = heads.LMHead(self.config, exact_gelu, name="lm_head")
+        logits = head(out.last_hidden_state, heads.word_embeddings(base))
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return outputs.CausalLMOutput(
             loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
@@ -157,7 +88,7 @@ class XLMRobertaForCausalLM(nn.Module):
         cfg = self.config
         b, p = input_ids.shape
         shape = (b, cfg.num_hidden_layers, max_length, cfg.num_attention_heads, cfg.head_dim)
-        zeros = jnp.zeros(shape, dtype_from_name(cfg.dtype))
+        zeros = jnp.zeros(shape, cfg.dtype)
         mask = jnp.ones((b, max_length), jnp.int32).at[:, :p].set(attention_mask.astype(jnp.int32))
         if cfg.pre_ln:
             real = (input_ids != cfg.pad_token_id).astype(jnp.int32)
@@ -195,168 +126,51 @@ class XLMRobertaForCausalLM(nn.Module):
         return logits, dict(cache=out.past_key_values, attention_mask=mask, count=count + real)
 
 
-class ClassificationHead(nn.Module):
-    """HF's sentence head: dropout, dense + tanh on `<s>`, dropout, `out_proj`.
-
-    `[batch, length, hidden] -> [batch, num_labels]`.
-    """
-
-    config: XLMRobertaConfig
-
-    @nn.compact
-    def __call__(self, x, deterministic: bool = True):
-        cfg = self.config
-        drop = nn.Dropout(_classifier_dropout(cfg))
-        x = drop(x[:, 0], deterministic=deterministic)
-        x = jnp.tanh(_dense(cfg, cfg.hidden_size, ("embed", "mlp"), "dense")(x))
-        x = drop(x, deterministic=deterministic)
-        return _dense(cfg, cfg.num_labels, ("mlp", "classes"), "out_proj")(x)
+def _choice_logits(dense: heads.Dense, out, cfg: XLMRobertaConfig, deterministic: bool):
+    """HF's multiple-choice scorer: dropout on the pooled `<s>`, a `[hidden, 1]` classifier."""
+    pooled = nn.Dropout(cfg.hidden_dropout_prob)(out.pooler_output, deterministic=deterministic)
+    return dense(1, ("embed", "classes"), "classifier")(pooled)
 
 
-class XLMRobertaForSequenceClassification(nn.Module):
-    """Sequence classification / regression (HF `XLMRoberta(XL)ForSequenceClassification`).
-
-    Returns `SequenceClassifierOutput` with `logits` `[batch, num_labels]`; `labels` give the
-    loss of `config.problem_type` (inferred as transformers does when None).
-    """
-
-    config: XLMRobertaConfig
-
-    @nn.compact
-    def __call__(
-        self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-        head_mask=None, inputs_embeds=None, labels=None, output_attentions: bool = False,
-        output_hidden_states: bool = False, deterministic: bool = True,
-    ) -> outputs.SequenceClassifierOutput:  # fmt: skip
-        cfg = self.config
-        out = _run_base(self, False, dict(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            deterministic=deterministic,
-        ))  # fmt: skip
-        logits = ClassificationHead(cfg, name="classifier")(out.last_hidden_state, deterministic)
-        loss = None
-        if labels is not None:
-            loss = sequence_classification_loss(
-                logits, jnp.asarray(labels), cfg.num_labels, cfg.problem_type
-            )
-        return outputs.SequenceClassifierOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
+ENCODER = heads.Encoder(
+    model=lambda cfg, pooler: XLMRobertaModel(cfg, add_pooling_layer=pooler, name="model"),
+    dense=lambda cfg: heads.dense_factory(cfg, nn.initializers.normal(cfg.initializer_range)),
+    classifier_dropout=lambda cfg: (
+        cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+    ),
+    classifier_activation=lambda cfg: jnp.tanh,
+    choice_pooler=True,
+    choice_logits=_choice_logits,
+    # transformers' XL token head (only) drops padding tokens from the loss itself.
+    token_mask_padding=lambda cfg: cfg.pre_ln,
+    qa_requires_two_labels=True,
+)
 
 
-class XLMRobertaForMultipleChoice(nn.Module):
-    """Multiple choice (HF `XLMRoberta(XL)ForMultipleChoice`): every choice is encoded alone,
-    its pooled `<s>` scored by a `[hidden, 1]` classifier.
+class XLMRobertaForSequenceClassification(heads.SequenceClassification):
+    """HF `XLMRoberta(XL)ForSequenceClassification`: dropout, dense + tanh on `<s>`, dropout,
+    `out_proj` (in `classifier`); see `heads.SequenceClassification`."""
 
-    Inputs `[batch, choices, length]` (`inputs_embeds` `[batch, choices, length, hidden]`);
-    returns `MultipleChoiceModelOutput` with `logits` `[batch, choices]`; `labels` `[batch]`
-    give the cross-entropy over choices. `hidden_states` / `attentions` are per flattened
-    `[batch * choices]` row, as in transformers.
-    """
-
-    config: XLMRobertaConfig
-
-    @nn.compact
-    def __call__(
-        self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-        head_mask=None, inputs_embeds=None, labels=None, output_attentions: bool = False,
-        output_hidden_states: bool = False, deterministic: bool = True,
-    ) -> outputs.MultipleChoiceModelOutput:  # fmt: skip
-        cfg = self.config
-        ref = input_ids if input_ids is not None else inputs_embeds
-        num_choices = ref.shape[1]
-
-        def flat(x, trailing=1):
-            return None if x is None else x.reshape((-1, *x.shape[-trailing:]))
-
-        out = _run_base(self, True, dict(
-            input_ids=flat(input_ids), attention_mask=flat(attention_mask),
-            token_type_ids=flat(token_type_ids), position_ids=flat(position_ids),
-            head_mask=head_mask, inputs_embeds=flat(inputs_embeds, 2),
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            deterministic=deterministic,
-        ))  # fmt: skip
-        pooled = nn.Dropout(cfg.hidden_dropout_prob)(out.pooler_output, deterministic=deterministic)
-        logits = _dense(cfg, 1, ("embed", "classes"), "classifier")(pooled)
-        logits = logits.reshape(-1, num_choices)
-        loss = None if labels is None else cross_entropy_with_ignore(logits, jnp.asarray(labels))
-        return outputs.MultipleChoiceModelOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
+    encoder = ENCODER
 
 
-class XLMRobertaForTokenClassification(nn.Module):
-    """Per-token classification (HF `XLMRoberta(XL)ForTokenClassification`).
+class XLMRobertaForMultipleChoice(heads.MultipleChoice):
+    """HF `XLMRoberta(XL)ForMultipleChoice`: every choice's pooled `<s>` scored by a
+    `[hidden, 1]` `classifier`; see `heads.MultipleChoice`."""
 
-    Returns `TokenClassifierOutput` with `logits` `[batch, length, num_labels]`; `labels`
-    `[batch, length]` (`-100` = ignore) give the mean token cross-entropy.
-    """
-
-    config: XLMRobertaConfig
-
-    @nn.compact
-    def __call__(
-        self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-        head_mask=None, inputs_embeds=None, labels=None, output_attentions: bool = False,
-        output_hidden_states: bool = False, deterministic: bool = True,
-    ) -> outputs.TokenClassifierOutput:  # fmt: skip
-        cfg = self.config
-        out = _run_base(self, False, dict(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            deterministic=deterministic,
-        ))  # fmt: skip
-        x = nn.Dropout(_classifier_dropout(cfg))(out.last_hidden_state, deterministic=deterministic)
-        logits = _dense(cfg, cfg.num_labels, ("embed", "classes"), "classifier")(x)
-        loss = None
-        if labels is not None:
-            labels = jnp.asarray(labels)
-            if cfg.pre_ln and attention_mask is not None:
-                # transformers' XL head (only) drops padding tokens from the loss itself.
-                labels = jnp.where(jnp.asarray(attention_mask) == 1, labels, -100)
-            loss = cross_entropy_with_ignore(logits.reshape(-1, cfg.num_labels), labels.reshape(-1))
-        return outputs.TokenClassifierOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
+    encoder = ENCODER
 
 
-class XLMRobertaForQuestionAnswering(nn.Module):
-    """Extractive QA (HF `XLMRoberta(XL)ForQuestionAnswering`): a `[hidden, 2]` span scorer.
+class XLMRobertaForTokenClassification(heads.TokenClassification):
+    """HF `XLMRoberta(XL)ForTokenClassification`; see `heads.TokenClassification`."""
 
-    Returns `QuestionAnsweringModelOutput` with `start_logits`, `end_logits` `[batch, length]`;
-    `start_positions` / `end_positions` `[batch]` give HF's clamped span loss.
-    """
+    encoder = ENCODER
 
-    config: XLMRobertaConfig
 
-    @nn.compact
-    def __call__(
-        self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-        head_mask=None, inputs_embeds=None, start_positions=None, end_positions=None,
-        output_attentions: bool = False, output_hidden_states: bool = False,
-        deterministic: bool = True,
-    ) -> outputs.QuestionAnsweringModelOutput:  # fmt: skip
-        cfg = self.config
-        if cfg.num_labels != 2:
-            raise ValueError(f"question answering needs num_labels=2, got {cfg.num_labels}")
-        out = _run_base(self, False, dict(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            deterministic=deterministic,
-        ))  # fmt: skip
-        logits = _dense(cfg, 2, ("embed", "classes"), "qa_outputs")(out.last_hidden_state)
-        start_logits, end_logits = logits[..., 0], logits[..., 1]
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            loss = span_loss(start_logits, end_logits, start_positions, end_positions)
-        return outputs.QuestionAnsweringModelOutput(
-            loss=loss, start_logits=start_logits, end_logits=end_logits,
-            hidden_states=out.hidden_states, attentions=out.attentions,
-        )  # fmt: skip
+class XLMRobertaForQuestionAnswering(heads.QuestionAnswering):
+    """HF `XLMRoberta(XL)ForQuestionAnswering`; see `heads.QuestionAnswering`."""
+
+    encoder = ENCODER
 
 
 # transformers' XL class names; the modules are the same (the config picks the block).

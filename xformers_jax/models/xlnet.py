@@ -19,14 +19,12 @@ also start from an `inp_q` marking (original XLNet) when no `target_mapping` is 
 
 This file holds the config, the layers and the base `XLNetModel`; the heads (LM head with its
 generation, SequenceSummary, classification / token / multiple-choice / QA heads) live in
-`xlnet_heads.py` and are re-exported here, so `from xformers_jax.models.xlnet import
-XLNetLMHeadModel` and the registry keep working.
+`xlnet_heads.py`, which imports this module (never the reverse).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -36,10 +34,8 @@ import numpy as np
 
 from xformers_jax.layers import MLP, LayerNorm, get_activation, param_init
 from xformers_jax.models import outputs
-from xformers_jax.models.common import (
-    REMAT_POLICIES,
-    check_scan_unroll,
-    dtype_from_name,
+from xformers_jax.models.base import (
+    FamilyConfig,
     scan_layers,
 )
 
@@ -53,7 +49,7 @@ KV_SLOT_AXIS = {"k": 4, "v": 3}
 
 
 @dataclasses.dataclass(frozen=True)
-class XLNetConfig:
+class XLNetConfig(FamilyConfig):
     """Hyper-parameters; field names are transformers' `XLNetConfig` names.
 
     `dtype`, `param_dtype`, `remat_policy` and `hf_compat` are ours and never written to
@@ -90,55 +86,31 @@ class XLNetConfig:
     pad_token_id: int = 5
     bos_token_id: int = 1
     eos_token_id: int = 2
-    num_labels: int = 2
-    problem_type: str | None = None
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat_policy: str = "none"
-    scan_unroll: int = 1
     hf_compat: bool = False
 
+    LOCAL_FIELDS = ("hf_compat",)
+
     def __post_init__(self):
+        super().__post_init__()
         if self.attn_type not in ATTN_TYPES:
             raise ValueError(f"attn_type must be one of {ATTN_TYPES}, got {self.attn_type!r}")
         if self.summary_type not in SUMMARY_TYPES:
             raise ValueError(f"summary_type must be one of {SUMMARY_TYPES}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model {self.d_model} is not a multiple of n_head {self.n_head}")
-        check_scan_unroll(self.scan_unroll)
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}")
         get_activation(self.ff_activation)
 
     @property
     def d_head(self) -> int:
         return self.d_model // self.n_head
 
-    def replace(self, **kw) -> XLNetConfig:
-        return dataclasses.replace(self, **kw)
-
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> XLNetConfig:
-        """Builds from a mapping, ignoring keys that are not fields (config.json extras)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any]) -> XLNetConfig:
-        kw = dict(hf)
-        if "id2label" in kw and "num_labels" not in kw:
-            kw["num_labels"] = len(kw["id2label"])
+    def _from_hf(cls, kw: dict[str, Any]) -> None:
         if "use_cache" in kw and "use_mems_eval" not in kw:  # transformers' deprecated name
             kw["use_mems_eval"] = kw["use_cache"]
-        return cls.from_dict(kw)
 
-    def to_hf_config(self) -> dict[str, Any]:
-        skip = {"dtype", "param_dtype", "remat_policy", "scan_unroll", "hf_compat", "num_labels"}
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+    def _to_hf(self, d: dict[str, Any]) -> None:
         d["d_head"] = self.d_head
-        d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
-        d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
-        return d
 
 
 _BASE = dict(vocab_size=32000, d_model=768, n_layer=12, n_head=12, d_inner=3072, mem_len=None)
@@ -201,7 +173,7 @@ def kv_position_keys(params: Any, config: XLNetConfig, slots: int) -> jax.Array:
     """Every layer's position keys for the distances `slots .. -slots` (`kv_cache['r']`):
     `[layers, heads, 2 * slots + 1, d_head]` (head-major), from `XLNetModel`'s params."""
     pos = relative_positional_encoding(slots + 1, slots, config, 1)[0]
-    w = jnp.asarray(nn.meta.unbox(params["layers"]["rel_attn"]["r"]), dtype_from_name(config.dtype))
+    w = jnp.asarray(nn.meta.unbox(params["layers"]["rel_attn"]["r"]), config.dtype)
     return jnp.einsum("rh,lhnd->lnrd", jnp.asarray(pos, w.dtype), w)
 
 
@@ -274,7 +246,7 @@ class RelativeBiases(nn.Module):
     def __call__(self):
         cfg = self.config
         init = param_init(nn.initializers.normal(cfg.initializer_range), ("heads", "kv"))
-        shape, pd = (cfg.n_head, cfg.d_head), dtype_from_name(cfg.param_dtype)
+        shape, pd = (cfg.n_head, cfg.d_head), cfg.param_dtype
         return tuple(self.param(n, init, shape, pd) for n in ("r_w_bias", "r_r_bias", "r_s_bias"))
 
 
@@ -290,7 +262,7 @@ class RelativeAttention(nn.Module):
 
     def setup(self):
         cfg = self.config
-        pd = dtype_from_name(cfg.param_dtype)
+        pd = cfg.param_dtype
         init = nn.initializers.normal(cfg.initializer_range)
         shape = (cfg.d_model, cfg.n_head, cfg.d_head)
         axes = ("embed", "heads", "kv")
@@ -301,12 +273,12 @@ class RelativeAttention(nn.Module):
         )
         if cfg.untie_r:
             self.biases = RelativeBiases(cfg, name="biases")
-        dt = dtype_from_name(cfg.dtype)
+        dt = cfg.dtype
         self.layer_norm = LayerNorm(cfg.layer_norm_eps, dtype=dt, param_dtype=pd)
         self.drop = nn.Dropout(cfg.dropout)
 
     def _proj(self, x, w):
-        dt = dtype_from_name(self.config.dtype)
+        dt = self.config.dtype
         return jnp.einsum("...h,hnd->...nd", jnp.asarray(x, dt), jnp.asarray(w, dt))
 
     def core(self, q, k, v, kr, seg, mask, head_mask, biases):
@@ -322,7 +294,7 @@ class RelativeAttention(nn.Module):
           (`[b, i, n, d]` attention output, `[b, n, i, j]` float32 probs).
         """
         cfg = self.config
-        dt = dtype_from_name(cfg.dtype)
+        dt = cfg.dtype
         r_w, r_r, r_s = (jnp.asarray(b, dt) for b in biases)
         ac = jnp.einsum("bind,bjnd->bnij", q + r_w, k)
         if kr.shape[0] == 1:
@@ -348,7 +320,7 @@ class RelativeAttention(nn.Module):
         p = self.drop(probs, deterministic=self.deterministic)
         if head_mask is not None:
             p = p * head_mask[None, :, None, None]
-        return p.astype(dtype_from_name(self.config.dtype)), probs
+        return p.astype(self.config.dtype), probs
 
     def cached(self, x, n_new, cache, ctx, head_mask, shared_biases):
         """Both streams in one pass against a K/V cache (generation, `XLNetModel`'s `kv_cache`).
@@ -372,7 +344,7 @@ class RelativeAttention(nn.Module):
           `[b, n, d, n_new]` and values `[b, n, n_new, d]`).
         """
         cfg = self.config
-        dt = dtype_from_name(cfg.dtype)
+        dt = cfg.dtype
         biases = self.biases() if cfg.untie_r else shared_biases
         r_w, r_r, _ = (jnp.asarray(b, dt) for b in biases)
         new_k = self._proj(x[:, :n_new], self.k).transpose(0, 2, 3, 1)  # [b, n, d, n_new]
@@ -448,7 +420,7 @@ class Layer(nn.Module):
         else:
             new_mem = self._cache(h, mem) if self.use_mems else None
             h, g, probs = attn(h, g, mem, ctx, head_mask, shared_biases)
-        dt, pd = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+        dt, pd = cfg.dtype, cfg.param_dtype
         mlp = MLP(cfg.d_inner, cfg.ff_activation, dropout_rate=cfg.dropout, dtype=dt,
                   param_dtype=pd, kernel_init=nn.initializers.normal(cfg.initializer_range),
                   name="ff")  # fmt: skip
@@ -555,7 +527,7 @@ class XLNetModel(nn.Module):
         kv_cache=None,
     ) -> outputs.XLNetModelOutput:
         cfg = self.config
-        dt, pd = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+        dt, pd = cfg.dtype, cfg.param_dtype
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if attention_mask is not None and input_mask is not None:
@@ -686,27 +658,3 @@ def _layer_head_mask(head_mask, cfg: XLNetConfig):
     if head_mask.shape != (cfg.n_layer, cfg.n_head):
         raise ValueError(f"head_mask must be [heads] or [layers, heads], got {head_mask.shape}")
     return head_mask
-
-
-# --------------------------------------------------------------------------------------------------
-# The heads live in xlnet_heads.py (which imports this module); re-exported lazily so that either
-# module can be imported first.
-# --------------------------------------------------------------------------------------------------
-
-_HEADS = (
-    "LMBias", "PoolerAnswerClass", "PoolerEndLogits", "SequenceSummary",
-    "XLNetForMultipleChoice", "XLNetForQuestionAnswering", "XLNetForQuestionAnsweringSimple",
-    "XLNetForSequenceClassification", "XLNetForTokenClassification", "XLNetLMHeadModel",
-)  # fmt: skip
-
-
-def __getattr__(name: str) -> Any:
-    if name in _HEADS:
-        from xformers_jax.models import xlnet_heads
-
-        return getattr(xlnet_heads, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_HEADS])

@@ -6,11 +6,12 @@ per-token classifier), `XLNetForQuestionAnsweringSimple` and `XLNetForQuestionAn
 start / end beam with an answer class). Every head runs `XLNetModel` as `transformer` (HF's
 base_model_prefix), takes HF's argument names, returns HF's output fields (`mems` included) and
 with `labels` (`start_positions` / `end_positions` for QA) gives HF's loss. `xlnet.py` re-exports
-every head, so the registry and older imports find them there too.
+nothing from here: the registry finds each head in this module.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,10 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xformers_jax import decoding
 from xformers_jax.layers import DenseGeneral, LayerNorm, get_activation, param_init
 from xformers_jax.layers.dense import add_bias
-from xformers_jax.models import outputs
-from xformers_jax.models.common import cross_entropy_with_ignore, dtype_from_name
+from xformers_jax.layers.losses import (
+    cross_entropy_with_ignore,
+    sequence_classification_loss,
+    span_loss,
+    token_classification_loss,
+)
+from xformers_jax.models import heads, outputs
 from xformers_jax.models.xlnet import (
     _NEG,
     KV_SLOT_AXIS,
@@ -48,8 +55,8 @@ def _base(cfg: XLNetConfig, loc: Mapping[str, Any], **override) -> outputs.XLNet
 
 def _dense(cfg: XLNetConfig, features: int, axes: tuple, name: str, use_bias: bool = True):
     return DenseGeneral(
-        features, axes, use_bias=use_bias, dtype=dtype_from_name(cfg.dtype),
-        param_dtype=dtype_from_name(cfg.param_dtype),
+        features, axes, use_bias=use_bias, dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
         kernel_init=nn.initializers.normal(cfg.initializer_range), name=name,
     )  # fmt: skip
 
@@ -70,7 +77,7 @@ class LMBias(nn.Module):
 
     @nn.compact
     def __call__(self):
-        pd = dtype_from_name(self.config.param_dtype)
+        pd = self.config.param_dtype
         init = param_init(nn.initializers.zeros, ("vocab",))
         return self.param("bias", init, (self.config.vocab_size,), pd)
 
@@ -109,6 +116,7 @@ def _right_align(x: jax.Array, size: int, axis: int) -> jax.Array:
     return jnp.pad(x, pad)
 
 
+@decoding.generator(decoder_only=True)
 class XLNetLMHeadModel(nn.Module):
     """Tied LM head (HF `XLNetLMHeadModel`): `logits` `[b, num_predict or l, vocab]`; `labels`
     (`-100` = ignore) give the mean cross-entropy. `generate` uses the permutation trick.
@@ -140,8 +148,6 @@ class XLNetLMHeadModel(nn.Module):
     """
 
     config: XLNetConfig
-    can_generate = True
-    decoder_only = True
 
     @nn.compact
     def __call__(
@@ -155,7 +161,7 @@ class XLNetLMHeadModel(nn.Module):
         cfg = self.config
         out = _base(cfg, locals(), inp_q=inp_q)
         table = nn.meta.unbox(self.variables["params"]["transformer"]["word_embedding"])
-        dt = dtype_from_name(cfg.dtype)
+        dt = cfg.dtype
         x = out.last_hidden_state
         if kv_cache is not None and "lm_table" in kv_cache:  # generation's `[d, vocab]` copy
             logits = jnp.einsum("...d,dv->...v", x, kv_cache["lm_table"].astype(dt))
@@ -204,7 +210,7 @@ class XLNetLMHeadModel(nn.Module):
         if _kv_cacheable(cfg, max_length):
             params = self.variables["params"]["transformer"]
             weights = nn.meta.unbox(params["layers"]["rel_attn"])
-            dt = dtype_from_name(cfg.dtype)
+            dt = cfg.dtype
             kv = {}
             for name, spec in (("k", "lbth,lhnd->lbndt"), ("v", "lbth,lhnd->lbntd")):
                 x = jnp.einsum(spec, out.mems.astype(dt), jnp.asarray(weights[name], dt))
@@ -224,7 +230,7 @@ class XLNetLMHeadModel(nn.Module):
         projections as `o_t` `[layers, heads, d_head, d_model]`, which a step's matmul reads as
         they are (the params' `[d_model, heads, d_head]` cost a transposed copy every step)."""
         params = nn.meta.unbox(self.variables["params"]["transformer"])
-        dt = dtype_from_name(self.config.dtype)
+        dt = self.config.dtype
         o_t = jnp.asarray(params["layers"]["rel_attn"]["o"], dt).transpose(0, 2, 3, 1)
         return dict(lm_table=jnp.asarray(params["word_embedding"], dt).T, o_t=o_t)
 
@@ -386,7 +392,7 @@ class SequenceSummary(nn.Module):
     def _attn(self, x, pad_mask, deterministic):
         """Multi-head attention from a learned `[d]` query; output proj + LayerNorm, no residual."""
         cfg = self.config
-        dt, pd = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+        dt, pd = cfg.dtype, cfg.param_dtype
         init = nn.initializers.normal(cfg.initializer_range)
         shape, axes = (cfg.d_model, cfg.n_head, cfg.d_head), ("embed", "heads", "kv")
         w = {n: jnp.asarray(self.param(n, param_init(init, axes), shape, pd), dt) for n in "qkvo"}
@@ -410,28 +416,6 @@ def _pad_mask(attention_mask, input_mask):
     return None if input_mask is None else jnp.asarray(input_mask) > 0
 
 
-def _classification_loss(cfg: XLNetConfig, logits, labels):
-    """HF's `problem_type` rule: regression (1 label), single-label (int labels) or multi-label."""
-    kind = cfg.problem_type
-    if kind is None:
-        if cfg.num_labels == 1:
-            kind = "regression"
-        elif jnp.issubdtype(labels.dtype, jnp.integer):
-            kind = "single_label_classification"
-        else:
-            kind = "multi_label_classification"
-    logits = logits.astype(jnp.float32)
-    if kind == "regression":
-        labels = labels.astype(jnp.float32)
-        if cfg.num_labels == 1:
-            return jnp.mean((jnp.squeeze(logits) - jnp.squeeze(labels)) ** 2)
-        return jnp.mean((logits - labels) ** 2)
-    if kind == "single_label_classification":
-        return cross_entropy_with_ignore(logits.reshape(-1, cfg.num_labels), labels.reshape(-1))
-    labels = labels.astype(jnp.float32)
-    return jnp.mean(jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits))))
-
-
 class XLNetForSequenceClassification(nn.Module):
     """SequenceSummary + `logits_proj` (HF `XLNetForSequenceClassification`): `[b, num_labels]`."""
 
@@ -452,7 +436,11 @@ class XLNetForSequenceClassification(nn.Module):
             out.last_hidden_state, pad_mask=pad, deterministic=deterministic
         )
         logits = _dense(cfg, cfg.num_labels, ("embed", "classes"), "logits_proj")(x)
-        loss = None if labels is None else _classification_loss(cfg, logits, jnp.asarray(labels))
+        loss = (
+            None
+            if labels is None
+            else sequence_classification_loss(logits, labels, cfg.num_labels, cfg.problem_type)
+        )
         return outputs.XLNetForSequenceClassificationOutput(loss=loss, logits=logits,
                                                             **_extras(out))  # fmt: skip
 
@@ -475,7 +463,7 @@ class XLNetForTokenClassification(nn.Module):
         logits = _dense(cfg, cfg.num_labels, ("embed", "classes"), "classifier")(
             out.last_hidden_state
         )
-        loss = None if labels is None else cross_entropy_with_ignore(logits, labels)
+        loss = None if labels is None else token_classification_loss(logits, labels)
         return outputs.XLNetForTokenClassificationOutput(loss=loss, logits=logits,
                                                          **_extras(out))  # fmt: skip
 
@@ -514,17 +502,6 @@ class XLNetForMultipleChoice(nn.Module):
         return outputs.XLNetForMultipleChoiceOutput(loss=loss, logits=logits, **_extras(out))
 
 
-def _qa_span_loss(start_logits, end_logits, start_positions, end_positions):
-    """HF's simple-QA loss: positions clamped to `[0, l]`, `l` ignored, mean of the two."""
-    n = start_logits.shape[1]
-    s = jnp.clip(jnp.asarray(start_positions).reshape(-1), 0, n)
-    e = jnp.clip(jnp.asarray(end_positions).reshape(-1), 0, n)
-    return (
-        cross_entropy_with_ignore(start_logits, s, ignore_index=n)
-        + cross_entropy_with_ignore(end_logits, e, ignore_index=n)
-    ) / 2
-
-
 class XLNetForQuestionAnsweringSimple(nn.Module):
     """`qa_outputs` span logits (HF `XLNetForQuestionAnsweringSimple`): `start_logits`,
     `end_logits` `[b, l]`."""
@@ -546,11 +523,10 @@ class XLNetForQuestionAnsweringSimple(nn.Module):
             raise ValueError(
                 f"XLNetForQuestionAnsweringSimple needs num_labels=2, not {cfg.num_labels}"
             )
-        logits = _dense(cfg, 2, ("embed", "classes"), "qa_outputs")(out.last_hidden_state)
-        start, end = logits[..., 0], logits[..., 1]
+        start, end = heads.span_logits(functools.partial(_dense, cfg), out.last_hidden_state)
         loss = None
         if start_positions is not None and end_positions is not None:
-            loss = _qa_span_loss(start, end, start_positions, end_positions)
+            loss = span_loss(start, end, start_positions, end_positions)
         return outputs.XLNetForQuestionAnsweringSimpleOutput(
             loss=loss, start_logits=start, end_logits=end, **_extras(out)
         )
@@ -575,7 +551,7 @@ class PoolerEndLogits(nn.Module):
         y = _dense(cfg, cfg.d_model, ("mlp", "embed"), "dense_0")(
             jnp.concatenate([x, start_states], -1)
         )
-        dt, pd = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+        dt, pd = cfg.dtype, cfg.param_dtype
         y = LayerNorm(cfg.layer_norm_eps, dtype=dt, param_dtype=pd, name="norm")(jnp.tanh(y))
         return _p_masked(_dense(cfg, 1, ("embed", "classes"), "dense_1")(y)[..., 0], p_mask)
 

@@ -26,7 +26,6 @@ padding never changes the outputs at real positions; `hf_compat=True` reproduces
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -35,23 +34,14 @@ import jax.numpy as jnp
 
 from xformers_jax.kernels.yoso import yoso_expectation_attention, yoso_lsh_attention
 from xformers_jax.layers import MLP, DenseGeneral, Embed, LayerNorm, get_activation
-from xformers_jax.layers.dense import add_bias, param_init
-from xformers_jax.layers.losses import chunked_cross_entropy, gather_positions
-from xformers_jax.models import outputs
-
-# HF's head losses are shared with XLM-R. Its heads module must be imported through
-# `xlm_roberta` (the two import each other), hence the first line.
-from xformers_jax.models import xlm_roberta as _xlm_roberta  # noqa: F401
-from xformers_jax.models.common import (
-    REMAT_POLICIES,
+from xformers_jax.layers.dense import param_init
+from xformers_jax.models import heads, outputs
+from xformers_jax.models.base import (
+    FamilyConfig,
     InputError,
-    check_scan_unroll,
-    cross_entropy_with_ignore,
-    dtype_from_name,
     scan_layers,
     unstack,
 )
-from xformers_jax.models.xlm_roberta_heads import sequence_classification_loss, span_loss
 
 ATTENTION_IMPLS = ("xla", "pallas")
 POSITION_TYPES = ("absolute", "relative_key", "relative_key_query")
@@ -60,7 +50,7 @@ POSITION_OFFSET = 2
 
 
 @dataclasses.dataclass(frozen=True)
-class YosoConfig:
+class YosoConfig(FamilyConfig):
     """Hyper-parameters; field names are transformers' `YosoConfig` (config.json) names.
 
     Ours, never written to config.json: `attention_impl` (`'xla'` | `'pallas'`, the sampled
@@ -92,16 +82,13 @@ class YosoConfig:
     pad_token_id: int = 1
     bos_token_id: int = 0
     eos_token_id: int = 2
-    num_labels: int = 2
-    problem_type: str | None = None
     attention_impl: str = "xla"
     hf_compat: bool = False
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat_policy: str = "none"
-    scan_unroll: int = 1
+
+    LOCAL_FIELDS = ("attention_impl", "hf_compat")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
@@ -119,11 +106,6 @@ class YosoConfig:
         if self.conv_window is not None and (self.conv_window < 1 or self.conv_window % 2 == 0):
             # transformers pads by conv_window // 2: an even window lengthens the sequence.
             raise ValueError(f"conv_window must be a positive odd int, got {self.conv_window}")
-        check_scan_unroll(self.scan_unroll)
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
-                f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}"
-            )
         get_activation(self.hidden_act)
 
     @property
@@ -134,38 +116,8 @@ class YosoConfig:
     def use_conv(self) -> bool:
         return self.conv_window is not None
 
-    def replace(self, **kw) -> YosoConfig:
-        return dataclasses.replace(self, **kw)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> YosoConfig:
-        """Builds from a mapping, ignoring keys that are not fields (e.g. config.json extras)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any]) -> YosoConfig:
-        """From a config.json dict; absent keys take transformers' `YosoConfig` defaults."""
-        kw = dict(hf)
-        if "id2label" in kw and "num_labels" not in kw:
-            kw["num_labels"] = len(kw["id2label"])
-        return cls.from_dict(kw)
-
-    def to_hf_config(self) -> dict[str, Any]:
-        skip = {
-            "dtype",
-            "param_dtype",
-            "remat_policy",
-            "scan_unroll",
-            "num_labels",
-            "attention_impl",
-            "hf_compat",
-        }
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
-        d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
-        d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+    def _to_hf(self, d: dict[str, Any]) -> None:
         d["layer_norm_eps"] = float(self.layer_norm_eps)
-        return d
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -208,15 +160,15 @@ def _init(cfg: YosoConfig):
 
 def _dense(cfg: YosoConfig, features, axes: tuple, name: str, axis=-1) -> DenseGeneral:
     return DenseGeneral(
-        features, axes, axis=axis, dtype=dtype_from_name(cfg.dtype),
-        param_dtype=dtype_from_name(cfg.param_dtype), kernel_init=_init(cfg), name=name,
+        features, axes, axis=axis, dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype, kernel_init=_init(cfg), name=name,
     )  # fmt: skip
 
 
 def _norm(cfg: YosoConfig, name: str) -> LayerNorm:
     return LayerNorm(
-        cfg.layer_norm_eps, dtype=dtype_from_name(cfg.dtype),
-        param_dtype=dtype_from_name(cfg.param_dtype), name=name,
+        cfg.layer_norm_eps, dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype, name=name,
     )  # fmt: skip
 
 
@@ -232,7 +184,7 @@ class Embeddings(nn.Module):
     @nn.compact
     def __call__(self, input_ids, token_type_ids, position_ids, inputs_embeds=None):
         cfg = self.config
-        dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+        dtype, pdtype = cfg.dtype, cfg.param_dtype
         embed = lambda n, axes, name: Embed(n, cfg.hidden_size, axes, dtype, pdtype, _init(cfg),
                                             name=name)  # fmt: skip  # noqa: E731
         word = embed(cfg.vocab_size, ("vocab", "embed"), "word_embeddings")
@@ -280,7 +232,7 @@ class SelfAttention(nn.Module):
         w, heads = cfg.conv_window, cfg.num_attention_heads
         kernel = self.param(
             "conv", param_init(_init(cfg), (None, None, None, "heads")), (w, 1, 1, heads),
-            dtype_from_name(cfg.param_dtype),
+            cfg.param_dtype,
         )  # fmt: skip
         kernel = jnp.asarray(kernel[:, 0, 0, :], jnp.float32)  # [window, heads]
         length, pad = v.shape[1], w // 2
@@ -318,7 +270,7 @@ class SelfAttention(nn.Module):
         ctx = to_heads(_l2_normalize(ctx))  # [batch, length, heads, head_dim]
         if conv is not None:
             ctx = ctx + conv
-        ctx = nn.with_logical_constraint(ctx.astype(dtype_from_name(cfg.dtype)), axes)
+        ctx = nn.with_logical_constraint(ctx.astype(cfg.dtype), axes)
         return ctx
 
 
@@ -341,8 +293,8 @@ class Layer(nn.Module):
         a = _dense(cfg, cfg.hidden_size, ("heads", "kv", "embed"), "out", axis=(-2, -1))(ctx)
         x = _norm(cfg, "attention_norm")(x + drop(a))
         mlp = MLP(
-            cfg.intermediate_size, cfg.hidden_act, dtype=dtype_from_name(cfg.dtype),
-            param_dtype=dtype_from_name(cfg.param_dtype), kernel_init=_init(cfg), name="mlp",
+            cfg.intermediate_size, cfg.hidden_act, dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype, kernel_init=_init(cfg), name="mlp",
         )  # fmt: skip
         x = _norm(cfg, "mlp_norm")(x + drop(mlp(x)))
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
@@ -408,37 +360,6 @@ class YosoModel(nn.Module):
         )
 
 
-def _base(module: nn.Module, kw: dict[str, Any]) -> outputs.BaseModelOutput:
-    return YosoModel(module.config, name="model")(**kw)
-
-
-class LMHead(nn.Module):
-    """dense -> `hidden_act` -> LayerNorm -> tied decoder (+ bias). `[..., hidden] -> [..., vocab]`.
-
-    With `chunk_size > 0` and `labels`, returns `chunked_cross_entropy`'s `(losses, predictions)`.
-    """
-
-    config: YosoConfig
-
-    @nn.compact
-    def __call__(self, x, embedding: jax.Array, labels=None, chunk_size: int = 0):
-        cfg = self.config
-        dtype = dtype_from_name(cfg.dtype)
-        x = get_activation(cfg.hidden_act)(
-            _dense(cfg, cfg.hidden_size, ("embed", "mlp"), "dense")(x)
-        )
-        x = _norm(cfg, "norm")(x)
-        bias = self.param("bias", param_init(nn.initializers.zeros, ("vocab",)),
-                          (cfg.vocab_size,), dtype_from_name(cfg.param_dtype))  # fmt: skip
-        if chunk_size > 0 and labels is not None:
-            return chunked_cross_entropy(
-                x, jnp.asarray(embedding, dtype), bias, labels, chunk_size=chunk_size
-            )
-        logits = jnp.einsum("...d,vd->...v", x, jnp.asarray(embedding, dtype))
-        logits = add_bias(logits, jnp.asarray(bias, dtype))
-        return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
-
-
 class YosoForMaskedLM(nn.Module):
     """Masked LM over the tied word embeddings (HF `YosoForMaskedLM`).
 
@@ -462,190 +383,60 @@ class YosoForMaskedLM(nn.Module):
             input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
             output_attentions, output_hidden_states, deterministic,
         )  # fmt: skip
-        x = out.last_hidden_state
-        if masked_positions is not None:
-            x = gather_positions(x, masked_positions)
-            if labels is not None:
-                labels = jnp.where(masked_positions >= 0, labels, -100)
-        table = nn.meta.unbox(
-            base.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
-        )
-        head = LMHead(self.config, name="lm_head")
-        if vocab_chunk_size > 0 and labels is not None:
-            losses, predictions = head(x, table, labels, vocab_chunk_size)
-            loss = jnp.sum(losses) / jnp.maximum(jnp.sum(labels != -100), 1)
-            return outputs.ChunkedLMOutput(
-                loss=loss, token_losses=losses, predictions=predictions,
-                hidden_states=out.hidden_states, attentions=out.attentions,
-            )  # fmt: skip
-        logits = head(x, table)
-        loss = None if labels is None else cross_entropy_with_ignore(logits, jnp.asarray(labels))
-        return outputs.MaskedLMOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+        head = heads.LMHead(self.config, get_activation(self.config.hidden_act), name="lm_head")
+        return heads.masked_lm_output(
+            out, head, heads.word_embeddings(base), labels, masked_positions, vocab_chunk_size
         )
 
 
-class ClassificationHead(nn.Module):
-    """HF's `YosoClassificationHead`: dropout, dense + `hidden_act` on `<s>`, dropout, `out_proj`.
-
-    `[batch, length, hidden] -> [batch, num_labels]`.
-    """
-
-    config: YosoConfig
-
-    @nn.compact
-    def __call__(self, x, deterministic: bool = True):
-        cfg = self.config
-        drop = nn.Dropout(cfg.hidden_dropout_prob)
-        x = drop(x[:, 0], deterministic=deterministic)
-        x = get_activation(cfg.hidden_act)(
-            _dense(cfg, cfg.hidden_size, ("embed", "mlp"), "dense")(x)
-        )
-        x = drop(x, deterministic=deterministic)
-        return _dense(cfg, cfg.num_labels, ("mlp", "classes"), "out_proj")(x)
+def _choice_logits(dense: heads.Dense, out, cfg: YosoConfig, deterministic: bool):
+    """HF's YOSO scorer: `pre_classifier` + ReLU on `<s>`, a `[hidden, 1]` `classifier`, no
+    dropout (as in transformers)."""
+    del deterministic
+    pooled = dense(cfg.hidden_size, ("embed", "mlp"), "pre_classifier")(out.last_hidden_state[:, 0])
+    return dense(1, ("mlp", "classes"), "classifier")(jax.nn.relu(pooled))
 
 
-class YosoForSequenceClassification(nn.Module):
-    """Sequence classification / regression (HF `YosoForSequenceClassification`).
-
-    Returns `SequenceClassifierOutput` with `logits` `[batch, num_labels]`; `labels` give the loss
-    of `config.problem_type` (inferred as transformers does when None).
-    """
-
-    config: YosoConfig
-
-    @nn.compact
-    def __call__(
-        self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-        head_mask=None, inputs_embeds=None, labels=None, output_attentions: bool = False,
-        output_hidden_states: bool = False, deterministic: bool = True,
-    ) -> outputs.SequenceClassifierOutput:  # fmt: skip
-        cfg = self.config
-        out = _base(self, dict(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            deterministic=deterministic,
-        ))  # fmt: skip
-        logits = ClassificationHead(cfg, name="classifier")(out.last_hidden_state, deterministic)
-        loss = None
-        if labels is not None:
-            loss = sequence_classification_loss(
-                logits, jnp.asarray(labels), cfg.num_labels, cfg.problem_type
-            )
-        return outputs.SequenceClassifierOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
+# HF's YOSO heads are XLM-R's but for the classifier's activation (`hidden_act`), its dropout
+# (`hidden_dropout_prob`), the multiple-choice scorer and the token loss, which always drops
+# padding tokens; QA forces num_labels = 2.
+ENCODER = heads.Encoder(
+    model=lambda cfg, pooler: YosoModel(cfg, name="model"),
+    dense=lambda cfg: heads.dense_factory(cfg, _init(cfg)),
+    classifier_dropout=lambda cfg: cfg.hidden_dropout_prob,
+    classifier_activation=lambda cfg: get_activation(cfg.hidden_act),
+    choice_pooler=False,
+    choice_logits=_choice_logits,
+    token_mask_padding=lambda cfg: True,
+)
 
 
-class YosoForMultipleChoice(nn.Module):
-    """Multiple choice (HF `YosoForMultipleChoice`): each choice encoded alone, its `<s>` scored
-    by `pre_classifier` + ReLU + a `[hidden, 1]` `classifier` (no dropout, as in transformers).
+class YosoForSequenceClassification(heads.SequenceClassification):
+    """HF `YosoForSequenceClassification`: dropout, dense + `hidden_act` on `<s>`, dropout,
+    `out_proj` (in `classifier`); see `heads.SequenceClassification`."""
 
-    Inputs `[batch, choices, length]` (`inputs_embeds` `[batch, choices, length, hidden]`);
-    returns `MultipleChoiceModelOutput` with `logits` `[batch, choices]`.
-    """
-
-    config: YosoConfig
-
-    @nn.compact
-    def __call__(
-        self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-        head_mask=None, inputs_embeds=None, labels=None, output_attentions: bool = False,
-        output_hidden_states: bool = False, deterministic: bool = True,
-    ) -> outputs.MultipleChoiceModelOutput:  # fmt: skip
-        cfg = self.config
-        num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-
-        def flat(x, trailing=1):
-            return None if x is None else jnp.asarray(x).reshape((-1, *x.shape[-trailing:]))
-
-        out = _base(self, dict(
-            input_ids=flat(input_ids), attention_mask=flat(attention_mask),
-            token_type_ids=flat(token_type_ids), position_ids=flat(position_ids),
-            head_mask=head_mask, inputs_embeds=flat(inputs_embeds, 2),
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            deterministic=deterministic,
-        ))  # fmt: skip
-        pooled = _dense(cfg, cfg.hidden_size, ("embed", "mlp"), "pre_classifier")(
-            out.last_hidden_state[:, 0]
-        )
-        logits = _dense(cfg, 1, ("mlp", "classes"), "classifier")(jax.nn.relu(pooled))
-        logits = logits.reshape(-1, num_choices)
-        loss = None if labels is None else cross_entropy_with_ignore(logits, jnp.asarray(labels))
-        return outputs.MultipleChoiceModelOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
+    encoder = ENCODER
 
 
-class YosoForTokenClassification(nn.Module):
-    """Per-token classification (HF `YosoForTokenClassification`).
+class YosoForMultipleChoice(heads.MultipleChoice):
+    """HF `YosoForMultipleChoice`: each choice's `<s>` scored by `pre_classifier` + ReLU + a
+    `[hidden, 1]` `classifier`; see `heads.MultipleChoice`."""
 
-    Returns `TokenClassifierOutput` with `logits` `[batch, length, num_labels]`; `labels`
-    `[batch, length]` give the mean cross-entropy over tokens with `attention_mask == 1` (as
-    transformers) and labels != -100.
-    """
-
-    config: YosoConfig
-
-    @nn.compact
-    def __call__(
-        self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-        head_mask=None, inputs_embeds=None, labels=None, output_attentions: bool = False,
-        output_hidden_states: bool = False, deterministic: bool = True,
-    ) -> outputs.TokenClassifierOutput:  # fmt: skip
-        cfg = self.config
-        out = _base(self, dict(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            deterministic=deterministic,
-        ))  # fmt: skip
-        x = nn.Dropout(cfg.hidden_dropout_prob)(out.last_hidden_state, deterministic=deterministic)
-        logits = _dense(cfg, cfg.num_labels, ("embed", "classes"), "classifier")(x)
-        loss = None
-        if labels is not None:
-            labels = jnp.asarray(labels)
-            if attention_mask is not None:
-                labels = jnp.where(jnp.asarray(attention_mask) == 1, labels, -100)
-            loss = cross_entropy_with_ignore(logits.reshape(-1, cfg.num_labels), labels.reshape(-1))
-        return outputs.TokenClassifierOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
+    encoder = ENCODER
 
 
-class YosoForQuestionAnswering(nn.Module):
-    """Extractive QA (HF `YosoForQuestionAnswering`): a `[hidden, 2]` span scorer.
+class YosoForTokenClassification(heads.TokenClassification):
+    """HF `YosoForTokenClassification`: the loss is over tokens with `attention_mask == 1` (as
+    transformers) and labels != -100; see `heads.TokenClassification`."""
 
-    Returns `QuestionAnsweringModelOutput` with `start_logits`, `end_logits` `[batch, length]`;
-    `start_positions` / `end_positions` `[batch]` give HF's clamped span loss.
-    """
+    encoder = ENCODER
 
-    config: YosoConfig
 
-    @nn.compact
-    def __call__(
-        self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-        head_mask=None, inputs_embeds=None, start_positions=None, end_positions=None,
-        output_attentions: bool = False, output_hidden_states: bool = False,
-        deterministic: bool = True,
-    ) -> outputs.QuestionAnsweringModelOutput:  # fmt: skip
-        out = _base(self, dict(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            deterministic=deterministic,
-        ))  # fmt: skip
-        # transformers forces num_labels = 2 for this head.
-        logits = _dense(self.config, 2, ("embed", "classes"), "qa_outputs")(out.last_hidden_state)
-        start_logits, end_logits = logits[..., 0], logits[..., 1]
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            loss = span_loss(start_logits, end_logits, start_positions, end_positions)
-        return outputs.QuestionAnsweringModelOutput(
-            loss=loss, start_logits=start_logits, end_logits=end_logits,
-            hidden_states=out.hidden_states, attentions=out.attentions,
-        )  # fmt: skip
+class YosoForQuestionAnswering(heads.QuestionAnswering):
+    """HF `YosoForQuestionAnswering` (transformers forces num_labels = 2 for it); see
+    `heads.QuestionAnswering`."""
+
+    encoder = ENCODER
 
 
 def architecture_name(config: YosoConfig, class_name: str) -> str:
