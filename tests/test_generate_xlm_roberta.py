@@ -13,7 +13,6 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import xformers_jax as xj  # noqa: E402
 from tests.parity import TINY_XLMR, load_hf, random_hf_model  # noqa: E402
 from xformers_jax.models import xlm_roberta_heads  # noqa: E402
 
