@@ -58,8 +58,13 @@ GIB = 2**30
 HBM_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v6e": 32}
 
 # generation -> (get_topology_desc's prefix, torus rank, TensorCores counted per chip in N)
-_GENERATIONS = {"v4": ("v4", 3, 2), "v5p": ("v5p", 3, 2), "v5e": ("v5e", 2, 1),
-                "v5litepod": ("v5e", 2, 1), "v6e": ("v6e", 2, 1)}  # fmt: skip
+_GENERATIONS = {
+    "v4": ("v4", 3, 2),
+    "v5p": ("v5p", 3, 2),
+    "v5e": ("v5e", 2, 1),
+    "v5litepod": ("v5e", 2, 1),
+    "v6e": ("v6e", 2, 1),
+}
 
 ACCEPTED = "v4-N, v5p-N (N TensorCores, 8..), v5e-N / v5litepod-N, v6e-N (N chips: 1, 4, 8, ...)"
 
@@ -194,23 +199,42 @@ def analytic_flops(config, model_cfg: Any, batch: dict[str, Any]) -> float | Non
     c = model_cfg
     if family in ("xlm_roberta", "yoso"):  # YOSO: counted as if its attention were softmax's
         b, s = batch["input_ids"].shape
-        dims = dict(hidden=c.hidden_size, ffn=c.intermediate_size, layers=c.num_hidden_layers,
-                    vocab=c.vocab_size, seq=s, batch=b)  # fmt: skip
+        dims = dict(
+            hidden=c.hidden_size,
+            ffn=c.intermediate_size,
+            layers=c.num_hidden_layers,
+            vocab=c.vocab_size,
+            seq=s,
+            batch=b,
+        )
         return bench._text_flops(dims)
     if family == "xlnet":
         b, s = batch["input_ids"].shape
-        dims = dict(hidden=c.d_model, ffn=c.d_inner, layers=c.n_layer, vocab=c.vocab_size,
-                    seq=s, batch=b)  # fmt: skip
+        dims = dict(
+            hidden=c.d_model, ffn=c.d_inner, layers=c.n_layer, vocab=c.vocab_size, seq=s, batch=b
+        )
         return bench._xlnet_flops(dims)
     if family == "mt5":
         b, s = batch["input_ids"].shape
-        dims = dict(hidden=c.d_model, ffn=c.d_ff, layers=c.num_layers, vocab=c.vocab_size,
-                    seq=s, batch=b, decoder_len=batch["labels"].shape[1])  # fmt: skip
+        dims = dict(
+            hidden=c.d_model,
+            ffn=c.d_ff,
+            layers=c.num_layers,
+            vocab=c.vocab_size,
+            seq=s,
+            batch=b,
+            decoder_len=batch["labels"].shape[1],
+        )
         return bench._mt5_flops(dims)
     if family == "beit":
-        dims = dict(hidden=c.hidden_size, ffn=c.intermediate_size, layers=c.num_hidden_layers,
-                    image_size=c.image_size, patch_size=c.patch_size,
-                    batch=batch["pixel_values"].shape[0])  # fmt: skip
+        dims = dict(
+            hidden=c.hidden_size,
+            ffn=c.intermediate_size,
+            layers=c.num_hidden_layers,
+            image_size=c.image_size,
+            patch_size=c.patch_size,
+            batch=batch["pixel_values"].shape[0],
+        )
         return bench._beit_flops(dims)
     return None
 
@@ -224,14 +248,39 @@ def _xla_flops(compiled) -> float:
 
 # -------------------------------------------------------------------------------- compile
 
-_OOM = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm", re.IGNORECASE)
+# XLA:TPU's out-of-memory messages, e.g. "the total memory required for HLO temporaries (5.73T)
+# exceeds available HBM (95.74G)" or (older) "Used 120.5G of 95.74G hbm".
+_OOM = (
+    re.compile(
+        r"required for ([\w ,]+?) \(([\d.]+)([KMGT]?)\) exceeds available HBM "
+        r"\(([\d.]+)([KMGT]?)\)",
+        re.IGNORECASE,
+    ),
+    re.compile(r"()Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm", re.IGNORECASE),
+)
 _UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
-def _does_not_fit(need: float, hbm: float, name: str, generation: str) -> UserError:
+def _does_not_fit(need: float, hbm: float, name: str, generation: str, what: str = "") -> UserError:
+    what = f" ({what})" if what else ""
     return UserError(
-        f"the step does not fit {name}: it needs {need / GIB:.1f} GiB per device, a {generation} "
-        f"chip has {hbm / GIB:.1f} GiB of HBM"
+        f"the step does not fit {name}: it needs {need / GIB:.1f} GiB per device{what}, a "
+        f"{generation} chip has {hbm / GIB:.1f} GiB of HBM"
+    )
+
+
+def _oom_error(text: str, name: str, generation: str, hbm: float) -> UserError:
+    """The one-line error of XLA's RESOURCE_EXHAUSTED `text`."""
+    for pattern in _OOM:
+        m = pattern.search(text)
+        if m:
+            what, need, need_unit, avail, avail_unit = m.groups()
+            need_bytes = float(need) * _UNIT[need_unit.upper()]
+            avail_bytes = float(avail) * _UNIT[avail_unit.upper()]
+            return _does_not_fit(need_bytes, avail_bytes, name, generation, what and f"XLA: {what}")
+    return UserError(
+        f"the step does not fit {name} ({generation}: {hbm / GIB:.1f} GiB of HBM per device): "
+        + " ".join(text.split())[:300]
     )
 
 
@@ -255,8 +304,10 @@ def compile_step(config, name: str, slices: int = 1) -> dict[str, Any]:
     hbm = HBM_GIB[generation] * GIB
     mesh = make_mesh(config.mesh, devices, slices)
     task = build_task_shape_only(config)
-    batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype)
-             for k, v in task.init_batch.items()}  # fmt: skip
+    batch = {
+        k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype)
+        for k, v in task.init_batch.items()
+    }
     # `init` runs only under eval_shape here and its params do not depend on the batch size:
     # one row keeps a pod-sized global batch (XLNet's perm_mask: GBs) out of host memory.
     one_row = {k: np.asarray(v)[:1] for k, v in task.init_batch.items()}
@@ -268,17 +319,9 @@ def compile_step(config, name: str, slices: int = 1) -> dict[str, Any]:
             compiled = s.train_step.lower(s.abstract_state, batch, rng).compile()
     except Exception as e:  # XLA's RESOURCE_EXHAUSTED is a JaxRuntimeError / XlaRuntimeError
         text = str(e)
-        if "RESOURCE_EXHAUSTED" not in text and "exceeds available HBM" not in text.lower():
+        if "RESOURCE_EXHAUSTED" not in text and "exceeds available hbm" not in text.lower():
             raise
-        m = _OOM.search(text)
-        if m:
-            need = float(m.group(1)) * _UNIT[m.group(2).upper()]
-            hbm = float(m.group(3)) * _UNIT[m.group(4).upper()]
-            raise _does_not_fit(need, hbm, name, generation) from None
-        raise UserError(
-            f"the step does not fit {name} ({generation} HBM {hbm / GIB:.1f} GiB per device): "
-            + " ".join(text.split())[:300]
-        ) from None
+        raise _oom_error(text, name, generation, hbm) from None
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
@@ -311,24 +354,32 @@ def compile_step(config, name: str, slices: int = 1) -> dict[str, Any]:
 
 def report(r: dict[str, Any]) -> str:
     """A human-readable summary of `compile_step`'s result."""
-    gib = lambda n: f"{n / GIB:8.2f} GiB"  # noqa: E731
+
+    def gib(n: float) -> str:
+        return f"{n / GIB:.2f} GiB"
+
     mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
     slices = f"{r['slices']} x " if r["slices"] > 1 else ""
     analytic = r["analytic_flops"]
-    ratio = f" (XLA / analytic {r['flops'] / analytic:.2f})" if analytic else ""
-    return "\n".join([
+    flops = f"{r['flops']:.3e} XLA, " + (
+        f"{analytic:.3e} analytic (XLA / analytic {r['flops'] / analytic:.2f})"
+        if analytic
+        else "no analytic count"
+    )
+    share = 100 * r["total_bytes"] / r["hbm_bytes"]
+    rows = [
+        ("arguments / device", f"{gib(r['argument_bytes'])} (state + batch)"),
+        ("outputs / device", f"{gib(r['output_bytes'])} ({gib(r['alias_bytes'])} donated)"),
+        ("temporaries / device", gib(r["temp_bytes"])),
+        ("total / device", f"{gib(r['total_bytes'])} of {gib(r['hbm_bytes'])} HBM ({share:.0f}%)"),
+        ("FLOPs / step", flops),
+        ("compile", f"{r['compile_seconds']:.1f} s"),
+    ]
+    head = (
         f"{r['architecture']}: {r['params'] / 1e9:.3f}B params on {slices}{r['topology']} "
-        f"({r['topology_desc']}, {r['devices']} devices), mesh {mesh}",
-        f"  arguments / device   {gib(r['argument_bytes'])}   (state + batch)",
-        f"  outputs / device     {gib(r['output_bytes'])}   ({gib(r['alias_bytes']).strip()} "
-        "donated)",
-        f"  temporaries / device {gib(r['temp_bytes'])}",
-        f"  total / device       {gib(r['total_bytes'])}   of {gib(r['hbm_bytes']).strip()} HBM "
-        f"({100 * r['total_bytes'] / r['hbm_bytes']:.0f}%)",
-        f"  FLOPs / step         {r['flops']:.3e} XLA, "
-        + (f"{analytic:.3e} analytic{ratio}" if analytic else "no analytic count"),
-        f"  compile              {r['compile_seconds']:.1f} s",
-    ])  # fmt: skip
+        f"({r['topology_desc']}, {r['devices']} devices), mesh {mesh}"
+    )
+    return "\n".join([head] + [f"  {k:<21}{v}" for k, v in rows])
 
 
 def main(config, name: str, slices: int = 1, out: str | None = None) -> dict[str, Any]:
