@@ -96,7 +96,8 @@ def test_every_family_compiles_for_v5p_8(spec, tmp_path, capsys):
     # The state is donated: its outputs reuse the argument buffers.
     assert 0 < r["alias_bytes"] <= min(r["argument_bytes"], r["output_bytes"])
     assert r["flops"] == pytest.approx(4 * r["flops_per_device"])
-    # XLA counts what runs (remat recompute, masked-only heads); the formula is a model.
+    # XLA counts a scanned layer stack's loop body once (and what the analytic count leaves out:
+    # remat recompute, the optimizer): the same order for these 2-4 layer models.
     assert 0.2 < r["flops"] / r["analytic_flops"] < 5
 
 
