@@ -41,6 +41,7 @@ import contextlib
 import dataclasses
 import glob
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -103,6 +104,10 @@ def topology_devices(name: str, slices: int = 1) -> tuple[str, list[Any]]:
     from jax.experimental import topologies
 
     generation, desc_name, _ = topology(name)
+    if importlib.util.find_spec("libtpu") is None:
+        raise UserError(
+            "compile needs libtpu: pip install 'libtpu==0.0.42.1' (the test extra has it)"
+        )
     if not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*"):
         # No TPU chips here, so none to guard: let several compiles (tests, other shells) load
         # libtpu at once instead of failing on its one-process lockfile.
