@@ -1,7 +1,9 @@
-"""The `xformers-jax` command line: train | eval | convert | export | bench.
+"""The `xformers-jax` command line: train | eval | memory | compile | convert | export | bench.
 
   xformers-jax train   --config configs/<family>/<job>.py:<preset> --workdir DIR [--config.K=V]
   xformers-jax eval    --config configs/<family>/<job>.py:<preset> --workdir DIR [--config.K=V]
+  xformers-jax compile --config configs/<family>/<job>.py:<preset> --topology v5p-256
+                       [--slices K] [--out FILE.json] [--config.K=V]
   xformers-jax convert --hf HF_DIR --out ORBAX_DIR [--head NAME]
   xformers-jax export  --checkpoint ORBAX_DIR --hf-out HF_DIR
   xformers-jax bench   [--suite train|yoso|decoding|mlm_logits|all] [--family F ...] [--out DIR]
@@ -67,6 +69,20 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, metavar="FILE.py[:ARG]", help="config and preset")
     p.add_argument("--devices", type=int, required=True, metavar="N", help="number of devices")
     p.add_argument("--compile", action="store_true", help="compile the step for activations")
+
+    p = sub.add_parser(
+        "compile",
+        help="compile the train step for a Cloud TPU topology (no TPU needed): HBM and FLOPs",
+        description="Ahead-of-time compile of the exact train step for a TPU topology with "
+        "libtpu on this machine; prints per-device HBM, FLOPs and compile time. A step that "
+        "does not fit exits 2.",
+    )
+    p.add_argument("--config", required=True, metavar="FILE.py[:ARG]", help="config and preset")
+    p.add_argument(
+        "--topology", required=True, metavar="NAME", help="v4-N, v5p-N, v5e-N, v6e-N (Cloud TPU)"
+    )
+    p.add_argument("--slices", type=int, default=1, metavar="K", help="multi-slice: K slices")
+    p.add_argument("--out", default=None, metavar="FILE.json", help="write the result as JSON")
 
     p = sub.add_parser("convert", help="convert an HF checkpoint dir to an Orbax checkpoint")
     p.add_argument("--hf", required=True, metavar="HF_DIR", help="HF dir (config.json + weights)")
@@ -156,9 +172,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
         i += 1
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    if overrides and args.command not in ("train", "eval", "memory"):
+    if overrides and args.command not in ("train", "eval", "memory", "compile"):
         parser.error(
-            f"config overrides are only accepted by train, eval and memory: {overrides[0]}"
+            f"config overrides are only accepted by train, eval, memory and compile: {overrides[0]}"
         )
     return args, overrides
 
@@ -233,6 +249,9 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         config = config_lib.load_config(args.config, overrides)
         memory = importlib.import_module("xformers_jax.memory")
         print(memory.report(memory.estimate(config, args.devices, compile=args.compile)))
+    elif args.command == "compile":
+        config = config_lib.load_config(args.config, overrides)
+        _impl("xformers_jax.compile", "main")(config, args.topology, args.slices, args.out)
     elif args.command == "convert":
         _impl("xformers_jax.checkpoint", "convert_hf_to_orbax")(args.hf, args.out, head=args.head)
     elif args.command == "export":

@@ -257,10 +257,19 @@ def setup(config, workdir: str, mesh=None) -> Setup:
     """Mesh, task (data + model), optimizer, abstract state, shardings and jitted steps."""
     # ------------------------------------------------------------------------------- Mesh
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-    rules = sharding.rules_from_config(config.mesh)
 
     # ------------------------------------------------------------------------------- Data
     task = tasks.build_task(config, workdir)
+    return setup_for_task(config, task, mesh)
+
+
+def setup_for_task(config, task: tasks.TaskSpec, mesh) -> Setup:
+    """`setup` from a built task: optimizer, abstract state, shardings and jitted steps.
+
+    Reads no data (only `task.init_batch`'s shapes): `compile.py` builds the exact train step of
+    a pod topology through it.
+    """
+    rules = sharding.rules_from_config(config.mesh)
 
     # --------------------------------------------------------------- Model + Optimizer
     tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
@@ -296,9 +305,11 @@ def setup(config, workdir: str, mesh=None) -> Setup:
             extra_shardings = sharding.shardings_for_axes(
                 abstract_state.extra, task.extra_axes, mesh, rules
             )
-        state_shardings = sharding.state_shardings(
-            tx, abstract_state, param_shardings, mesh, extra_shardings
-        ).replace(model_state=model_state_shardings)
+    # Outside the mesh: optax maps the optimizer state by running `tx.init` eagerly, which a
+    # mesh of devices this process cannot address (an AOT-compiled TPU topology) cannot run.
+    state_shardings = sharding.state_shardings(
+        tx, abstract_state, param_shardings, mesh, extra_shardings
+    ).replace(model_state=model_state_shardings)
 
     # --------------------------------------------------------------------------------- Step
     rep = sharding.replicated(mesh)
