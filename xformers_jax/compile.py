@@ -6,7 +6,7 @@
 With `libtpu` installed, JAX describes a TPU slice it cannot reach
 (`jax.experimental.topologies.get_topology_desc`) and XLA compiles for it on the CPU. The step is
 the trainer's own (`train.setup_for_task`: same state shardings, donation, remat, batch shapes and
-shardings), traced with the portable backward (`layers.dense.portable_backward`: the CPU-tuned
+shardings), traced with the portable backward (`layers.cpu_backward.portable_backward`: the CPU-tuned
 custom VJPs are off, as they are on a TPU). The task is built as `train` builds it, except that
 its tokenizer is a stand-in of the model's vocabulary size: no data is read, nothing is trained
 and nothing is written but `--out`. Only the pretraining tasks are supported (`SHAPE_ONLY`).
@@ -26,8 +26,8 @@ parallelism, the layout MaxText uses for its DCN data axis.
 The report: per-device HBM from XLA's memory analysis of the compiled step (arguments = state +
 batch, outputs, temporaries, total = their sum less the donated, aliased bytes) against the chip's
 HBM (`HBM_GIB`: the topology's devices expose no memory stats), FLOPs per step from XLA's cost
-analysis (per device x devices) next to the analytic count of the bench suite
-(`bench._*_flops`: 6 x multiply-adds of the matmuls and attention per token), and the compile
+analysis (per device x devices) next to the analytic count
+(`flops.py`: 6 x multiply-adds of the matmuls and attention per token), and the compile
 time. XLA's cost analysis counts the body of a loop once, so with the layers under `nn.scan` its
 figure is about one layer of the stack plus what lies outside it (embeddings, head, optimizer):
 far below the analytic count for deep models. The analytic count is the per-step figure to use.
@@ -37,7 +37,6 @@ chip's HBM.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import importlib
@@ -49,13 +48,12 @@ import re
 import tempfile
 import time
 from typing import Any
-from unittest import mock
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from xformers_jax import models, sharding, tasks
+from xformers_jax import flops, models, sharding, tasks
 from xformers_jax.config_lib import UserError
 
 GIB = 2**30
@@ -174,13 +172,8 @@ def _stand_in(config) -> _ShapeOnlyTokenizer:
     return _ShapeOnlyTokenizer(models.build_model(config.model, task=config.task)[1])
 
 
-# task -> the functions of its module that load or train a tokenizer (replaced while building).
-SHAPE_ONLY: dict[str, tuple[str, ...]] = {
-    "mlm": ("tokenizer_for",),
-    "plm": ("tokenizer_for",),
-    "span_corruption": ("text_tokenizer",),
-    "mim": ("tokenizer_for",),
-}
+# The tasks whose `build` takes a stand-in tokenizer (`tasks.build_task(..., tokenizer=)`).
+SHAPE_ONLY = ("mlm", "plm", "span_corruption", "mim")
 
 
 def build_task_shape_only(config) -> tasks.TaskSpec:
@@ -189,26 +182,20 @@ def build_task_shape_only(config) -> tasks.TaskSpec:
         raise UserError(
             f"compile supports the pretraining tasks {', '.join(SHAPE_ONLY)}; got {config.task!r}"
         )
-    module = importlib.import_module(tasks.TASKS[config.task])
-
-    def fake(*args, **kwargs):
-        tok = _stand_in(config)
-        return (tok, tok) if config.task == "mim" else tok  # mim: (train, eval) tokenizers
-
-    with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as workdir:
-        for attr in SHAPE_ONLY[config.task]:
-            stack.enter_context(mock.patch.object(module, attr, fake))
-        return module.build(config, workdir)
+    tok = _stand_in(config)
+    with tempfile.TemporaryDirectory() as workdir:
+        # MIM takes its (train, eval) visual tokenizers as a pair.
+        return tasks.build_task(
+            config, workdir, tokenizer=(tok, tok) if config.task == "mim" else tok
+        )
 
 
 # ---------------------------------------------------------------------------------- FLOPs
 
 
 def analytic_flops(config, model_cfg: Any, batch: dict[str, Any]) -> float | None:
-    """The bench suite's analytic FLOPs of one train step for this family and batch (None for a
+    """The analytic FLOPs of one train step for this family and batch (None for a
     family it has no formula for)."""
-    from xformers_jax import bench
-
     family = config.model.family
     c = model_cfg
     if family in ("xlm_roberta", "yoso"):  # YOSO: counted as if its attention were softmax's
@@ -221,13 +208,13 @@ def analytic_flops(config, model_cfg: Any, batch: dict[str, Any]) -> float | Non
             seq=s,
             batch=b,
         )
-        return bench._text_flops(dims)
+        return flops.text_flops(dims)
     if family == "xlnet":
         b, s = batch["input_ids"].shape
         dims = dict(
             hidden=c.d_model, ffn=c.d_inner, layers=c.n_layer, vocab=c.vocab_size, seq=s, batch=b
         )
-        return bench._xlnet_flops(dims)
+        return flops.xlnet_flops(dims)
     if family == "mt5":
         b, s = batch["input_ids"].shape
         dims = dict(
@@ -239,7 +226,7 @@ def analytic_flops(config, model_cfg: Any, batch: dict[str, Any]) -> float | Non
             batch=b,
             decoder_len=batch["labels"].shape[1],
         )
-        return bench._mt5_flops(dims)
+        return flops.mt5_flops(dims)
     if family == "beit":
         dims = dict(
             hidden=c.hidden_size,
@@ -249,7 +236,7 @@ def analytic_flops(config, model_cfg: Any, batch: dict[str, Any]) -> float | Non
             patch_size=c.patch_size,
             batch=batch["pixel_values"].shape[0],
         )
-        return bench._beit_flops(dims)
+        return flops.beit_flops(dims)
     return None
 
 
@@ -313,7 +300,7 @@ def compile_step(config, name: str, slices: int = 1) -> dict[str, Any]:
         step that does not fit the chip's HBM (one line each).
     """
     from xformers_jax import train
-    from xformers_jax.layers.dense import portable_backward
+    from xformers_jax.layers.cpu_backward import portable_backward
 
     generation, devices = topology_devices(name, slices)
     hbm = HBM_GIB[generation] * GIB

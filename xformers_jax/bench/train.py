@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from xformers_jax import flops
 from xformers_jax.bench import harness, timing
 
 _DEFAULT = dict(hidden=256, layers=4, heads=4, ffn=1024, vocab=32000, batch=8, seq=128)
@@ -100,15 +101,6 @@ def _mlm_batch(b) -> dict[str, np.ndarray]:
     return harness.mlm_batch(b["batch"], b["seq"], b["vocab"])
 
 
-def _text_flops(b) -> float:
-    """An encoder LM's train step: 6 x multiply-adds per token (2 flops each, forward + 2x
-    backward) of the projections, FFN, attention scores and values, and the LM head."""
-    h = b["hidden"]
-    per_token = b["layers"] * (4 * h * h + 2 * h * b["ffn"]) + h * h + h * b["vocab"]
-    attn = b["layers"] * 2 * b["seq"] * h  # multiply-adds of q.k and p.v per token
-    return 3 * 2 * b["batch"] * b["seq"] * (per_token + attn)
-
-
 def _case(
     family: str,
     make_cfg,
@@ -116,7 +108,7 @@ def _case(
     torch_cls: str,
     torch_cfg_cls: str,
     batch_fn,
-    flops: Callable[[dict], float],
+    step_flops: Callable[[dict], float],
 ) -> Case:
     """A family's case: same config, same batch, HF's loss on both sides."""
 
@@ -142,7 +134,7 @@ def _case(
             tb[k] = t.long() if v.dtype.kind in "iu" else t
         return model, tb
 
-    return Case(family, ours, reference, flops)
+    return Case(family, ours, reference, step_flops)
 
 
 def _xlnet_config(b, dtype="float32"):
@@ -159,14 +151,6 @@ def _xlnet_config(b, dtype="float32"):
         scan_unroll=b["layers"],
         dtype=dtype,
     )
-
-
-def _xlnet_flops(b) -> float:
-    """`_text_flops` plus XLNet's position term: every query against the `2 x seq`
-    relative-position keys, and those keys' projection (once per step, batch-free)."""
-    rel = 2 * b["seq"]
-    per_layer = b["batch"] * b["seq"] * rel * b["hidden"] + rel * b["hidden"] ** 2
-    return _text_flops(b) + 3 * 2 * b["layers"] * per_layer
 
 
 def _lm_batch(b) -> dict[str, np.ndarray]:
@@ -209,15 +193,6 @@ def _seq2seq_batch(b) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
 
 
-def _mt5_flops(b) -> float:
-    h, f, L, dec_len = b["hidden"], b["ffn"], b["layers"], b["decoder_len"]
-    enc_t, dec_t = b["batch"] * b["seq"], b["batch"] * dec_len
-    gated = 3 * h * f  # wi_0, wi_1, wo
-    enc = enc_t * (L * (4 * h * h + gated) + L * 2 * b["seq"] * h)
-    dec = dec_t * (L * (8 * h * h + gated) + L * 2 * (dec_len + b["seq"]) * h)
-    return 3 * 2 * (enc + dec + dec_t * h * b["vocab"])
-
-
 def _beit_config(b, dtype="float32"):
     from xformers_jax.models.beit import BeitConfig
 
@@ -240,14 +215,6 @@ def _image_batch(b) -> dict[str, np.ndarray]:
     }
 
 
-def _beit_flops(b) -> float:
-    n_tok = (b["image_size"] // b["patch_size"]) ** 2 + 1
-    h = b["hidden"]
-    patch = 3 * b["patch_size"] ** 2 * h
-    per_token = b["layers"] * (4 * h * h + 2 * h * b["ffn"] + 2 * n_tok * h) + patch
-    return 3 * 2 * b["batch"] * n_tok * per_token
-
-
 CASES: dict[str, Case] = {
     "xlm_roberta": _case(
         "xlm_roberta",
@@ -256,7 +223,7 @@ CASES: dict[str, Case] = {
         "XLMRobertaXLForMaskedLM",
         "XLMRobertaXLConfig",
         _mlm_batch,
-        _text_flops,
+        flops.text_flops,
     ),
     "xlnet": _case(
         "xlnet",
@@ -265,7 +232,7 @@ CASES: dict[str, Case] = {
         "XLNetLMHeadModel",
         "XLNetConfig",
         _lm_batch,
-        _xlnet_flops,
+        flops.xlnet_flops,
     ),
     "yoso": _case(
         "yoso",
@@ -274,7 +241,7 @@ CASES: dict[str, Case] = {
         "YosoForMaskedLM",
         "YosoConfig",
         _mlm_batch,
-        _text_flops,
+        flops.text_flops,
     ),
     "mt5": _case(
         "mt5",
@@ -283,7 +250,7 @@ CASES: dict[str, Case] = {
         "MT5ForConditionalGeneration",
         "MT5Config",
         _seq2seq_batch,
-        _mt5_flops,
+        flops.mt5_flops,
     ),
     "beit": _case(
         "beit",
@@ -292,7 +259,7 @@ CASES: dict[str, Case] = {
         "BeitForImageClassification",
         "BeitConfig",
         _image_batch,
-        _beit_flops,
+        flops.beit_flops,
     ),
 }
 

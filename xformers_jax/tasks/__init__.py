@@ -10,6 +10,7 @@ text-to-text pieces) is in `tasks/common.py`; task modules import only it, never
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from collections.abc import Callable
 from typing import Any
@@ -45,7 +46,8 @@ class TaskSpec:
       init_batch: a per-host numpy batch with the training shapes (for `init` and shapes).
       count_tokens: `batch -> int` real tokens in a host batch (for tokens/s).
       init_extra: for tasks that carry state across steps (XLNet's Transformer-XL mems): `() ->`
-        the initial state (global shapes). The trainer then passes `extra=` to `loss_fn`, which
+        the initial state (global shapes, built with `jnp`: it is called inside the jitted init,
+        so each device allocates only its shard). The trainer then passes `extra=` to `loss_fn`, which
         returns the next state as `aux["extra"]` (no gradient flows through it); it is saved in
         every checkpoint. Eval passes `extra=None`.
       extra_axes: logical axis names of `init_extra()`'s leaves (a matching pytree of tuples),
@@ -78,11 +80,18 @@ class TaskSpec:
     mutable: tuple[str, ...] = ()
 
 
-def build_task(config: Any, workdir: str) -> TaskSpec:
-    """The `TaskSpec` for `config.task`; unknown names are a clear error."""
+def build_task(config: Any, workdir: str, tokenizer: Any = None) -> TaskSpec:
+    """The `TaskSpec` for `config.task`; unknown names are a clear error.
+
+    `tokenizer` replaces the one the task would load or train (the pretraining tasks take it:
+    a text tokenizer, or MIM's `(train, eval)` visual tokenizers); `xformers-jax compile` passes
+    a stand-in of the model's vocabulary size, so that no data is read.
+    """
     if config.task not in TASKS:
         raise ValueError(f"unknown task {config.task!r}; known: {sorted(TASKS)}")
     build = importlib.import_module(TASKS[config.task]).build
+    if tokenizer is not None:
+        build = functools.partial(build, tokenizer=tokenizer)
     import jax
 
     if jax.process_count() == 1:

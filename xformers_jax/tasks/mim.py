@@ -57,7 +57,7 @@ def masking_for(config, grid: int):
     )
 
 
-def build(config, workdir: str) -> TaskSpec:
+def build(config, workdir: str, tokenizer=None) -> TaskSpec:
     from xformers_jax.data.images import default_images, mim_dataset
     from xformers_jax.data.visual_tokenizer import visual_tokenizer_for
 
@@ -67,9 +67,11 @@ def build(config, workdir: str) -> TaskSpec:
     size, grid = model_cfg.image_size, model_cfg.image_size // model_cfg.patch_size
     train_images = default_images("train", size, tuple(d.sources), d.num_crops)
     eval_images = default_images("eval", size, tuple(d.sources), d.num_crops)
-    train_tok, eval_tok = visual_tokenizer_for(
-        config, workdir, train_images, eval_images, model_cfg.patch_size
-    )
+    if tokenizer is None:
+        tokenizer = visual_tokenizer_for(
+            config, workdir, train_images, eval_images, model_cfg.patch_size
+        )
+    train_tok, eval_tok = tokenizer
     if train_tok.vocab_size > model_cfg.vocab_size:
         raise config_lib.ConfigError(
             f"the visual tokenizer has {train_tok.vocab_size} ids but model.vocab_size is "

@@ -89,11 +89,12 @@ def make_loss_fn(config):
     )
 
 
-def build(config, workdir: str) -> TaskSpec:
+def build(config, workdir: str, tokenizer=None) -> TaskSpec:
     from xformers_jax.data import mlm_dataset, tokens_per_batch
     from xformers_jax.data.tokenizers import text_tokenizer
 
-    tokenizer = text_tokenizer(config, workdir)
+    if tokenizer is None:
+        tokenizer = text_tokenizer(config, workdir)
     built = models.build_model(config.model, task="mlm")
     common.check_vocab(tokenizer.vocab_size, built[1])
     data = common.corpus_datasets(

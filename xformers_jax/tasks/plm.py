@@ -9,6 +9,7 @@ links unrelated segments; the mechanics match the original, the data order does 
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 from xformers_jax import models
@@ -46,13 +47,14 @@ def loss_fn(params, batch, rng, *, model, deterministic: bool = False, extra=Non
 metrics = common.accuracy_metrics
 
 
-def build(config, workdir: str) -> TaskSpec:
+def build(config, workdir: str, tokenizer=None) -> TaskSpec:
     from xformers_jax.data.plm_examples import plm_dataset
     from xformers_jax.data.tokenizers import text_tokenizer
 
     # XLNet's tokenizer (spm model `spiece.model`), trained on the corpus once unless the config,
     # the workdir or `init_from` hold one.
-    tokenizer = text_tokenizer(config, workdir, default_type="xlnet")
+    if tokenizer is None:
+        tokenizer = text_tokenizer(config, workdir, default_type="xlnet")
     built = models.build_model(config.model, task="plm")
     model_cfg = built[1]
     common.check_vocab(tokenizer.vocab_size, model_cfg)
@@ -81,9 +83,11 @@ def build(config, workdir: str) -> TaskSpec:
     init_extra = extra_axes = None
     if model_cfg.use_mems_train and model_cfg.mem_len:
         # Mems start as zeros, as in the original XLNet training loop; each step's mems are
-        # its layers' inputs over the first `reuse_len` tokens, the last `mem_len` kept.
+        # its layers' inputs over the first `reuse_len` tokens, the last `mem_len` kept. Built
+        # with jnp inside the jitted init, so each device allocates only its shard (a host
+        # array of the global shape would be ~288 GiB for the large preset on a pod batch).
         shape = (model_cfg.n_layer, config.train.batch_size, model_cfg.mem_len, model_cfg.d_model)
-        init_extra = lambda: {"mems": np.zeros(shape, np.float32)}  # noqa: E731
+        init_extra = lambda: {"mems": jnp.zeros(shape, jnp.float32)}  # noqa: E731
         extra_axes = {"mems": ("layers", "act_batch", None, "act_embed")}
     count_tokens = lambda batch: int(np.size(batch["input_ids"]))  # noqa: E731
     extra = dict(init_extra=init_extra, extra_axes=extra_axes)

@@ -39,14 +39,15 @@ def sentinel_vocab_size(tokenizer, model_cfg, num_sentinels: int) -> int:
     return len(tokenizer)
 
 
-def build(config, workdir: str) -> TaskSpec:
+def build(config, workdir: str, tokenizer=None) -> TaskSpec:
     from xformers_jax.data.span_corruption_examples import (
         random_spans_helper,
         span_corruption_dataset,
     )
     from xformers_jax.data.tokenizers import seq2seq_tokenizer
 
-    tokenizer = seq2seq_tokenizer(config, workdir)
+    if tokenizer is None:
+        tokenizer = seq2seq_tokenizer(config, workdir)
     built = common.build_text_to_text(config, tokenizer, "span_corruption")
     d = config.data
     data = common.corpus_datasets(

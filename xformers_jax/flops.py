@@ -1,0 +1,49 @@
+"""Analytic FLOPs of one training step per family: the model FLOPs behind MFU figures.
+
+Each function takes the dims of a step as a mapping (`hidden`, `ffn`, `layers`, `vocab`, `seq`,
+`batch`; MT5 also `decoder_len`; BEiT `image_size` and `patch_size` instead of `seq` / `vocab`)
+and counts 6 x the multiply-adds per token (2 FLOPs each, forward + 2x backward) of the
+projections, FFN, attention scores and weighted values, and the output head. Used by the train
+bench (MFU) and by `xformers-jax compile` (next to XLA's own count).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+def text_flops(b: Mapping[str, int]) -> float:
+    """An encoder LM (XLM-R, YOSO counted as softmax attention): projections, FFN, attention and
+    the LM head over every token."""
+    h = b["hidden"]
+    per_token = b["layers"] * (4 * h * h + 2 * h * b["ffn"]) + h * h + h * b["vocab"]
+    attn = b["layers"] * 2 * b["seq"] * h  # multiply-adds of q.k and p.v per token
+    return 3 * 2 * b["batch"] * b["seq"] * (per_token + attn)
+
+
+def xlnet_flops(b: Mapping[str, int]) -> float:
+    """`text_flops` plus XLNet's position term: every query against the `2 x seq` relative-position
+    keys, and those keys' projection (once per step, batch-free)."""
+    rel = 2 * b["seq"]
+    per_layer = b["batch"] * b["seq"] * rel * b["hidden"] + rel * b["hidden"] ** 2
+    return text_flops(b) + 3 * 2 * b["layers"] * per_layer
+
+
+def mt5_flops(b: Mapping[str, int]) -> float:
+    """Encoder + decoder (self- and cross-attention) with the gated FFN, and the LM head over the
+    decoder tokens."""
+    h, f, n_layers, dec_len = b["hidden"], b["ffn"], b["layers"], b["decoder_len"]
+    enc_t, dec_t = b["batch"] * b["seq"], b["batch"] * dec_len
+    gated = 3 * h * f  # wi_0, wi_1, wo
+    enc = enc_t * (n_layers * (4 * h * h + gated) + n_layers * 2 * b["seq"] * h)
+    dec = dec_t * (n_layers * (8 * h * h + gated) + n_layers * 2 * (dec_len + b["seq"]) * h)
+    return 3 * 2 * (enc + dec + dec_t * h * b["vocab"])
+
+
+def beit_flops(b: Mapping[str, int]) -> float:
+    """A ViT over the patches plus the [CLS] token, with the patch embedding."""
+    n_tok = (b["image_size"] // b["patch_size"]) ** 2 + 1
+    h = b["hidden"]
+    patch = 3 * b["patch_size"] ** 2 * h
+    per_token = b["layers"] * (4 * h * h + 2 * h * b["ffn"] + 2 * n_tok * h) + patch
+    return 3 * 2 * b["batch"] * n_tok * per_token
