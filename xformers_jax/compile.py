@@ -6,10 +6,11 @@
 With `libtpu` installed, JAX describes a TPU slice it cannot reach
 (`jax.experimental.topologies.get_topology_desc`) and XLA compiles for it on the CPU. The step is
 the trainer's own (`train.setup_for_task`: same state shardings, donation, remat, batch shapes and
-shardings), traced with the portable backward (`layers.cpu_backward.portable_backward`: the CPU-tuned
-custom VJPs are off, as they are on a TPU). The task is built as `train` builds it, except that
-its tokenizer is a stand-in of the model's vocabulary size: no data is read, nothing is trained
-and nothing is written but `--out`. Only the pretraining tasks are supported (`SHAPE_ONLY`).
+shardings), traced with the portable backward (`layers.cpu_backward.portable_backward`: the
+CPU-tuned custom VJPs are off, as they are on a TPU). The task is built as `train` builds it,
+except that its tokenizer is a stand-in of the model's vocabulary size
+(`tasks.build_task(..., tokenizer=)`): no data is read, nothing is trained and nothing is
+written but `--out`. Only the pretraining tasks are supported (`SHAPE_ONLY`).
 
 Topology names are Cloud TPU accelerator types, `<generation>-<N>`:
   v4-N, v5p-N   N = TensorCores; a chip has 2 (run as one megacore device), so N/2 chips in a 3-D

@@ -47,9 +47,9 @@ class TaskSpec:
       count_tokens: `batch -> int` real tokens in a host batch (for tokens/s).
       init_extra: for tasks that carry state across steps (XLNet's Transformer-XL mems): `() ->`
         the initial state (global shapes, built with `jnp`: it is called inside the jitted init,
-        so each device allocates only its shard). The trainer then passes `extra=` to `loss_fn`, which
-        returns the next state as `aux["extra"]` (no gradient flows through it); it is saved in
-        every checkpoint. Eval passes `extra=None`.
+        so each device allocates only its shard). The trainer then passes `extra=` to
+        `loss_fn`, which returns the next state as `aux["extra"]` (no gradient flows through
+        it); it is saved in every checkpoint. Eval passes `extra=None`.
       extra_axes: logical axis names of `init_extra()`'s leaves (a matching pytree of tuples),
         e.g. `{"mems": ("layers", "act_batch", None, "act_embed")}`; replicated when None.
       report: optional `params -> str` run on every host after the final eval (and by
