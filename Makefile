@@ -6,6 +6,9 @@ WORKDIR ?= workdirs/xlmr_tiny
 CONFIG ?= configs/xlm_roberta/pretrain_mlm.py:tiny
 ARGS   ?=
 PYTEST_WORKERS ?= 2
+# `make train` is the CPU quickstart. The test extra installs libtpu (for `xformers-jax compile`),
+# which jax would otherwise probe for TPU chips at start-up; `make train JAX_PLATFORMS=` lifts it.
+JAX_PLATFORMS ?= cpu
 
 .PHONY: train test test-slow lint format bench clean
 
@@ -18,7 +21,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 train: $(BIN)/.installed
-	$(BIN)/xformers-jax train --config $(CONFIG) --workdir $(WORKDIR) $(ARGS)
+	JAX_PLATFORMS=$(JAX_PLATFORMS) $(BIN)/xformers-jax train --config $(CONFIG) --workdir $(WORKDIR) $(ARGS)
 
 test: $(BIN)/.installed
 	$(BIN)/pytest -n $(PYTEST_WORKERS) -q
