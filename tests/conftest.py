@@ -18,6 +18,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from tests import gcs  # noqa: E402
+
+# The Google client libraries read these when their first client is made: point them at the
+# emulator (tests/gcs.py) before anything can create one.
+os.environ.update(gcs.ENV)
+
 import pytest  # noqa: E402
 
 
@@ -32,6 +38,10 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running; run with `make test-slow`")
+    if not hasattr(config, "workerinput"):
+        # The controlling process, before any worker or subprocess exists: every test then runs
+        # where only 127.0.0.1 is reachable.
+        config._network_not_isolated = gcs.isolate_network()
     if config.getoption("--portable-backward"):
         # Read at every trace, and inherited by the processes tests start.
         os.environ["XFORMERS_JAX_PORTABLE_BACKWARD"] = "1"
@@ -74,3 +84,17 @@ def corpus(tmp_path_factory):
 def config_file():
     """`tests/configs/presets.py`: base_config, presets `tiny` / `base` and two placeholders."""
     return os.path.join(os.path.dirname(__file__), "configs", "presets.py")
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A fake-gcs-server for this worker (tests/gcs.py); `gcs_emulator.bucket()` makes a bucket."""
+    emulator = gcs.Emulator()
+    yield emulator
+    emulator.close()
+
+
+@pytest.fixture
+def bucket(gcs_emulator):
+    """A fresh empty `gs://...` bucket on the emulator."""
+    return gcs_emulator.bucket()
