@@ -56,3 +56,30 @@ def test_train_step_8_devices_matches_1_device(tmp_path):
     q = state8.params["model"]["layers"]["attention"]["query"]["kernel"]
     assert q.sharding.spec == P(None, "fsdp", "tensor", None)
     assert len({d.id for d in q.sharding.device_set}) == 8
+
+
+@pytest.mark.parametrize(
+    "mesh, blocks",
+    [
+        ({"data": 1, "fsdp": 1, "tensor": 8}, [((0,), 1), ((0,), 1)]),  # tensor across hosts
+        ({"data": 2, "fsdp": 1, "tensor": 4}, [((0,), 2), ((1,), 2)]),
+        ({"data": 2, "fsdp": 2, "tensor": 2}, [((0, 1), 4), ((2, 3), 4)]),
+        # The physical device order interleaves the hosts along fsdp / data.
+        ({"data": 1, "fsdp": 8, "tensor": 1}, [((0, 2, 4, 6), 8), ((1, 3, 5, 7), 8)]),
+    ],
+)
+def test_batch_blocks_of_a_two_host_pod(mesh, blocks):
+    """The rows each host of a v5p-16 (2 hosts x 4 chips, described by libtpu) must feed."""
+    import ml_collections
+
+    from xformers_jax import compile as aot
+
+    _, devices = aot.topology_devices("v5p-16")
+    m = sharding.make_mesh(ml_collections.ConfigDict(mesh), devices)
+    assert [sharding.batch_block(m, 16, p) for p in (0, 1)] == blocks
+    # Every row is fed by some host, and hosts that share a device slice feed the same rows.
+    fed = {b for bl, _ in blocks for b in bl}
+    assert fed == set(range(blocks[0][1]))
+    with pytest.raises(ValueError, match="does not split over the mesh's data x fsdp = 8"):
+        sharding.batch_block(sharding.make_mesh(ml_collections.ConfigDict(
+            {"data": 8, "fsdp": 1, "tensor": 1}), devices), 12, 0)  # fmt: skip

@@ -174,6 +174,37 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
+def batch_block(
+    mesh: Mesh, global_batch: int, process: int | None = None
+) -> tuple[tuple[int, ...], int]:
+    """`(blocks, count)`: the rows of every global batch that `process` (default: this one) must
+    feed. The global batch splits into `count` equal blocks of `S = global_batch // count` rows
+    (one per distinct device slice of the batch sharding); the process feeds blocks `blocks`
+    (rows `[b * S, (b + 1) * S)` for each), concatenated in that order, which is the layout
+    `jax.make_array_from_process_local_data` maps onto its devices.
+
+    Any mesh: a `tensor` or `fsdp` axis spanning hosts makes several hosts hold the same rows
+    (they feed the same blocks); a pod's physically ordered mesh gives a host blocks that are not
+    adjacent; one host holds everything (`((0,), 1)`).
+
+    Raises:
+      ValueError: the batch does not split over `data x fsdp` (one line, naming the sizes).
+    """
+    process = jax.process_index() if process is None else process
+    split = _axis_size(mesh, ("data", "fsdp"))
+    if global_batch % split:
+        raise ValueError(
+            f"train.batch_size {global_batch} does not split over the mesh's data x fsdp = {split}"
+        )
+    size = global_batch // split
+    rows = batch_sharding(mesh, 1).devices_indices_map((global_batch,))
+    mine = sorted({(idx[0].start or 0) // size for d, idx in rows.items()
+                   if d.process_index == process})  # fmt: skip
+    if not mine:
+        raise ValueError(f"process {process} holds no device of mesh {dict(mesh.shape)}")
+    return tuple(mine), split
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -138,10 +138,17 @@ def _prepare_workdir(workdir: str) -> str:
     return workdir
 
 
-def _to_global(batch: dict, mesh) -> dict:
-    """Host-local numpy batch -> global jax arrays sharded over data x fsdp."""
+def _to_global(batch: dict, mesh, block: tuple[tuple[int, ...], int] = ((0,), 1)) -> dict:
+    """This host's row blocks (`sharding.batch_block`: `blocks` of `count`, concatenated) ->
+    global jax arrays sharded over data x fsdp. Hosts that share rows pass the same blocks; each
+    device takes its rows from them."""
+    blocks, count = block
     return {
-        k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
+        k: jax.make_array_from_process_local_data(
+            sharding.batch_sharding(mesh, v.ndim),
+            v,
+            (v.shape[0] // len(blocks) * count, *v.shape[1:]),
+        )  # fmt: skip
         for k, v in batch.items()
     }
 
@@ -248,9 +255,11 @@ class Setup:
     init_state: Any  # jitted rng -> TrainState, placed with state_shardings
     train_step: Any  # jitted (state, batch, rng) -> (state, metrics)
     eval_step: Any  # jitted (params, batch, model_state) -> aux sums
+    # (blocks, count): this host feeds row blocks `blocks` of `count` of every global batch.
+    batch_block: tuple[tuple[int, ...], int] = ((0,), 1)
 
     def to_global(self, batch: dict) -> dict:
-        return _to_global(batch, self.mesh)
+        return _to_global(batch, self.mesh, self.batch_block)
 
 
 def setup(config, workdir: str, mesh=None) -> Setup:
@@ -260,7 +269,13 @@ def setup(config, workdir: str, mesh=None) -> Setup:
 
     # ------------------------------------------------------------------------------- Data
     task = tasks.build_task(config, workdir)
-    return setup_for_task(config, task, mesh)
+    s = setup_for_task(config, task, mesh)
+    if jax.process_count() > 1:
+        try:
+            s.batch_block = sharding.batch_block(mesh, int(config.train.batch_size))
+        except ValueError as e:
+            raise config_lib.ConfigError(str(e)) from None
+    return s
 
 
 def setup_for_task(config, task: tasks.TaskSpec, mesh) -> Setup:
@@ -340,7 +355,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     task, mesh, rules, rng = s.task, s.mesh, s.rules, s.rng
     abstract_state, state_shardings = s.abstract_state, s.state_shardings
     p_train_step = s.train_step
-    train_iter = iter(task.train_data(jax.process_index(), jax.process_count()))
+    train_iter = iter(task.train_data(*s.batch_block))
 
     # --------------------------------------------------------------------------- Checkpoint
     ckpt = ckpt_lib.Checkpointer(
@@ -395,7 +410,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             while step < total_steps:
                 batch = next(train_iter)
                 tokens += task.count_tokens(batch)
-                gbatch = _to_global(batch, mesh)
+                gbatch = s.to_global(batch)
                 if compiled_step is None:
                     compiled_step = p_train_step.lower(state, gbatch, rng).compile()
                     flops_per_step = _cost_flops(compiled_step)
@@ -483,7 +498,7 @@ def _report(s: Setup, params: Any, model_state: Any) -> None:
 def _run_eval(s: Setup, params: Any, max_steps: int, model_state: Any) -> dict[str, float]:
     """Task metrics over up to `max_steps` eval batches (sums reduced, then finalised)."""
     sums: dict[str, Any] = {}
-    eval_iter = iter(s.task.eval_data(jax.process_index(), jax.process_count()))
+    eval_iter = iter(s.task.eval_data(*s.batch_block))
     with sharding.use_mesh(s.mesh, s.rules):
         for _ in range(max_steps):
             try:

@@ -130,11 +130,11 @@ def test_sharding_disjoint_and_consistent(native_tokenizer, unique_lines_file):
     rows0, rows1 = set(_real_rows(shards[0], tok)), set(_real_rows(shards[1], tok))
     assert rows0 and rows1 and not rows0 & rows1
     assert rows0 | rows1 == set(_real_rows(full, tok))
-    # The global batch is the interleave of the host batches, masks included.
+    # The global batch is the host batches one after the other, masks included.
     for g, s0, s1 in zip(full, *shards, strict=True):
         for k in g:
-            np.testing.assert_array_equal(g[k][0::2], s0[k])
-            np.testing.assert_array_equal(g[k][1::2], s1[k])
+            np.testing.assert_array_equal(g[k][:BATCH], s0[k])
+            np.testing.assert_array_equal(g[k][BATCH:], s1[k])
 
 
 def test_train_sharding_partitions_the_stream(native_tokenizer, text_files):
@@ -146,7 +146,22 @@ def test_train_sharding_partitions_the_stream(native_tokenizer, text_files):
         )
         for g, s in zip(full, _take(iter(ds), 3), strict=True):
             for k in g:
-                np.testing.assert_array_equal(g[k][i::2], s[k])
+                np.testing.assert_array_equal(g[k][i * BATCH : (i + 1) * BATCH], s[k])
+
+
+@pytest.mark.parametrize("blocks", [(0, 2, 4, 6), (1, 3, 5, 7), (0, 1), (5,)])
+def test_a_host_feeds_the_blocks_its_devices_hold(native_tokenizer, text_files, blocks):
+    """A pod's physically ordered mesh gives a host blocks that are not adjacent
+    (`sharding.batch_block`): its batch is exactly those rows of the one-host global batch."""
+    rows, count = 2, 8  # 16-row global batch in 8 blocks of 2
+    kw = dict(seq_len=SEQ, seed=3)
+    full = _take(iter(mlm_dataset(text_files, native_tokenizer, batch_size=rows * count, **kw)), 3)
+    ds = mlm_dataset(text_files, native_tokenizer, batch_size=rows * len(blocks),
+                     shard_index=blocks, shard_count=count, **kw)  # fmt: skip
+    picked = np.concatenate([np.arange(b * rows, (b + 1) * rows) for b in blocks])
+    for g, s in zip(full, _take(iter(ds), 3), strict=True):
+        for k in g:
+            np.testing.assert_array_equal(g[k][picked], s[k])
 
 
 def test_eval_is_finite_and_deterministic(native_tokenizer, text_files):

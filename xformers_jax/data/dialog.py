@@ -24,7 +24,7 @@ import yaml
 
 from xformers_jax.data.collators import IGNORE_INDEX
 from xformers_jax.data.corpus import DataError, chatterbot_languages, read_lines
-from xformers_jax.data.pipeline import iterate, sharded_stream
+from xformers_jax.data.pipeline import global_batch_rows, iterate, sharded_stream
 
 _EVAL_BUCKETS = 10  # one prompt hash bucket in ten is held out
 SPLITS = ("train", "eval", "all")
@@ -206,7 +206,7 @@ def dialog_dataset(
       A `grain.IterDataset` of dicts of int32 `[batch_size, ...]` arrays.
     """
     n = len(next(iter(arrays.values())))
-    per_step = shard_count * batch_size
+    per_step = global_batch_rows(batch_size, shard_index, shard_count)
     if n < per_step and train:
         raise DataError(f"{n} dialog pairs, fewer than one global batch ({per_step})")
     if not train:
@@ -220,6 +220,7 @@ def dialog_dataset(
         train=train,
         shard_index=shard_index,
         shard_count=shard_count,
+        batch_size=batch_size,
         random=False,
     )
-    return iterate(ds.batch(batch_size, drop_remainder=True))
+    return iterate(ds)

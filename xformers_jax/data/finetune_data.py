@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from xformers_jax.data.corpus import chatterbot_texts
+from xformers_jax.data.pipeline import block_indices
 
 LANGUAGES = ("english", "italian", "spanish", "portuguese")
 NUM_CHOICES = 4
@@ -296,10 +297,12 @@ class ArrayBatches:
         shard_count: int = 1,
     ):
         n = len(next(iter(arrays.values())))
-        if n < batch_size * shard_count:
+        self.blocks = block_indices(shard_index)
+        self.block_rows = batch_size // len(self.blocks)
+        if n < self.block_rows * shard_count:
             raise ValueError(f"{n} examples are fewer than one global batch")
         self.arrays, self.batch_size, self.train, self.seed = arrays, batch_size, train, seed
-        self.shard_index, self.shard_count, self.n = shard_index, shard_count, n
+        self.shard_count, self.n = shard_count, n
         self.index = 0
 
     def __iter__(self):
@@ -311,14 +314,16 @@ class ArrayBatches:
         return np.random.default_rng([self.seed, epoch]).permutation(self.n)
 
     def __next__(self) -> dict[str, Any]:
-        per_step = self.batch_size * self.shard_count
+        per_step = self.block_rows * self.shard_count
         steps_per_epoch = self.n // per_step
         epoch, step = divmod(self.index, steps_per_epoch)
         if not self.train and epoch > 0:
             raise StopIteration
         order = self._order(epoch)
-        lo = step * per_step + self.shard_index * self.batch_size
-        idx = order[lo : lo + self.batch_size]
+        lo = step * per_step
+        idx = np.concatenate(
+            [order[lo + b * self.block_rows : lo + (b + 1) * self.block_rows] for b in self.blocks]
+        )
         self.index += 1
         return {k: v[idx] for k, v in self.arrays.items()}
 

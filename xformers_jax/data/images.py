@@ -33,7 +33,7 @@ from PIL import Image
 
 from xformers_jax.data.image_processing import BeitImageProcessor
 from xformers_jax.data.masking import MaskingGenerator
-from xformers_jax.data.pipeline import iterate, sharded_stream
+from xformers_jax.data.pipeline import block_indices, global_batch_rows, iterate, sharded_stream
 from xformers_jax.models.base import InputError
 
 SOURCES = ("digits", "sample_images")
@@ -178,22 +178,23 @@ def _pipeline(
 ) -> grain.IterDataset:
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
-    if shard_count < 1 or not 0 <= shard_index < shard_count:
+    if shard_count < 1 or not all(0 <= b < shard_count for b in block_indices(shard_index)):
         raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index} / {shard_count}")
     items = images.items()
     if len(items) == 0:
         raise ValueError("the image set is empty")
     if not train:
-        n_pad = -len(items) % (shard_count * batch_size)
+        n_pad = -len(items) % global_batch_rows(batch_size, shard_index, shard_count)
         items = np.concatenate([items, np.tile([[_PAD, 0]], (n_pad, 1)).astype(np.int32)])
 
     def make(item: np.ndarray, rng: np.random.Generator) -> dict:
         return example(item, images.render(item, rng), rng)
 
     ds = sharded_stream(
-        items, make, seed=seed, train=train, shard_index=shard_index, shard_count=shard_count
-    )
-    return iterate(ds.batch(batch_size, drop_remainder=train), read_options)
+        items, make, seed=seed, train=train, shard_index=shard_index, shard_count=shard_count,
+        batch_size=batch_size,
+    )  # fmt: skip
+    return iterate(ds, read_options)
 
 
 def mim_dataset(

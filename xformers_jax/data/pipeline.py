@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import grain
+import jax
 import numpy as np
 
 from xformers_jax.data.collators import mlm_mask
@@ -72,6 +74,18 @@ def _mask_row(row: np.ndarray, rng: np.random.Generator, *, pad_id: int, **mask_
     }
 
 
+def block_indices(shard_index: int | Sequence[int]) -> tuple[int, ...]:
+    """A host's row blocks (`sharding.batch_block`) as a tuple, from one index or several."""
+    if isinstance(shard_index, int | np.integer):
+        return (int(shard_index),)
+    return tuple(int(b) for b in shard_index)
+
+
+def global_batch_rows(batch_size: int, shard_index: int | Sequence[int], shard_count: int) -> int:
+    """Rows of the global batch, from one host's `batch_size` rows in its blocks."""
+    return batch_size // len(block_indices(shard_index)) * shard_count
+
+
 def _check_args(tokenizer, seq_len, batch_size, seed, shard_index, shard_count, vocab_size):
     if seq_len < 4:
         raise ValueError(f"seq_len: must be >= 4 (<s>, a token, </s> and room), got {seq_len}")
@@ -79,7 +93,7 @@ def _check_args(tokenizer, seq_len, batch_size, seed, shard_index, shard_count, 
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed: must be in [0, 2**32), got {seed}")
-    if shard_count < 1 or not 0 <= shard_index < shard_count:
+    if shard_count < 1 or not all(0 <= b < shard_count for b in block_indices(shard_index)):
         raise ValueError(
             f"shard_index / shard_count: need 0 <= shard_index < shard_count, got "
             f"{shard_index} / {shard_count}"
@@ -149,7 +163,7 @@ def mlm_dataset(
     if rows.shape[0] == 0:
         raise DataError(f"{', '.join(map(str, files))}: no tokens after tokenisation")
     if not train:
-        per_step = shard_count * batch_size
+        per_step = global_batch_rows(batch_size, shard_index, shard_count)
         n_pad = -rows.shape[0] % per_step
         rows = np.concatenate([rows, np.full((n_pad, seq_len), tokenizer.pad_id, np.int32)])
 
@@ -163,9 +177,10 @@ def mlm_dataset(
         mask_prob=mask_prob,
     )
     ds = sharded_stream(
-        rows, mask_fn, seed=seed, train=train, shard_index=shard_index, shard_count=shard_count
-    )
-    return iterate(ds.batch(batch_size, drop_remainder=train), read_options)
+        rows, mask_fn, seed=seed, train=train, shard_index=shard_index, shard_count=shard_count,
+        batch_size=batch_size,
+    )  # fmt: skip
+    return iterate(ds, read_options)
 
 
 def sharded_stream(
@@ -174,16 +189,25 @@ def sharded_stream(
     *,
     seed: int,
     train: bool,
-    shard_index: int,
+    shard_index: int | Sequence[int],
     shard_count: int,
+    batch_size: int,
     random: bool = True,
+    per_block: Callable[[Any], Any] | None = None,
 ) -> grain.MapDataset:
-    """This host's slice of the examples made from `source` (an array of items), unbatched.
+    """This host's batches of the examples made from `source` (an array of items).
 
     Training: shuffled with `seed` and repeated forever; eval: one pass in order. `fn(item, rng)`
-    makes each example (its rng seeded apart from the shuffle), or `fn(item)` with
-    `random=False`. Element `i` of the global stream goes to shard `i % shard_count`, so the
-    global batch sequence does not depend on the host count.
+    makes each example (its rng seeded apart from the shuffle, from the example's global index),
+    or `fn(item)` with `random=False`.
+
+    The global batch of step `s` is `shard_count` blocks of `S` elements, elements
+    `[s * S * shard_count, (s + 1) * S * shard_count)` of the stream in order, and a host feeds
+    the blocks its devices hold (`sharding.batch_block`): `shard_index` is one block index or
+    several (then `S = batch_size // len(blocks)` and the host's batch is its blocks
+    concatenated). Row `r` of step `s` is therefore the same example whatever the host count.
+    `per_block` maps each block's batch before the host's blocks are joined. A final partial
+    batch is dropped (eval inputs are padded to whole global batches by the callers).
     """
     ds = grain.MapDataset.source(source)
     if train:
@@ -193,7 +217,34 @@ def sharded_stream(
         ds = ds.random_map(fn, seed=(seed * 0x9E3779B1 + 1) % 2**32)
     else:
         ds = ds.map(fn)
-    return ds[shard_index::shard_count]
+    return host_blocks(ds, shard_index, shard_count, batch_size, per_block)
+
+
+def host_blocks(
+    ds: grain.MapDataset,
+    blocks: int | Sequence[int],
+    count: int,
+    batch_size: int,
+    per_block: Callable[[Any], Any] | None = None,
+) -> grain.MapDataset:
+    """This host's batches of an unbatched stream: blocks `blocks` of `count` per global batch
+    (see `sharded_stream`), `batch_size` rows in all, joined in block order."""
+    blocks = block_indices(blocks)
+    if count < 1 or not blocks or any(not 0 <= b < count for b in blocks):
+        raise ValueError(f"need blocks in [0, {count}), got {blocks}")
+    if batch_size % len(blocks):
+        raise ValueError(f"batch_size {batch_size} does not split into {len(blocks)} blocks")
+    batches = ds.batch(batch_size // len(blocks), drop_remainder=True)
+    if per_block is not None:
+        batches = batches.map(per_block)
+    if len(blocks) == 1:
+        return batches[blocks[0] :: count]
+
+    def join(step: int) -> Any:
+        parts = [batches[step * count + b] for b in blocks]
+        return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+
+    return grain.MapDataset.range(len(batches) // count).map(join)
 
 
 def iterate(ds: grain.MapDataset, read_options: grain.ReadOptions | None = None):

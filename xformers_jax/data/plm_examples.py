@@ -184,8 +184,7 @@ def plm_dataset(
         train=train,
         shard_index=shard_index,
         shard_count=shard_count,
+        batch_size=batch_size // 2 if bi_data else batch_size,
+        per_block=_halves if bi_data else None,
     )
-    ds = ds.batch(batch_size // 2 if bi_data else batch_size, drop_remainder=True)
-    if bi_data:
-        ds = ds.map(_halves)
     return iterate(ds)

@@ -20,7 +20,7 @@ import numpy as np
 
 from xformers_jax.data.collators import IGNORE_INDEX
 from xformers_jax.data.corpus import DataError, read_lines
-from xformers_jax.data.pipeline import iterate, sharded_stream
+from xformers_jax.data.pipeline import global_batch_rows, iterate, sharded_stream
 
 
 def _lengths(tokens_length: int, noise_density: float, mean_span: float) -> tuple[int, int]:
@@ -182,7 +182,7 @@ def span_corruption_dataset(
     chunks = stream[: n * tokens_length].reshape(n, tokens_length)
     if not train:
         # Wrap around to whole batches on every host, so the eval step sees full batches.
-        per_step = shard_count * batch_size
+        per_step = global_batch_rows(batch_size, shard_index, shard_count)
         chunks = np.resize(chunks, (-(-n // per_step) * per_step, tokens_length))
     fn = functools.partial(
         _example,
@@ -195,6 +195,7 @@ def span_corruption_dataset(
         mean_noise_span_length=mean_noise_span_length,
     )
     ds = sharded_stream(
-        chunks, fn, seed=seed, train=train, shard_index=shard_index, shard_count=shard_count
-    )
-    return iterate(ds.batch(batch_size, drop_remainder=True))
+        chunks, fn, seed=seed, train=train, shard_index=shard_index, shard_count=shard_count,
+        batch_size=batch_size,
+    )  # fmt: skip
+    return iterate(ds)

@@ -22,22 +22,33 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from xformers_jax import config_lib, models
+from xformers_jax import config_lib, models, sharding
 from xformers_jax.tasks import TaskSpec
 
 
-def host_batch_size(config) -> int:
-    """`train.batch_size` split over the hosts (`jax.process_count()`): each host's rows per step.
+def host_batch_block(config) -> tuple[tuple[int, ...], int]:
+    """`(blocks, count)`: this host feeds blocks `blocks` of the `count` equal row blocks of
+    every global batch, the rows its devices hold under the run's mesh (`sharding.batch_block`).
+
+    One process feeds everything; with several, hosts that share rows (a `tensor` or `fsdp` axis
+    spanning hosts) feed the same blocks.
 
     Raises:
-      ConfigError: the batch does not divide evenly over the hosts.
+      ConfigError: the batch does not split over the mesh's batch axes.
     """
-    batch, hosts = config.train.batch_size, jax.process_count()
-    if batch % hosts:
-        raise config_lib.ConfigError(
-            f"config key 'train.batch_size' is {batch}, not divisible by the {hosts} hosts"
-        )
-    return batch // hosts
+    if jax.process_count() == 1:
+        return (0,), 1
+    mesh = sharding.make_mesh(config.mesh)
+    try:
+        return sharding.batch_block(mesh, int(config.train.batch_size))
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+
+
+def host_batch_size(config) -> int:
+    """The rows this host feeds per step: its blocks of `train.batch_size` (all on one host)."""
+    blocks, count = host_batch_block(config)
+    return int(config.train.batch_size) // count * len(blocks)
 
 
 def loss_sums(losses, predictions, labels, valid) -> tuple[jax.Array, dict[str, jax.Array]]:
