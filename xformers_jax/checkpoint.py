@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from xformers_jax import convert, hf_files, hub
+from xformers_jax import convert, hf_files, hub, paths
 from xformers_jax.convert.param_map import ConversionError, flatten, listing, path_str, unflatten
 from xformers_jax.hf_files import CONFIG_NAME, CheckpointError
 
@@ -59,7 +59,7 @@ class Checkpointer:
     def __init__(
         self, directory: str, *, every_steps: int, max_to_keep: int, async_save: bool = True
     ):
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.resolve(directory)  # a gs:// URL goes to Orbax unchanged
         self.every_steps = int(every_steps)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
@@ -122,13 +122,13 @@ class Checkpointer:
 def save_params(directory: str, params: Any) -> None:
     """Params-only export (`<directory>/params`), synchronous; the directory must not exist."""
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(os.path.abspath(directory), PARAMS_DIR), params)
+        ckptr.save(paths.path(paths.join(directory, PARAMS_DIR)), params)
 
 
 def load_params(directory: str, abstract: Any | None = None) -> Any:
     """Reads a params-only export, onto `abstract`'s shardings when given (else host arrays)."""
-    path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
-    if not os.path.isdir(path):
+    path = paths.join(directory, PARAMS_DIR)
+    if not paths.isdir(path):
         raise FileNotFoundError(f"no params-only Orbax export at {path}")
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path, abstract) if abstract is not None else ckptr.restore(path)

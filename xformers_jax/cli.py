@@ -26,7 +26,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from xformers_jax import config_lib
+from xformers_jax import config_lib, paths
 
 PROG = "xformers-jax"
 
@@ -192,6 +192,19 @@ def check_workdir(workdir: str) -> str:
         config_lib.UserError: it exists as a non-directory, or it (or the closest existing
             ancestor, where it would be created) is not writable.
     """
+    try:
+        remote = paths.is_remote(workdir)
+    except ValueError as e:
+        raise config_lib.UserError(f"workdir: {e}") from None
+    if remote:
+        # Object stores have no directories to create or permissions to probe: the bucket
+        # must exist (Orbax and every writer create the objects under it).
+        if not paths.bucket_exists(workdir):
+            bucket = paths.resolve(workdir).split("/")[2]
+            raise config_lib.UserError(
+                f"workdir {workdir}: bucket gs://{bucket} does not exist or cannot be listed"
+            )
+        return paths.resolve(workdir)
     path = os.path.abspath(os.path.expanduser(workdir))
     if os.path.exists(path):
         if not os.path.isdir(path):

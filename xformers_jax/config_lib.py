@@ -704,24 +704,20 @@ def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def save_config(config: ml_collections.ConfigDict, path: str | os.PathLike) -> None:
     """Writes the resolved config as indented JSON (parent directories are created)."""
-    path = os.fspath(path)
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(to_dict(config), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)  # Atomic: a crash never leaves a half-written config.json.
+    from xformers_jax import paths
+
+    # Whole-file write: a crash never leaves a half-written config.json (local or gs://).
+    paths.write_text(path, json.dumps(to_dict(config), indent=2) + "\n")
 
 
 def config_from_json(path: str | os.PathLike) -> ml_collections.ConfigDict:
     """Reads a config written by `save_config` back into an (unlocked) ConfigDict."""
-    with open(os.fspath(path), encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {os.fspath(path)} is not valid JSON: {e}") from None
+    from xformers_jax import paths
+
+    try:
+        data = json.loads(paths.read_text(path))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {os.fspath(path)} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {os.fspath(path)} does not hold a JSON object")
     return ml_collections.ConfigDict(data)

@@ -1,11 +1,21 @@
-"""Where training metrics go: `metrics.jsonl`, TensorBoard scalars, a progress bar, `loss.png`."""
+"""Where training metrics go: `metrics.jsonl`, TensorBoard scalars, a progress bar, `loss.png`.
+
+The workdir may be a gs:// URL. Objects cannot be appended to, so there `metrics.jsonl` is
+rewritten whole after every logged step (its earlier rows read back once at start, so a resumed
+run keeps them), TensorBoard event files are written to a local staging directory and uploaded
+whole after every flush, and `loss.png` is uploaded whole: each is complete in the bucket after
+every log interval.
+"""
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import sys
+import tempfile
 from typing import Any
+
+from xformers_jax import paths
 
 
 class _NoBar:
@@ -25,25 +35,41 @@ class MetricWriter:
     curves into `<workdir>/loss.png`. Only the main host writes (`enabled`)."""
 
     def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
-        self.workdir = workdir
+        self.workdir = paths.resolve(workdir)
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = paths.join(self.workdir, "metrics.jsonl")
+        self._remote = paths.is_remote(self.workdir)
+        self._rows: list[str] = []
+        if enabled and self._remote and paths.exists(self.path):
+            self._rows = paths.read_text(self.path).splitlines(keepends=True)
         self._tb = None
+        self._tb_stage = None
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            tb_dir = paths.join(self.workdir, "tb")
+            if self._remote:
+                self._tb_stage = tempfile.TemporaryDirectory(prefix="tb-")
+                tb_dir = self._tb_stage.name
+            self._tb = SummaryWriter(tb_dir)
 
     def _write(self, split: str, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled or not metrics:
             return
         row = {"split": split, "step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        line = json.dumps(row) + "\n"
+        if self._remote:
+            self._rows.append(line)
+            paths.write_text(self.path, "".join(self._rows))
+        else:
+            with open(self.path, "a") as f:
+                f.write(line)
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
             self._tb.flush()
+            if self._tb_stage is not None:
+                paths.upload_tree(self._tb_stage.name, paths.join(self.workdir, "tb"))
 
     def write_train(self, step: int, metrics: dict[str, float]) -> None:
         self._write("train", step, metrics)
@@ -64,14 +90,18 @@ class MetricWriter:
 
     def plot(self) -> str | None:
         """Writes `loss.png` (train and eval loss vs step) from the whole `metrics.jsonl`."""
-        if not self.enabled or not os.path.exists(self.path):
+        if not self.enabled or not paths.exists(self.path):
             return None
-        return plot_loss(self.path, os.path.join(self.workdir, "loss.png"))
+        return plot_loss(self.path, paths.join(self.workdir, "loss.png"))
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._tb_stage is not None:
+            paths.upload_tree(self._tb_stage.name, paths.join(self.workdir, "tb"))
+            self._tb_stage.cleanup()
+            self._tb_stage = None
 
 
 def plot_loss(metrics_path: str, out_path: str) -> str:
@@ -81,7 +111,7 @@ def plot_loss(metrics_path: str, out_path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    rows = [json.loads(line) for line in paths.read_text(metrics_path).splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for split, style in (("train", "-"), ("eval", "o-")):
         pts = sorted((r["step"], r["loss"]) for r in rows if r["split"] == split and "loss" in r)
@@ -92,6 +122,8 @@ def plot_loss(metrics_path: str, out_path: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    paths.write_bytes(out_path, png.getvalue())
     return out_path

@@ -68,6 +68,21 @@ def join(base: PathLike, *parts: str) -> str:
     return out
 
 
+def bucket_exists(url: PathLike) -> bool:
+    """Whether the bucket of a gs:// URL exists and can be listed (True for local paths)."""
+    target = resolve(url)
+    if not is_remote(target):
+        return True
+    import gcsfs
+
+    bucket = target.removeprefix("gs://").split("/", 1)[0]
+    try:
+        gcsfs.GCSFileSystem().ls(bucket, detail=False)
+    except (FileNotFoundError, PermissionError, OSError):
+        return False
+    return True
+
+
 def exists(p: PathLike) -> bool:
     return path(p).exists()
 
@@ -208,6 +223,22 @@ def local_dir_for_writing(p: PathLike) -> Iterator[str]:
     with tempfile.TemporaryDirectory() as tmp:
         yield tmp
         upload_tree(tmp, target)
+
+
+@contextlib.contextmanager
+def local_prefix(prefix: PathLike) -> Iterator[str]:
+    """A local file prefix for tools that write `<prefix>.<ext>` files themselves (sentencepiece
+    training): `prefix` itself when local (its directory created); a temporary one whose files
+    are uploaded next to the gs:// prefix when the block exits normally."""
+    target = resolve(prefix)
+    if not is_remote(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        yield target
+        return
+    parent, stem = target.rsplit("/", 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        yield os.path.join(tmp, stem)
+        upload_tree(tmp, parent)
 
 
 def upload_tree(local_dir: str, dst: PathLike) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from xformers_jax import checkpoint as ckpt_lib
-from xformers_jax import config_lib, optim, sharding, tasks
+from xformers_jax import config_lib, optim, paths, sharding, tasks
 from xformers_jax.metrics_writer import MetricWriter
 
 
@@ -126,7 +126,14 @@ def make_eval_step(task: tasks.TaskSpec):
 
 
 def _prepare_workdir(workdir: str) -> str:
-    workdir = os.path.abspath(workdir)
+    """The workdir's canonical form, created if local (a gs:// URL is used as it is: Orbax and
+    every writer create the objects under it)."""
+    try:
+        workdir = paths.resolve(workdir)
+    except ValueError as e:
+        raise config_lib.UserError(f"workdir: {e}") from None
+    if paths.is_remote(workdir):
+        return workdir
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise config_lib.UserError(f"workdir {workdir} exists and is not a directory")
     try:
@@ -350,7 +357,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     workdir = _prepare_workdir(workdir)
     is_main = jax.process_index() == 0
     if is_main:
-        config_lib.save_config(config, os.path.join(workdir, "config.json"))
+        config_lib.save_config(config, paths.join(workdir, "config.json"))
     s = setup(config, workdir)
     task, mesh, rules, rng = s.task, s.mesh, s.rules, s.rng
     abstract_state, state_shardings = s.abstract_state, s.state_shardings
@@ -359,7 +366,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
     # --------------------------------------------------------------------------- Checkpoint
     ckpt = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
+        paths.join(workdir, "checkpoints"),
         every_steps=config.checkpoint.every_steps,
         max_to_keep=config.checkpoint.max_to_keep,
         async_save=config.checkpoint.async_save,
@@ -468,9 +475,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 def evaluate(config, workdir: str) -> dict[str, float]:
     """Evaluates the latest checkpoint in `workdir` on the eval data; prints the metrics."""
     config_lib.validate(config)
-    workdir = os.path.abspath(workdir)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
+    workdir = paths.resolve(workdir)
+    ckpt_dir = paths.join(workdir, "checkpoints")
+    if not paths.isdir(ckpt_dir):
         raise config_lib.UserError(f"no checkpoints in {workdir}")
     s = setup(config, workdir)
     ckpt = ckpt_lib.Checkpointer(ckpt_dir, every_steps=0, max_to_keep=10**6, async_save=False)

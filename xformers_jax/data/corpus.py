@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from xformers_jax import paths
 from xformers_jax.config_lib import UserError
 
 # One utterance in `_EVAL_BUCKETS` goes to eval: ~5% of the corpus.
@@ -99,11 +100,10 @@ def _is_eval(text: str) -> bool:
     return zlib.crc32(text.encode("utf-8")) % _EVAL_BUCKETS == 0
 
 
-def _write_atomic(path: Path, lines: Sequence[str]) -> None:
-    # Write then rename, so concurrent hosts / an interrupted run never see a half-written file.
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, path)
+def _write_atomic(path: str, lines: Sequence[str]) -> None:
+    # Whole-file writes (a rename locally, one upload on GCS), so concurrent hosts / an
+    # interrupted run never see a half-written file.
+    paths.write_text(path, "".join(line + "\n" for line in lines))
 
 
 def default_corpus(
@@ -120,10 +120,8 @@ def default_corpus(
     Returns:
         `[train_path, eval_path]` as strings.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    train_path, eval_path = directory / "train.txt", directory / "eval.txt"
-    if not (train_path.exists() and eval_path.exists()):
+    train_path, eval_path = paths.join(directory, "train.txt"), paths.join(directory, "eval.txt")
+    if not (paths.exists(train_path) and paths.exists(eval_path)):
         texts = chatterbot_texts(languages)
         _write_atomic(train_path, [t for t in texts if not _is_eval(t)])
         _write_atomic(eval_path, [t for t in texts if _is_eval(t)])
@@ -143,9 +141,9 @@ def read_lines(path: str | os.PathLike) -> list[str]:
         DataError: the file is missing or not a file, has no non-blank line, or is binary (a NUL
             byte or invalid UTF-8; the message names the 1-based line number).
     """
-    path = Path(path)
+    path = paths.resolve(path)
     try:
-        data = path.read_bytes()
+        data = paths.read_bytes(path)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except IsADirectoryError:

@@ -26,12 +26,12 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import sentencepiece as spm
 
+from xformers_jax import paths
 from xformers_jax.data.corpus import DataError
 from xformers_jax.data.tokenizer import train_spm
 
@@ -62,8 +62,7 @@ def sentinel_piece(i: int) -> str:
 
 
 def _read_proto(path: str) -> bytes:
-    with open(path, "rb") as f:
-        proto = f.read()
+    proto = paths.read_bytes(path)
     processor = spm.SentencePieceProcessor()
     try:
         processor.LoadFromSerializedProto(proto)
@@ -74,9 +73,9 @@ def _read_proto(path: str) -> bytes:
     return proto
 
 
-def _resolve(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+def _resolve(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     """(`.model` file, the tokenizer dir's saved settings) of a dir or a model file."""
-    path = Path(path)
+    path = paths.path(path)
     if path.is_dir():
         model = path / SPIECE
         if not model.is_file():
@@ -96,7 +95,7 @@ def is_t5_model(path: str | os.PathLike) -> bool:
     """Whether `path` is a T5-layout tokenizer: an HF tokenizer dir holding `spiece.model`, or a
     `.model` whose spm ids are `<pad>`=0, `</s>`=1, `<unk>`=2 (the fairseq layout of
     `SentencePieceTokenizer` has `<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3)."""
-    path = Path(path)
+    path = paths.path(path)
     if path.is_dir():
         path = path / SPIECE  # XLNet dirs have one too: its ids tell them apart
     if not path.is_file():
@@ -273,7 +272,7 @@ class T5Tokenizer:
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Writes an HF tokenizer dir (`spiece.model`, `tokenizer_config.json`,
         `special_tokens_map.json`) that `transformers.T5Tokenizer.from_pretrained` loads."""
-        directory = Path(directory)
+        directory = paths.path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / SPIECE).write_bytes(self._proto)
         sentinels = [sentinel_piece(i) for i in range(self.extra_ids)]
@@ -622,9 +621,9 @@ TOKENIZER_DIR = "t5_tokenizer"  # in a workdir: an HF tokenizer dir transformers
 NATIVE_MODEL = "tokenizer.model"  # the fairseq-layout model a run trains (tasks/mlm.py)
 
 
-def _saved_t5(directory: str | os.PathLike) -> Path | None:
+def _saved_t5(directory: str | os.PathLike) -> Any:
     """The T5 tokenizer kept in a run's workdir or an HF model dir, if there is one."""
-    directory = Path(directory)
+    directory = paths.path(directory)
     for candidate in (directory / TOKENIZER_DIR, directory):
         if is_t5_model(candidate):
             return candidate
@@ -656,7 +655,7 @@ def t5_tokenizer_for(
     """
     path = data_config.get("tokenizer", "")
     kind = data_config.get("tokenizer_type", "sentencepiece")
-    kept = Path(workdir) / TOKENIZER_DIR
+    kept = paths.path(workdir) / TOKENIZER_DIR
     if path:
         if not is_t5_model(path):
             return None  # the file decides, whatever data.tokenizer_type says
@@ -674,11 +673,11 @@ def t5_tokenizer_for(
             tok = T5Tokenizer.load(source)
             tok.save_pretrained(kept)
             return tok
-        if (Path(init_from) / NATIVE_MODEL).is_file():
+        if (paths.path(init_from) / NATIVE_MODEL).is_file():
             raise DataError(
                 f"init_from {init_from} was trained with the fairseq-layout {NATIVE_MODEL}: its "
                 "ids only mean something with that tokenizer; pass --config.data.tokenizer="
-                f"{Path(init_from) / NATIVE_MODEL} (and the model ids it asks for)"
+                f"{paths.path(init_from) / NATIVE_MODEL} (and the model ids it asks for)"
             )
     extra_ids = int(data_config.get("extra_ids", DEFAULT_EXTRA_IDS))
     tok = T5Tokenizer.train(

@@ -19,12 +19,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import sentencepiece as spm
 
+from xformers_jax import paths
 from xformers_jax.data.corpus import DataError, read_lines
 
 CONVENTIONS = ("native", "xlm-roberta")
@@ -76,8 +76,15 @@ def train_spm(
     Raises:
       ValueError: spm refused (its message says what to change), naming the model.
     """
-    out_prefix = Path(out_prefix)
-    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    with paths.local_prefix(out_prefix) as local:
+        _train_spm_local(lines, local, vocab_size, specials, model_type=model_type,
+                         character_coverage=character_coverage,
+                         input_sentence_size=input_sentence_size, num_threads=num_threads,
+                         seed=seed, **trainer_kwargs)  # fmt: skip
+
+
+def _train_spm_local(lines, out_prefix, vocab_size, specials, *, model_type, character_coverage,
+                     input_sentence_size, num_threads, seed, **trainer_kwargs) -> None:  # fmt: skip
     options = dict(
         model_prefix=str(out_prefix),
         vocab_size=vocab_size,
@@ -169,15 +176,14 @@ class SentencePieceTokenizer:
             DataError: the file is not a sentencepiece model, or its special ids do not fit the
                 convention.
         """
-        path = str(path)
-        if not os.path.isfile(path):
+        path = paths.resolve(path)
+        if not paths.isfile(path):
             raise FileNotFoundError(f"{path}: sentencepiece model file not found")
         if convention not in CONVENTIONS:
             raise ValueError(f"convention: expected one of {CONVENTIONS}, got {convention!r}")
         processor = spm.SentencePieceProcessor()
         try:
-            with open(path, "rb") as f:
-                processor.LoadFromSerializedProto(f.read())
+            processor.LoadFromSerializedProto(paths.read_bytes(path))
         except (RuntimeError, OSError, TypeError) as e:
             raise DataError(f"{path}: not a valid sentencepiece model ({e})") from None
         if processor.get_piece_size() == 0:

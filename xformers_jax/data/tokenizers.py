@@ -10,10 +10,9 @@ of a run are `train_files` / `eval_files` (the bundled corpus unless `data.train
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 
-from xformers_jax import config_lib
+from xformers_jax import config_lib, paths
 from xformers_jax.data.corpus import default_corpus, read_lines
 
 
@@ -21,7 +20,7 @@ def train_files(config, workdir: str) -> list[str]:
     """`data.train_files`, else the bundled corpus' training split (written into the workdir)."""
     if config.data.train_files:
         return list(config.data.train_files)
-    return [default_corpus(os.path.join(workdir, "corpus"))[0]]
+    return [default_corpus(paths.join(workdir, "corpus"))[0]]
 
 
 def eval_files(config, workdir: str) -> list[str]:
@@ -30,7 +29,7 @@ def eval_files(config, workdir: str) -> list[str]:
         return list(config.data.eval_files)
     if config.data.train_files:
         return list(config.data.train_files)
-    return [default_corpus(os.path.join(workdir, "corpus"))[1]]
+    return [default_corpus(paths.join(workdir, "corpus"))[1]]
 
 
 def _corpus_lines(config, workdir: str) -> list[str]:
@@ -81,7 +80,7 @@ TOKENIZER_TYPES = {
         "spiece",
         _xlnet,
         _train_xlnet,
-        (("spiece.model", lambda p: _xlnet(os.path.dirname(p))),),
+        (("spiece.model", lambda p: _xlnet(p.rsplit("/", 1)[0])),),
     ),
 }
 
@@ -104,13 +103,13 @@ def text_tokenizer(config, workdir: str, default_type: str = "sentencepiece"):
     stem, load, train, saved = TOKENIZER_TYPES[kind]
     if config.data.tokenizer:
         return load(config.data.tokenizer)
-    prefix = os.path.join(workdir, stem)
-    if os.path.exists(prefix + ".model"):
+    prefix = paths.join(workdir, stem)
+    if paths.exists(prefix + ".model"):
         return load(prefix + ".model")
     init_from = config.get("init_from", "")
     for name, load_saved in saved if init_from else ():
-        if os.path.isfile(os.path.join(init_from, name)):
-            return load_saved(os.path.join(init_from, name))
+        if paths.isfile(paths.join(init_from, name)):
+            return load_saved(paths.join(init_from, name))
     return train(_corpus_lines(config, workdir), prefix, config.data.vocab_size)
 
 

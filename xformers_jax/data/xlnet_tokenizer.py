@@ -21,10 +21,11 @@ import os
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+
+from xformers_jax import paths
 
 UNDERLINE = "\u2581"
 SPECIALS = ("<unk>", "<s>", "</s>", "<cls>", "<sep>", "<pad>", "<mask>", "<eod>", "<eop>")
@@ -62,7 +63,7 @@ class XLNetTokenizer:
     def load(cls, path: str | os.PathLike, **flags) -> XLNetTokenizer:
         """From a `.model` file or an HF tokenizer dir (`spiece.model`, and `do_lower_case` /
         `remove_space` / `keep_accents` from its `tokenizer_config.json` unless given)."""
-        path = Path(path)
+        path = paths.path(path)
         if path.is_dir():
             config = path / "tokenizer_config.json"
             if config.is_file():
@@ -73,7 +74,7 @@ class XLNetTokenizer:
             path = path / "spiece.model"
         if not path.is_file():
             raise FileNotFoundError(f"no sentencepiece model at {path}")
-        sp = spm.SentencePieceProcessor(model_file=str(path))
+        sp = spm.SentencePieceProcessor(model_proto=path.read_bytes())
         return cls(sp, path=str(path), **flags)
 
     @classmethod
@@ -81,9 +82,14 @@ class XLNetTokenizer:
         cls, texts: Iterable[str], prefix: str | os.PathLike, vocab_size: int, **flags
     ) -> XLNetTokenizer:
         """Trains a unigram model with XLNet's special pieces at ids 0-8; writes `prefix.model`."""
-        prefix = str(prefix)
-        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        prefix = paths.resolve(prefix)
         lines = (s for t in texts for s in (x.strip() for x in t.split("\n")) if s)
+        with paths.local_prefix(prefix) as local:
+            cls._train_local(lines, local, vocab_size)
+        return cls.load(prefix + ".model", **flags)
+
+    @staticmethod
+    def _train_local(lines: Iterable[str], prefix: str, vocab_size: int) -> None:
         spm.SentencePieceTrainer.train(
             sentence_iterator=lines,
             model_prefix=prefix,
@@ -99,7 +105,6 @@ class XLNetTokenizer:
             hard_vocab_limit=False,
             minloglevel=2,
         )
-        return cls.load(prefix + ".model", **flags)
 
     # ------------------------------------------------------------------------- ids
     def _piece_id(self, piece: str) -> int | None:
