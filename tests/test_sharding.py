@@ -83,3 +83,23 @@ def test_batch_blocks_of_a_two_host_pod(mesh, blocks):
     with pytest.raises(ValueError, match="does not split over the mesh's data x fsdp = 8"):
         sharding.batch_block(sharding.make_mesh(ml_collections.ConfigDict(
             {"data": 8, "fsdp": 1, "tensor": 1}), devices), 12, 0)  # fmt: skip
+
+
+def test_dcn_mesh_spans_slices_along_data():
+    """`mesh.dcn_data=2` over two v5p-8 slices: each slice holds the configured mesh and the
+    slices multiply `data` (only the data axis crosses the data-center network)."""
+    import ml_collections
+
+    from xformers_jax import compile as aot
+
+    _, devices = aot.topology_devices("v5p-8", slices=2)
+    cfg = ml_collections.ConfigDict({"data": 1, "fsdp": 2, "tensor": 2, "dcn_data": 2})
+    m = sharding.make_mesh(cfg, devices)
+    assert dict(m.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    for i in range(2):
+        assert {d.slice_index for d in m.devices[i].flat} == {i}
+    with pytest.raises(ValueError, match="devices form 2 slices"):
+        sharding.make_mesh(ml_collections.ConfigDict(dict(cfg, dcn_data=4)), devices)
+    # One process on CPU is one granule: dcn_data=2 needs two processes.
+    with pytest.raises(ValueError, match="form 1 processes"):
+        sharding.make_mesh(ml_collections.ConfigDict(dict(cfg, dcn_data=2)))

@@ -56,3 +56,43 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(corpus, tmp_path):
         train.train_and_evaluate(cfg, str(tmp_path))
     steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
     assert steps[-1] <= 6
+
+
+def test_profile_window_writes_a_trace(corpus, tmp_path):
+    cfg = tiny_mlm_config(corpus, train__steps=4)
+    cfg.profile.steps = [2, 4]
+    train.train_and_evaluate(cfg, str(tmp_path))
+    traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert traces and all(t.stat().st_size > 0 for t in traces)
+
+
+@pytest.mark.parametrize("steps", [[3], [0, 2], [4, 4], [1, 2, 3]])
+def test_bad_profile_steps_are_one_line(corpus, steps):
+    from xformers_jax import config_lib
+
+    cfg = tiny_mlm_config(corpus)
+    cfg.profile.steps = steps
+    with pytest.raises(config_lib.ConfigError, match="profile.steps"):
+        config_lib.validate(cfg)
+
+
+def test_second_start_loads_the_step_from_the_compilation_cache(corpus, tmp_path):
+    """Two starts of a run with `train.compilation_cache_dir`: the second compiles nothing that
+    the first compiled (every compile a cache hit)."""
+    import subprocess
+
+    from tests.test_reliability import _cli, _env
+
+    env = _env()
+    env.pop("JAX_COMPILATION_CACHE_DIR")
+    cache = tmp_path / "cache"
+    args = [f"--config.train.compilation_cache_dir={cache}", "--config.train.steps=2"]
+    first = subprocess.run(_cli(tmp_path / "a", corpus, *args), env=env, capture_output=True,
+                           text=True, timeout=600)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "0 hits" in first.stdout and os.listdir(cache)
+    second = subprocess.run(_cli(tmp_path / "b", corpus, *args), env=env, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert second.returncode == 0, second.stderr[-2000:]
+    line = next(x for x in second.stdout.splitlines() if "compilation cache:" in x)
+    assert " 0 misses" in line and " 0 hits" not in line, line

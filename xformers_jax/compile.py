@@ -54,7 +54,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from xformers_jax import flops, models, sharding, tasks
+from xformers_jax import config_lib, flops, models, sharding, tasks
 from xformers_jax.config_lib import UserError
 
 GIB = 2**30
@@ -133,21 +133,14 @@ def make_mesh(mesh_cfg: Any, devices: list[Any], slices: int = 1) -> Mesh:
     """
     per_slice = len(devices) // slices
     try:
-        shape = sharding.mesh_shape(mesh_cfg, per_slice)
+        sharding.mesh_shape(mesh_cfg, per_slice)
     except ValueError as e:
         raise UserError(f"a {per_slice}-device slice cannot hold the config's mesh: {e}") from None
-    if slices == 1:
-        return sharding.make_mesh(mesh_cfg, devices)
-    from jax.experimental import mesh_utils
-
-    dcn = (slices,) + (1,) * (len(shape) - 1)
+    cfg = {a: mesh_cfg[a] for a in sharding.MESH_AXES} | {"dcn_data": slices}
     try:
-        arr = mesh_utils.create_hybrid_device_mesh(shape, dcn, devices)
-    except (ValueError, NotImplementedError, AssertionError):
-        arr = mesh_utils.create_hybrid_device_mesh(
-            shape, dcn, devices, allow_split_physical_axes=True
-        )
-    return Mesh(arr, sharding.MESH_AXES)
+        return sharding.make_mesh(cfg, devices)
+    except ValueError as e:
+        raise UserError(f"cannot lay the config's mesh over {slices} slices: {e}") from None
 
 
 # ------------------------------------------------------------------------ the task, data-free
@@ -303,6 +296,8 @@ def compile_step(config, name: str, slices: int = 1) -> dict[str, Any]:
     from xformers_jax import train
     from xformers_jax.layers.cpu_backward import portable_backward
 
+    # The config's own multi-slice setting (`mesh.dcn_data`) when --slices is not given.
+    slices = slices if slices > 1 else config_lib.get_opt(config, "mesh.dcn_data", 1)
     generation, devices = topology_devices(name, slices)
     hbm = HBM_GIB[generation] * GIB
     mesh = make_mesh(config.mesh, devices, slices)

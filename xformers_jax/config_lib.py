@@ -114,6 +114,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every_steps = 500
     c.train.eval_steps = 10
     c.train.skip_nonfinite = False
+    # XLA's persistent compilation cache, so a restarted pod run does not recompile: "auto" =
+    # `<workdir>/compile_cache` on TPU / GPU and off on CPU (where compiles are quick and the
+    # cache would hold host-specific code), "" = off, else a directory (local or gs://).
+    c.train.compilation_cache_dir = "auto"
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 500
@@ -125,10 +129,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.log.tensorboard = True
     c.log.progress = True
 
+    # `profile.steps = [first, end]`: steps first .. end-1 run inside a jax.profiler trace written
+    # to `<workdir>/profile` (TensorBoard's profiler / Perfetto); [] = no trace.
+    c.profile = ml_collections.ConfigDict()
+    c.profile.steps = []
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 = all devices left after the other axes.
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    # Multi-slice: this many slices (TPU slices joined by the data-center network; GPU / CPU
+    # processes) each hold the `data x fsdp x tensor` mesh above, and multiply its `data` axis.
+    c.mesh.dcn_data = 1
     # (logical axis name, mesh axis | list of mesh axes | None) pairs that override the defaults.
     c.mesh.rules = []
 
@@ -546,6 +558,14 @@ def _get(config: ml_collections.ConfigDict, key: str) -> Any:
     return node
 
 
+def get_opt(config: ml_collections.ConfigDict, key: str, default: Any) -> Any:
+    """`config`'s dotted `key`, or `default` where a config from before the key lacks it."""
+    try:
+        return _get(config, key)
+    except ConfigError:
+        return default
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -601,6 +621,9 @@ def _check_mesh(config) -> None:
             auto.append(key)
     if len(auto) > 1:
         raise ConfigError(f"only one mesh axis may be -1, got {', '.join(auto)}")
+    dcn = get_opt(config, "mesh.dcn_data", 1)
+    if not _is_int(dcn) or dcn < 1:
+        raise ConfigError(f"config key 'mesh.dcn_data' must be a positive int, got {dcn!r}")
     rules = _get(config, "mesh.rules")
     if not isinstance(rules, (list, tuple)):
         raise ConfigError(f"config key 'mesh.rules' must be a list of pairs, got {rules!r}")
@@ -672,6 +695,21 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_int(config, "log.every_steps", 1)
     _check_type(config, "log.tensorboard", (bool,), "a bool")
     _check_type(config, "log.progress", (bool,), "a bool")
+
+    cache = get_opt(config, "train.compilation_cache_dir", "")
+    if not isinstance(cache, str):
+        raise ConfigError(
+            f"config key 'train.compilation_cache_dir' must be a string, got {cache!r}"
+        )
+    steps = get_opt(config, "profile.steps", [])
+    if not isinstance(steps, (list, tuple)) or (
+        steps and (len(steps) != 2 or not all(_is_int(s) for s in steps) or
+                   not 1 <= steps[0] < steps[1])
+    ):  # fmt: skip
+        raise ConfigError(
+            f"config key 'profile.steps' must be [] or [first, end] with 1 <= first < end, "
+            f"got {steps!r}"
+        )
 
     _check_mesh(config)
     return config

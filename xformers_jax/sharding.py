@@ -65,16 +65,50 @@ def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)  # type: ignore[return-value]
 
 
-def make_mesh(mesh_cfg: Any, devices: Sequence[Any] | None = None) -> Mesh:
-    """A `('data', 'fsdp', 'tensor')` mesh over `devices` (default: all, across hosts)."""
-    devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(mesh_cfg, len(devices))
-    try:
-        from jax.experimental import mesh_utils
+def _dcn_data(mesh_cfg: Any) -> int:
+    get = mesh_cfg.get if hasattr(mesh_cfg, "get") else lambda k, d: getattr(mesh_cfg, k, d)
+    return int(get("dcn_data", 1) or 1)
 
-        arr = mesh_utils.create_device_mesh(shape, devices=devices)
+
+def make_mesh(mesh_cfg: Any, devices: Sequence[Any] | None = None) -> Mesh:
+    """A `('data', 'fsdp', 'tensor')` mesh over `devices` (default: all, across hosts).
+
+    With `mesh.dcn_data = K > 1` the devices form K slices (TPU slices by their `slice_index`;
+    elsewhere one slice per process), each holding the configured `data x fsdp x tensor` mesh
+    over its fast interconnect, and the slices multiply `data` over the data-center network
+    (`mesh_utils.create_hybrid_device_mesh`): only the data-parallel gradient reduction crosses
+    slices.
+
+    Raises:
+      ValueError: the mesh does not fit the devices (or their slices), one line.
+    """
+    from jax.experimental import mesh_utils
+
+    devices = list(jax.devices() if devices is None else devices)
+    dcn = _dcn_data(mesh_cfg)
+    if dcn == 1:
+        shape = mesh_shape(mesh_cfg, len(devices))
+        try:
+            arr = mesh_utils.create_device_mesh(shape, devices=devices)
+        except (ValueError, NotImplementedError, AssertionError):
+            arr = np.asarray(devices).reshape(shape)
+        return Mesh(arr, MESH_AXES)
+    if len(devices) % dcn:
+        raise ValueError(f"mesh.dcn_data={dcn} does not divide the {len(devices)} devices")
+    by_slice = hasattr(devices[0], "slice_index")
+    granules = len({d.slice_index if by_slice else d.process_index for d in devices})
+    if granules != dcn:
+        what = "slices" if by_slice else "processes"
+        raise ValueError(f"mesh.dcn_data={dcn}, but the devices form {granules} {what}")
+    shape = mesh_shape(mesh_cfg, len(devices) // dcn)
+    dcn_shape = (dcn,) + (1,) * (len(shape) - 1)
+    kw = {"process_is_granule": not by_slice}
+    try:
+        arr = mesh_utils.create_hybrid_device_mesh(shape, dcn_shape, devices, **kw)
     except (ValueError, NotImplementedError, AssertionError):
-        arr = np.asarray(devices).reshape(shape)
+        arr = mesh_utils.create_hybrid_device_mesh(
+            shape, dcn_shape, devices, allow_split_physical_axes=True, **kw
+        )
     return Mesh(arr, MESH_AXES)
 
 

@@ -355,6 +355,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """Trains `config` in `workdir` (resuming if a checkpoint is there); returns final metrics."""
     config_lib.validate(config)
     workdir = _prepare_workdir(workdir)
+    _use_compilation_cache(config, workdir)
     is_main = jax.process_index() == 0
     if is_main:
         config_lib.save_config(config, paths.join(workdir, "config.json"))
@@ -407,6 +408,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         _log(is_main, f"eval at step 0: {_fmt(first_eval)}")
 
     preempted = _install_sigterm()
+    profiler = _Profiler(config, workdir)
     progress = writer.progress(start_step, total_steps, enabled=config.log.progress)
     pending: list[tuple[int, dict]] = []
     tokens, t0 = 0, time.perf_counter()
@@ -421,13 +423,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 if compiled_step is None:
                     compiled_step = p_train_step.lower(state, gbatch, rng).compile()
                     flops_per_step = _cost_flops(compiled_step)
+                    if jax.config.jax_compilation_cache_dir:
+                        _log(is_main, f"train step compiled ({_cache_report()} so far)")
                     tokens, t0 = task.count_tokens(batch), time.perf_counter()
+                profiler.before(step + 1)
                 state, metrics = compiled_step(state, gbatch, rng)
                 step += 1
+                profiler.after(step, state)
                 pending.append((step, metrics))
                 progress.update(1)
                 last = step == total_steps
-                stop = preempted()  # read once: the signal may arrive at any moment
+                stop = preempted(step)  # read once: the signal may arrive at any moment
                 save_now = ckpt.should_save(step) or last or stop
                 if step % config.log.every_steps == 0 or save_now:
                     # Fetching the metrics waits for the dispatched steps: time after it.
@@ -453,6 +459,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                     result.update(step=step, preempted=True)
                     return result
     finally:
+        profiler.close()
         progress.close()
         ckpt.close()
 
@@ -530,11 +537,20 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 
 def _install_sigterm():
-    """SIGTERM sets a flag the loop polls; the loop then saves and returns.
+    """`preempted(step) -> bool`, polled after every step; on True the loop saves and returns.
 
-    With several hosts the flag is agreed on every step (any host signalled -> all stop at the
-    same step), since the save that follows is collective.
+    Several hosts: JAX's coordination service (`jax.distributed`) catches SIGTERM on any host,
+    agrees on a step every host has yet to finish, and `reached_preemption_sync_point` turns True
+    at that same step on all of them, so all hosts join the same (collective) save. No per-step
+    host sync: the check reads a flag the service sets in the background. One host: a SIGTERM
+    handler sets the flag.
     """
+    from jax._src import distributed
+
+    if jax.process_count() > 1 and distributed.global_state.preemption_sync_manager is not None:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.reached_preemption_sync_point
     flag = {"hit": False}
 
     def handler(signum, frame):
@@ -545,14 +561,85 @@ def _install_sigterm():
     except ValueError:  # not the main thread (e.g. called from a test worker thread)
         pass
     if jax.process_count() == 1:
-        return lambda: flag["hit"]
+        return lambda step: flag["hit"]
+    # Several hosts without the preemption service (`jax_enable_preemption_service` off): agree
+    # on the flag with a host all-gather every step.
     from jax.experimental import multihost_utils
 
-    def agreed() -> bool:
+    def agreed(step: int) -> bool:
         hit = multihost_utils.process_allgather(np.int32(flag["hit"]))
         return bool(np.max(hit))
 
     return agreed
+
+
+def _use_compilation_cache(config, workdir: str) -> None:
+    """Points XLA's persistent compilation cache at `train.compilation_cache_dir` ("auto":
+    `<workdir>/compile_cache` off the CPU), so a restarted run loads its compiled step instead of
+    compiling it again. Must run before the run's first compile."""
+    where = config_lib.get_opt(config, "train.compilation_cache_dir", "")
+    if where == "auto":
+        where = "" if jax.default_backend() == "cpu" else paths.join(workdir, "compile_cache")
+    if where:
+        jax.config.update("jax_compilation_cache_dir", paths.resolve(where))
+
+
+_CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": 0, "/jax/compilation_cache/cache_misses": 0}
+
+
+def _count_cache_event(event: str, **_: Any) -> None:
+    if event in _CACHE_EVENTS:
+        _CACHE_EVENTS[event] += 1
+
+
+jax.monitoring.register_event_listener(_count_cache_event)
+
+
+def _cache_report() -> str:
+    hits = _CACHE_EVENTS["/jax/compilation_cache/cache_hits"]
+    misses = _CACHE_EVENTS["/jax/compilation_cache/cache_misses"]
+    return f"compilation cache: {hits} hits, {misses} misses"
+
+
+class _Profiler:
+    """Wraps steps `profile.steps = [first, end)` in a `jax.profiler` trace written to
+    `<workdir>/profile` (each host its own; staged locally and uploaded for a gs:// workdir)."""
+
+    def __init__(self, config, workdir: str):
+        steps = list(config_lib.get_opt(config, "profile.steps", []) or [])
+        self.first, self.end = steps or [0, 0]
+        self.out = paths.join(workdir, "profile")
+        self._stage = None
+        self.active = False
+
+    def before(self, step: int) -> None:
+        """Called before step `step` (1-based) runs."""
+        if not self.active and self.first <= step < self.end:
+            import tempfile
+
+            target = self.out
+            if paths.is_remote(target):
+                self._stage = tempfile.TemporaryDirectory(prefix="profile-")
+                target = self._stage.name
+            jax.profiler.start_trace(target)
+            self.active = True
+
+    def after(self, step: int, state: Any) -> None:
+        """Called after step `step` was dispatched: the trace stops once step end-1 has run."""
+        if self.active and step >= self.end - 1:
+            jax.block_until_ready(state)
+            self.close()
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        jax.profiler.stop_trace()
+        self.active = False
+        if self._stage is not None:
+            paths.upload_tree(self._stage.name, self.out)
+            self._stage.cleanup()
+            self._stage = None
+        _log(jax.process_index() == 0, f"profile of steps {self.first}-{self.end - 1}: {self.out}")
 
 
 def _check_finite(host: list[tuple[int, dict]], skip: bool) -> list[tuple[int, dict]]:
