@@ -58,3 +58,50 @@ def test_unknown_scheme_workdir_is_one_line(corpus, url):
 
     with pytest.raises(config_lib.UserError, match="unsupported URL scheme"):
         train.train_and_evaluate(tiny_mlm_config(corpus, train__steps=1), url)
+
+
+@pytest.mark.slow
+def test_sigkill_during_gs_saves_resumes_from_a_complete_checkpoint(corpus, bucket, tmp_path):
+    """SIGKILLs at random moments of a gs:// run that saves every step: each restart resumes
+    from a complete checkpoint in the bucket (Orbax's GCS commit marker), the last run finishes
+    with the losses of a straight run."""
+    import random
+    import signal
+    import subprocess
+    import time
+
+    from tests.test_reliability import _cli, _env
+
+    def logged() -> int:
+        f = run + "/metrics.jsonl"
+        return max(_losses(run), default=0) if paths.exists(f) else 0
+
+    rng = random.Random(0)
+    run = bucket + "/killed"
+    args = ["--config.train.steps=30", "--config.checkpoint.every_steps=1",
+            "--config.checkpoint.max_to_keep=2", "--config.log.every_steps=1"]  # fmt: skip
+    resumed = []
+    for _ in range(4):
+        proc = subprocess.Popen(_cli(run, corpus, *args), env=_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, cwd=tmp_path)  # fmt: skip
+        start, t0 = logged(), time.time()
+        while logged() <= start + 1 and proc.poll() is None and time.time() - t0 < 600:
+            time.sleep(0.2)
+        time.sleep(rng.uniform(0.0, 1.0))
+        proc.send_signal(signal.SIGKILL)
+        out = proc.communicate()[0]
+        assert "Traceback" not in out, out[-3000:]
+        resumed += [int(x.split("step")[1].split()[0]) for x in out.splitlines()
+                    if "Resuming from checkpoint at step" in x]  # fmt: skip
+    assert len(resumed) >= 3 and resumed == sorted(resumed)
+    res = subprocess.run(_cli(run, corpus, *args), env=_env(), capture_output=True, text=True,
+                         timeout=900, cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    straight = tmp_path / "straight"
+    res = subprocess.run(_cli(straight, corpus, *args), env=_env(), capture_output=True,
+                         text=True, timeout=900)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = _losses(str(straight)), _losses(run)
+    assert sorted(a) == sorted(b) == list(range(1, 31))
+    np.testing.assert_array_equal([a[s] for s in a], [b[s] for s in a])
+    assert not os.path.exists(tmp_path / "gs:")
