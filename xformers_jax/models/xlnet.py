@@ -584,7 +584,16 @@ class XLNetModel(nn.Module):
             seg = tt[:, :, None] != cat[:, None, :]
         ctx = dict(mask_h=mask_h, mask_g=mask_g, seg=seg, target_mapping=target_mapping)
         if kv_cache is None:
-            pos = jnp.asarray(relative_positional_encoding(qlen, mlen + qlen, cfg, batch), dt)
+            if cfg.bi_data and batch % 2:
+                raise ValueError(f"bi_data needs an even batch size, got {batch}")
+            # The distinct rows only (forward, and backward with bi_data), expanded to the batch
+            # on the device along its sharding: a pod's global batch would make the host-side
+            # table tens of GiB.
+            pos = relative_positional_encoding(qlen, mlen + qlen, cfg, 2 if cfg.bi_data else 1)
+            pos = jnp.asarray(pos, dt)
+            if cfg.bi_data:
+                pos = jnp.repeat(pos, batch // 2, axis=0)
+                pos = nn.with_logical_constraint(pos, ("act_batch", "act_length", "act_embed"))
             ctx["pos"] = drop(pos, deterministic=deterministic)
         else:
             # Row of `r` (distance `S - row`) for query i at `start + i` and key slot j (the
