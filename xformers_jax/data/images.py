@@ -205,8 +205,17 @@ def _pipeline(
     )
     it = iterate(ds.batch(batch_size, drop_remainder=train), read_options)
     if num_workers:
+        _absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return it.map(batch_fn) if batch_fn is not None else it
+
+
+def _absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags; a library caller has parsed none (defaults)."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def _rendered(images, item, rng: np.random.Generator) -> dict:
@@ -267,11 +276,11 @@ def mim_dataset(
     def example(item, rng):
         r = _rendered(images, item, rng)
         mask = np.zeros(n, bool) if images.is_pad(item) else masking(rng).reshape(-1)
-        tok = r.get("tokenizer_pixels")
-        if view and tok is None:
-            tok = _tokenizer_view(r["pixel_values"], view)
-        if tok is None:
-            tok = r["pixel_values"]
+        tok = r["pixel_values"]
+        if view:  # the tokenizer's own view: the source's second view, or one made from tok
+            second = r.get("tokenizer_pixels")
+            ok = second is not None and second.shape[-1] == view
+            tok = second if ok else _tokenizer_view(tok, view)
         return {"pixel_values": r["pixel_values"], "bool_masked_pos": mask, "tokenizer_input": tok}
 
     def label(batch):
