@@ -180,6 +180,20 @@ def test_gcs_folder_equals_local(folder, bucket, tmp_path, monkeypatch):
         a, b = lt.example(i, np.random.default_rng(i)), gt.example(i, np.random.default_rng(i))
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
+    # prepare reads the bucket's folder and writes the shards into the bucket; training reads
+    # them through a mount (here: a local copy of the prefix).
+    out = bucket + "/imagenet-ar"
+    image_prepare.prepare(_config("pretrain_mim.py", url), out, BEAM_LOCAL, shard_records=8)
+    with pytest.raises(DataError, match="mount the bucket"):
+        imf.ImageRecords(out, "train")
+    mount = tmp_path / "mnt"
+    for f in paths.glob(out + "/**"):
+        rel = f[len(out) + 1 :]
+        os.makedirs(os.path.dirname(mount / rel), exist_ok=True)
+        (mount / rel).write_bytes(paths.read_bytes(f))
+    records = imf.ImageRecords(str(mount), "train")
+    assert len(records) == len(lt)
+    assert all(records[i][:2] == lt.source[i][:2] for i in range(len(records)))
     assert not os.path.exists(tmp_path / "gs:")
 
 

@@ -191,14 +191,22 @@ class ImageRecords:
     """The ArrayRecord shards of one split written by `xformers-jax prepare`.
 
     Args:
-      prepared_dir: the directory holding `manifest.json` and the shards (local; gs:// where the
-        installed array_record reads it).
+      prepared_dir: the directory holding `manifest.json` and the shards: a local path or a
+        mounted bucket (gcsfuse); `prepare` writes it to gs:// directly.
       split: `'train'` or `'eval'`.
     """
 
     def __init__(self, prepared_dir: str, split: str):
         import grain
 
+        if paths.is_remote(prepared_dir):
+            # array_record opens local files only (as MaxText's grain input, which mounts the
+            # bucket); failing here beats a reader stuck on an unreachable store.
+            raise DataError(
+                f"{prepared_dir}: ArrayRecord shards are read from a filesystem: mount the bucket "
+                "(gcsfuse --implicit-dirs BUCKET /mnt/BUCKET) and set data.prepared_dir to the "
+                "mounted path"
+            )
         self.manifest = read_manifest(prepared_dir)
         splits = self.manifest["splits"]
         if split not in splits:
@@ -469,9 +477,15 @@ def image_splits(config, size: int, second_size: int = 0) -> tuple[EncodedImages
     )
 
 
-def throughput(root: str, count: int = 256, size: int = 224, second_size: int = 112) -> float:
-    """Images per second one process reads, decodes and augments (BEiT's training transform,
-    both views) from the folder `root`: what one grain worker delivers.
+def throughput(
+    root: str, count: int = 256, size: int = 224, second_size: int = 112
+) -> dict[str, float]:
+    """How fast one process reads, decodes and augments images of the folder `root` (BEiT's
+    training transform, both views): what one grain worker delivers.
+
+    Returns:
+      `{'images_per_s': wall-clock rate, 'images_per_cpu_s': rate per CPU second of this
+      process (the per-core figure, unaffected by other processes on the machine)}`.
 
       python -c "from xformers_jax.data.image_folder import throughput; print(throughput('DIR'))"
     """
@@ -483,7 +497,8 @@ def throughput(root: str, count: int = 256, size: int = 224, second_size: int = 
     )
     n = min(count, len(source))
     source.example(0, np.random.default_rng(0))  # warm caches
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for i in range(n):
         source.example(i, np.random.default_rng([0, i]))
-    return n / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"images_per_s": round(n / wall, 1), "images_per_cpu_s": round(n / cpu, 1)}
