@@ -6,6 +6,8 @@ digits and random crops of its sample images, upscaled to the model's image size
 k-means patch tokenizer fitted once into the workdir (`data.tokenizer` = an .npz to use another).
 
   xformers-jax train --config configs/beit/pretrain_mim.py:tiny --workdir workdirs/beit_mim
+  xformers-jax train --config configs/beit/pretrain_mim.py:tiny --workdir workdirs/beit_folder \
+      --config.data.image_folder=DIR  # ImageNet layout DIR/<class>/<file>.jpg (docs/images.md)
   xformers-jax train --config configs/beit/pretrain_mim.py:base --workdir gs://BUCKET/beit_base \
       --config.mesh.fsdp=8
 """

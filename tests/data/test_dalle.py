@@ -136,3 +136,32 @@ def test_mim_trains_on_dalle_targets(tmp_path):
     c.data.tokenizer = ""
     with pytest.raises(config_lib.ConfigError, match="must name the DALL-E encoder.pkl"):
         config_lib.validate(c)
+
+
+def test_mim_batches_label_the_second_view(tmp_path):
+    """MIM batches carry the DALL-E codes of the tokenizer's own 8 * grid view: the bundled
+    images' view is made from the rendered pixels, an image folder's is BEiT's second view."""
+    from tests.data.test_image_folder import make_folder
+    from xformers_jax.data import image_folder as imf
+    from xformers_jax.data.images import _tokenizer_view, default_images, mim_dataset
+    from xformers_jax.data.masking import MaskingGenerator
+
+    path = str(tmp_path / "encoder.pkl")
+    _save_encoder(path, n_hid=64, vocab_size=512, n_blk_per_group=1)
+    tok = dalle.DalleTokenizer.load(path, 16)  # a 2 x 2 grid
+    masking = MaskingGenerator(2, 2, 1)
+    digits = default_images("train", 32)
+    batch = next(iter(mim_dataset(digits, tok, masking, batch_size=4, seed=0)))
+    views = np.stack([_tokenizer_view(p, 16) for p in batch["pixel_values"]])
+    want = np.where(batch["bool_masked_pos"], tok.tokenize(views), -100)
+    np.testing.assert_array_equal(batch["labels"], want)
+
+    folder = make_folder(tmp_path / "images", per_class=2)
+    files, labels, classes = imf.scan_folder(folder)
+    source = imf.EncodedImages(
+        imf.ImageFolder(files, labels, classes), imf.ImageTransform(32, 16, train=False)
+    )
+    batch = next(iter(mim_dataset(source, tok, masking, batch_size=2, seed=0, train=False)))
+    views = np.stack([source.example(i, None)["tokenizer_pixels"] for i in range(2)])
+    want = np.where(batch["bool_masked_pos"], tok.tokenize(views), -100)
+    np.testing.assert_array_equal(batch["labels"], want)

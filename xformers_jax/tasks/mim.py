@@ -1,11 +1,11 @@
 """BEiT masked image modelling: predict the visual token of each blockwise-masked patch.
 
-Data: the bundled digits and sample-image crops (`data.images`), or real images
-(`data.image_folder`, an ImageNet-layout folder, or `data.prepared_dir`, ArrayRecord shards from
-`xformers-jax prepare`; `data.image_folder`), blockwise masks (`data.masking`), targets from a
-visual tokenizer (`data.visual_tokenizer`): the DALL-E dVAE encoder (`data.visual_tokenizer =
-'dalle'`, `data.tokenizer` = its encoder.pkl, as BEiT v1) or, by default, a
-k-means patch tokenizer fitted on the training images once and kept in the workdir
+Data: the bundled digits and sample-image crops (`data.images`), or real images: an
+ImageNet-layout folder (`data.image_folder`) or the ArrayRecord shards `xformers-jax prepare` wrote
+(`data.prepared_dir`), see `data/image_folder.py` and docs/images.md. Blockwise masks
+(`data.masking`); targets from a visual tokenizer: BEiT v1's DALL-E dVAE encoder
+(`data.visual_tokenizer = 'dalle'`, `data.tokenizer` = its encoder.pkl) or, by default, a k-means
+patch tokenizer fitted on the training images once and kept in the workdir
 (`visual_tokenizer.npz`), so a resumed run has the same targets. `data.tokenizer` may instead
 name an `.npz` holding a fitted k-means tokenizer (`centroids`, `projection`, ...) or
 precomputed ids (`train` `[n_train, num_patches]` and `eval` `[n_eval, num_patches]`, aligned
