@@ -18,6 +18,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# OpenAI's DALL-E dVAE for the parity test of data/dalle.py, without its unpinned deps
+	# (torchvision would replace the pinned torch); it needs only torch, attrs and requests.
+	$(BIN)/pip install -q --no-deps dall-e==0.1
 	touch $@
 
 train: $(BIN)/.installed

@@ -229,6 +229,47 @@ def preset_config(
     return c
 
 
+VISUAL_TOKENIZERS = ("kmeans", "dalle")
+
+
+def add_image_data(c: ml_collections.ConfigDict, visual_tokenizer: bool = False) -> None:
+    """The `data.*` keys of an image task (BEiT MIM, image classification) on real images.
+
+    With no folder and no prepared dir the bundled images are used (`data/images.py`).
+    """
+    d = c.data
+    d.image_folder = ""  # ImageNet layout root/<class>/<file>, local or gs://; '' = bundled
+    d.eval_image_folder = ""  # '' = the image_folder images whose path hash is in eval_percent
+    d.eval_percent = 2.0
+    if "prepared_dir" not in d:
+        d.prepared_dir = ""  # ArrayRecord shards written by `xformers-jax prepare`
+    d.augment = True  # BEiT's random resized crop, flip and colour jitter on real images
+    d.min_crop_scale = 0.08
+    d.color_jitter = 0.4
+    if visual_tokenizer:
+        d.visual_tokenizer = "kmeans"  # or 'dalle' (data.tokenizer = the dVAE's encoder.pkl)
+
+
+def _validate_image_data(config) -> None:
+    if "image_folder" not in config.data:
+        return
+    for key in ("image_folder", "eval_image_folder", "prepared_dir"):
+        _check_type(config, f"data.{key}", (str,), "a string (a path or gs:// URL)")
+    _check_num(config, "data.eval_percent", 0.0, 100.0, hi_open=True)
+    _check_type(config, "data.augment", (bool,), "a bool")
+    _check_num(config, "data.min_crop_scale", 0.0, 1.0)
+    if not _get(config, "data.min_crop_scale") > 0:
+        raise ConfigError("config key 'data.min_crop_scale' must be in (0, 1]")
+    _check_num(config, "data.color_jitter", 0.0, 1.0)
+    if "visual_tokenizer" in config.data:
+        _check_choice(config, "data.visual_tokenizer", VISUAL_TOKENIZERS)
+        if _get(config, "data.visual_tokenizer") == "dalle" and not _get(config, "data.tokenizer"):
+            raise ConfigError(
+                "config key 'data.tokenizer' must name the DALL-E encoder.pkl (local or gs://) "
+                "when data.visual_tokenizer is 'dalle'"
+            )
+
+
 # Fine-tuning task -> (model.num_labels, data.seq_len, optim.lr) on the generated datasets of
 # `data/finetune_data.py`.
 FINETUNE_TASKS = {
@@ -665,6 +706,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_int(config, "data.vocab_size", 1)
     _check_num(config, "data.mask_prob", 0.0, 1.0, hi_open=True)
     _check_int(config, "data.num_workers", 0)
+    _validate_image_data(config)
 
     _check_choice(config, "optim.name", OPTIMIZERS)
     _check_choice(config, "optim.schedule", SCHEDULES)

@@ -36,5 +36,6 @@ def get_config(arg: str | None = None):
     )
     c.optim.layer_decay = run["layer_decay"]
     c.model.image_size = run["image_size"]
-    c.model.num_labels = 10
+    c.model.num_labels = 10  # the digits; the class folders of data.image_folder otherwise
+    config_lib.add_image_data(c)
     return c

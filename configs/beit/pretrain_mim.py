@@ -6,6 +6,8 @@ digits and random crops of its sample images, upscaled to the model's image size
 k-means patch tokenizer fitted once into the workdir (`data.tokenizer` = an .npz to use another).
 
   xformers-jax train --config configs/beit/pretrain_mim.py:tiny --workdir workdirs/beit_mim
+  xformers-jax train --config configs/beit/pretrain_mim.py:tiny --workdir workdirs/beit_folder \
+      --config.data.image_folder=DIR  # ImageNet layout DIR/<class>/<file>.jpg (docs/images.md)
   xformers-jax train --config configs/beit/pretrain_mim.py:base --workdir gs://BUCKET/beit_base \
       --config.mesh.fsdp=8
 """
@@ -40,10 +42,13 @@ def get_config(arg: str | None = None):
     c = config_lib.preset_config("mim", "beit", run, optim=OPTIM, eval_steps=8)
     c.model.image_size = run["image_size"]
 
+    config_lib.add_image_data(c, visual_tokenizer=True)
     c.data.sources = ["digits", "sample_images"]
     c.data.num_crops = 256  # photo crops per pass over the training data
     c.data.vocab_size = run["vocab_size"]  # visual-token ids (k-means clusters)
-    c.data.tokenizer = ""  # '' = fit a k-means tokenizer into the workdir; or an .npz
+    # '' = fit a k-means tokenizer into the workdir; or an .npz; with visual_tokenizer 'dalle',
+    # the DALL-E dVAE's encoder.pkl (BEiT v1's targets; vocab_size 8192).
+    c.data.tokenizer = ""
     c.data.tokenizer_dim = 32  # random-projection dimension of the patches
     c.data.tokenizer_iterations = 10
     c.data.tokenizer_fit_images = 2000

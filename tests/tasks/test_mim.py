@@ -74,10 +74,16 @@ def test_pipelines_shapes_and_exact_resume():
     assert b["pixel_values"].shape == (4, 3, 32, 32) and b["pixel_values"].dtype == np.float32
     assert b["bool_masked_pos"].shape == (4, 16) and b["bool_masked_pos"].dtype == bool
     assert ((b["labels"] != -100) == b["bool_masked_pos"]).all()
-    ev = list(classification_dataset(default_images("eval", 32), batch_size=8, seed=0,
-                                      train=False, shard_count=2))  # fmt: skip
-    labels = np.concatenate([e["labels"] for e in ev])
-    assert labels.shape == (184,) and (labels >= 0).sum() == 180  # 2 * 92 rows, 4 padded
+    labels = [
+        np.concatenate([e["labels"] for e in classification_dataset(
+            default_images("eval", 32), batch_size=8, seed=0, train=False, shard_index=i,
+            shard_count=2)])
+        for i in range(2)
+    ]  # fmt: skip
+    # 360 images padded to whole 16-row global batches: both hosts feed 23 batches, the 8 padded
+    # rows (label -1) are the last block.
+    assert labels[0].shape == labels[1].shape == (184,)
+    assert (labels[0] >= 0).sum() == 184 and (labels[1] >= 0).sum() == 176
 
 
 def _config(name, **overrides):

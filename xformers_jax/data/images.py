@@ -111,6 +111,13 @@ class ImageSet:
             crop = crop[:, ::-1]
         return self._processor.preprocess_image(np.ascontiguousarray(crop))
 
+    def pad_items(self, count: int) -> np.ndarray:
+        """`count` eval padding items (zero pixels, no label, nothing masked)."""
+        return np.tile([[_PAD, 0]], (count, 1)).astype(np.int32)
+
+    def is_pad(self, item: np.ndarray) -> bool:
+        return int(item[0]) == _PAD
+
     def label(self, item: np.ndarray) -> int:
         """The class of a digit item; -1 for photos and padding (no class)."""
         return int(self.labels[item[1]]) if int(item[0]) == _DIGITS else -1
@@ -166,8 +173,8 @@ def default_images(
 
 
 def _pipeline(
-    images: ImageSet,
-    example: Callable[[np.ndarray, np.ndarray, np.random.Generator], dict],
+    images,
+    example: Callable[[np.ndarray, np.random.Generator], dict],
     *,
     batch_size: int,
     seed: int,
@@ -175,30 +182,63 @@ def _pipeline(
     shard_index: int,
     shard_count: int,
     read_options: grain.ReadOptions | None,
+    num_workers: int = 0,
+    batch_fn: Callable[[dict], dict] | None = None,
 ) -> grain.IterDataset:
+    """`example(item, rng)` over `images.items()`, batched. With `num_workers` the examples are
+    made in that many grain worker processes; `batch_fn` then runs on each batch in this process
+    (a visual tokenizer that runs jitted on the accelerator)."""
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     if shard_count < 1 or not all(0 <= b < shard_count for b in block_indices(shard_index)):
         raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index} / {shard_count}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers: must be >= 0, got {num_workers}")
     items = images.items()
     if len(items) == 0:
         raise ValueError("the image set is empty")
     if not train:
         n_pad = -len(items) % global_batch_rows(batch_size, shard_index, shard_count)
-        items = np.concatenate([items, np.tile([[_PAD, 0]], (n_pad, 1)).astype(np.int32)])
-
-    def make(item: np.ndarray, rng: np.random.Generator) -> dict:
-        return example(item, images.render(item, rng), rng)
-
+        items = np.concatenate([items, images.pad_items(n_pad)])
     ds = sharded_stream(
-        items, make, seed=seed, train=train, shard_index=shard_index, shard_count=shard_count,
+        items, example, seed=seed, train=train, shard_index=shard_index, shard_count=shard_count,
         batch_size=batch_size,
     )  # fmt: skip
-    return iterate(ds, read_options)
+    it = iterate(ds, read_options)
+    if num_workers:
+        _absl_flags_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return it.map(batch_fn) if batch_fn is not None else it
+
+
+def _absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags; a library caller has parsed none (defaults)."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _rendered(images, item, rng: np.random.Generator) -> dict:
+    """`{'pixel_values', 'label'[, 'tokenizer_pixels']}` of one item of any image source."""
+    if hasattr(images, "example"):
+        return images.example(item, rng)
+    return {"pixel_values": images.render(item, rng), "label": np.int32(images.label(item))}
+
+
+def _tokenizer_view(pixels: np.ndarray, size: int) -> np.ndarray:
+    """A `[-1, 1]` `[3, S, S]` image as the `[0, 1]` `[3, size, size]` view of a tokenizer with
+    its own input size (Lanczos, as BEiT's second view)."""
+    x01 = np.clip((pixels.transpose(1, 2, 0) + 1) * 0.5, 0, 1)
+    if x01.shape[0] == size:
+        return np.ascontiguousarray(x01.transpose(2, 0, 1), np.float32)
+    img = Image.fromarray(np.round(x01 * 255).astype(np.uint8))
+    img = img.resize((size, size), Image.Resampling.LANCZOS)
+    return np.ascontiguousarray((np.asarray(img, np.float32) / 255).transpose(2, 0, 1))
 
 
 def mim_dataset(
-    images: ImageSet,
+    images,
     tokenizer,
     masking: MaskingGenerator,
     *,
@@ -208,37 +248,48 @@ def mim_dataset(
     shard_index: int = 0,
     shard_count: int = 1,
     read_options: grain.ReadOptions | None = None,
+    num_workers: int = 0,
 ) -> grain.IterDataset:
     """Masked-image-modelling batches.
 
+    Examples (decoding, augmentation, masks) are made per element, in `num_workers` grain
+    worker processes when > 0; the visual tokenizer then labels whole batches in this process
+    (so a DALL-E encoder runs jitted on the accelerator, not in the workers).
+
     Args:
-      images: the split's `ImageSet`.
-      tokenizer: a `VisualTokenizer` (targets of the masked patches).
+      images: the split's `ImageSet`, or an `image_folder.EncodedImages` (folder or records).
+      tokenizer: a `VisualTokenizer` (targets of the masked patches). One with an `input_size`
+        (the DALL-E encoder) reads its own `[0, 1]` view of that side (BEiT's second view).
       masking: the blockwise `MaskingGenerator` of the patch grid.
       batch_size: examples per batch of this shard (`B`).
       seed: shuffle, crop and mask seed.
       train: an infinite shuffled stream, or one padded pass.
       shard_index, shard_count: this host's slice of the global stream.
+      num_workers: grain worker processes (0 = threads of this process).
 
     Returns:
       A `grain.IterDataset` of dicts: `pixel_values` float32 `[B, 3, S, S]`, `bool_masked_pos`
       bool `[B, n]` and `labels` int32 `[B, n]` (token ids where masked, -100 elsewhere).
     """
     n = masking.num_patches
+    view = int(getattr(tokenizer, "input_size", 0) or 0)
 
-    def example(item, pixels, rng):
-        if int(item[0]) == _PAD:
-            return {
-                "pixel_values": pixels,
-                "bool_masked_pos": np.zeros(n, bool),
-                "labels": np.full(n, -100, np.int32),
-            }
-        mask = masking(rng).reshape(-1)
-        ids = tokenizer.tokenize(pixels[None])[0]
-        if ids.shape != (n,):
-            raise ValueError(f"tokenizer gave ids of shape {ids.shape} for {n} patches")
-        labels = np.where(mask, ids, -100).astype(np.int32)
-        return {"pixel_values": pixels, "bool_masked_pos": mask, "labels": labels}
+    def example(item, rng):
+        r = _rendered(images, item, rng)
+        mask = np.zeros(n, bool) if images.is_pad(item) else masking(rng).reshape(-1)
+        tok = r["pixel_values"]
+        if view:  # the tokenizer's own view: the source's second view, or one made from tok
+            second = r.get("tokenizer_pixels")
+            ok = second is not None and second.shape[-1] == view
+            tok = second if ok else _tokenizer_view(tok, view)
+        return {"pixel_values": r["pixel_values"], "bool_masked_pos": mask, "tokenizer_input": tok}
+
+    def label(batch):
+        ids = np.asarray(tokenizer.tokenize(batch.pop("tokenizer_input")))
+        if ids.shape[1:] != (n,):
+            raise ValueError(f"tokenizer gave ids of shape {ids.shape[1:]} for {n} patches")
+        batch["labels"] = np.where(batch["bool_masked_pos"], ids, -100).astype(np.int32)
+        return batch
 
     return _pipeline(
         images,
@@ -249,11 +300,13 @@ def mim_dataset(
         shard_index=shard_index,
         shard_count=shard_count,
         read_options=read_options,
+        num_workers=num_workers,
+        batch_fn=label,
     )
 
 
 def classification_dataset(
-    images: ImageSet,
+    images,
     *,
     batch_size: int,
     seed: int,
@@ -261,6 +314,7 @@ def classification_dataset(
     shard_index: int = 0,
     shard_count: int = 1,
     read_options: grain.ReadOptions | None = None,
+    num_workers: int = 0,
 ) -> grain.IterDataset:
     """Labelled batches: `pixel_values` float32 `[B, 3, S, S]`, `labels` int32 `[B]` (-1 = pad).
 
@@ -269,9 +323,9 @@ def classification_dataset(
     if images.num_crops:
         raise ValueError("classification needs labelled images: num_crops must be 0")
 
-    def example(item, pixels, rng):
-        del rng
-        return {"pixel_values": pixels, "labels": np.int32(images.label(item))}
+    def example(item, rng):
+        r = _rendered(images, item, rng)
+        return {"pixel_values": r["pixel_values"], "labels": np.int32(r["label"])}
 
     return _pipeline(
         images,
@@ -282,6 +336,7 @@ def classification_dataset(
         shard_index=shard_index,
         shard_count=shard_count,
         read_options=read_options,
+        num_workers=num_workers,
     )
 
 
@@ -355,6 +410,10 @@ class DigitScenes:
         return np.stack(
             [np.full(len(self.digits), _DIGITS), np.arange(len(self.digits))], 1
         ).astype(np.int32)
+
+    def pad_items(self, count: int) -> np.ndarray:
+        """`count` eval padding items (zero pixels, labels all `ignore_index`)."""
+        return np.tile([[_PAD, 0]], (count, 1)).astype(np.int32)
 
     def _background(self, rng: np.random.Generator) -> np.ndarray:
         photo = self.photos[int(rng.integers(len(self.photos)))]
@@ -433,9 +492,8 @@ def segmentation_dataset(
     one deterministic padded pass. Arguments as `mim_dataset`.
     """
 
-    def example(item, rendered, rng):
-        del item, rng
-        pixels, labels = rendered
+    def example(item, rng):
+        pixels, labels = scenes.render(item, rng)
         return {"pixel_values": pixels, "labels": labels}
 
     return _pipeline(

@@ -1,19 +1,22 @@
 """Visual tokenizers: the discrete per-patch targets of BEiT's masked image modelling.
 
-BEiT predicts the ids a DALL-E dVAE gives each patch. That tokenizer is not available offline,
-so the default here is a `KMeansPatchTokenizer`: patches are flattened, randomly projected to a
+BEiT predicts the ids a DALL-E dVAE gives each patch (`data/dalle.py`: `DalleTokenizer`, from
+the published encoder.pkl, `data.visual_tokenizer = 'dalle'`). Its weights are a download, so the
+offline default here is a `KMeansPatchTokenizer`: patches are flattened, randomly projected to a
 few dimensions and assigned to the nearest of `vocab_size` k-means centroids fitted on patches
 of the training images. It is fitted once and saved as an `.npz` in the workdir, so a resumed
 run (or another host) tokenises identically. `PrecomputedTokenizer` serves ids computed
 elsewhere (e.g. by a real dVAE) for a fixed set of images.
 
 Any object with `vocab_size` and `tokenize(pixel_values [b, C, H, W]) -> int32 [b, n]` (patches in
-row-major order, as BEiT's patch embedding flattens them) is a `VisualTokenizer`.
+row-major order, as BEiT's patch embedding flattens them) is a `VisualTokenizer`; one with an
+`input_size` reads its own `[0, 1]` view of that side instead of the model's pixels.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from typing import Protocol, runtime_checkable
 
@@ -153,24 +156,26 @@ class KMeansPatchTokenizer:
         return _nearest(patches.reshape(b * n, d) @ self.projection, self.centroids).reshape(b, n)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes an `.npz` (atomically: a temp file renamed, so readers never see half)."""
-        path = os.fspath(path)
-        tmp = path + ".tmp.npz"
+        """Writes an `.npz`, local or gs:// (whole: readers never see half a file)."""
+        from xformers_jax import paths
+
+        buf = io.BytesIO()
         np.savez(
-            tmp,
+            buf,
             projection=self.projection,
             centroids=self.centroids,
             patch_size=self.patch_size,
             num_channels=self.num_channels,
         )
-        os.replace(tmp, path)
+        paths.write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def from_arrays(cls, z) -> KMeansPatchTokenizer:
+        return cls(z["projection"], z["centroids"], int(z["patch_size"]), int(z["num_channels"]))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> KMeansPatchTokenizer:
-        with np.load(os.fspath(path)) as z:
-            return cls(
-                z["projection"], z["centroids"], int(z["patch_size"]), int(z["num_channels"])
-            )
+        return cls.from_arrays(_load_npz(os.fspath(path)))
 
 
 def _key(image: np.ndarray) -> str:
@@ -216,33 +221,62 @@ class PrecomputedTokenizer:
 TOKENIZER_FILE = "visual_tokenizer.npz"
 
 
-def visual_tokenizer_for(config, workdir: str, train_images, eval_images, patch_size: int):
-    """(train tokenizer, eval tokenizer) of a MIM run: `data.tokenizer`'s `.npz` (a fitted
-    k-means tokenizer, or precomputed `train` / `eval` ids aligned with the items of the fixed
-    images), or a k-means tokenizer fitted on the training images once and saved in the workdir
-    (`TOKENIZER_FILE`), so a resumed run has the same targets."""
+def dalle_view_size(grid: int) -> int:
+    """The side of the view the DALL-E encoder reads for a `grid x grid` patch grid (it
+    downsamples 8x: BEiT v1's 112 px for 14 x 14 patches of a 224 px image)."""
+    from xformers_jax.data.dalle import DOWNSAMPLE
+
+    return DOWNSAMPLE * grid
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    from xformers_jax import paths
+
+    with np.load(io.BytesIO(paths.read_bytes(path))) as z:
+        return {k: z[k] for k in z.files}
+
+
+def visual_tokenizer_for(
+    config, workdir: str, train_images, eval_images, patch_size: int, grid: int | None = None
+):
+    """(train tokenizer, eval tokenizer) of a MIM run.
+
+    `data.visual_tokenizer = 'dalle'`: the DALL-E encoder of `data.tokenizer` (an encoder.pkl,
+    local or gs://, read by a restricted unpickler), reading a view of side `8 * grid`.
+    Otherwise (k-means, the default) `data.tokenizer`'s `.npz` (a fitted k-means tokenizer, or
+    precomputed `train` / `eval` ids aligned with the items of the fixed images), or a k-means
+    tokenizer fitted on the training images once and saved in the workdir (`TOKENIZER_FILE`),
+    so a resumed run has the same targets. Workdir and files may be local or gs://.
+    """
+    from xformers_jax import paths
     from xformers_jax.config_lib import ConfigError
 
     d = config.data
-    path = d.tokenizer or os.path.join(workdir, TOKENIZER_FILE)
-    if d.tokenizer and not os.path.exists(path):
+    if d.get("visual_tokenizer", "kmeans") == "dalle":
+        from xformers_jax.data.dalle import DalleTokenizer
+
+        if grid is None:
+            raise ValueError("the DALL-E tokenizer needs the patch grid")
+        tok = DalleTokenizer.load(d.tokenizer, dalle_view_size(grid))
+        return tok, tok
+    path = d.tokenizer or paths.join(workdir, TOKENIZER_FILE)
+    if d.tokenizer and not paths.exists(path):
         raise ConfigError(f"config key 'data.tokenizer': no such file {path}")
-    if os.path.exists(path):
-        with np.load(path) as z:
-            precomputed = "train" in z.files
-            ids = {k: z[k] for k in ("train", "eval")} if precomputed else None
-        if not precomputed:
-            tok = KMeansPatchTokenizer.load(path)
+    if paths.exists(path):
+        z = _load_npz(path)
+        if "train" not in z:
+            tok = KMeansPatchTokenizer.from_arrays(z)
             return tok, tok
-        if train_images.num_crops:
+        if getattr(train_images, "num_crops", 0) or not hasattr(train_images, "digits"):
             raise ConfigError(
-                "precomputed visual tokens need fixed images: set data.sources=['digits']"
+                "precomputed visual tokens need the fixed bundled images: set "
+                "data.sources=['digits'] and no image folder"
             )
-        vocab = int(max(ids["train"].max(), ids["eval"].max())) + 1
+        vocab = int(max(z["train"].max(), z["eval"].max())) + 1
         render = lambda s: s.render_many(len(s.items()), 0)  # noqa: E731
         return (
-            PrecomputedTokenizer(render(train_images), ids["train"], vocab),
-            PrecomputedTokenizer(render(eval_images), ids["eval"], vocab),
+            PrecomputedTokenizer(render(train_images), z["train"], vocab),
+            PrecomputedTokenizer(render(eval_images), z["eval"], vocab),
         )
     pixels = train_images.render_many(d.tokenizer_fit_images, config.train.seed)
     tok = KMeansPatchTokenizer.fit(

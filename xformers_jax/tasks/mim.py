@@ -1,8 +1,11 @@
 """BEiT masked image modelling: predict the visual token of each blockwise-masked patch.
 
-Data: the bundled digits and sample-image crops (`data.images`), blockwise masks
-(`data.masking`), targets from a visual tokenizer (`data.visual_tokenizer`): by default a
-k-means patch tokenizer fitted on the training images once and kept in the workdir
+Data: the bundled digits and sample-image crops (`data.images`), or real images: an
+ImageNet-layout folder (`data.image_folder`) or the ArrayRecord shards `xformers-jax prepare` wrote
+(`data.prepared_dir`), see `data/image_folder.py` and docs/images.md. Blockwise masks
+(`data.masking`); targets from a visual tokenizer: BEiT v1's DALL-E dVAE encoder
+(`data.visual_tokenizer = 'dalle'`, `data.tokenizer` = its encoder.pkl) or, by default, a k-means
+patch tokenizer fitted on the training images once and kept in the workdir
 (`visual_tokenizer.npz`), so a resumed run has the same targets. `data.tokenizer` may instead
 name an `.npz` holding a fitted k-means tokenizer (`centroids`, `projection`, ...) or
 precomputed ids (`train` `[n_train, num_patches]` and `eval` `[n_eval, num_patches]`, aligned
@@ -58,18 +61,23 @@ def masking_for(config, grid: int):
 
 
 def build(config, workdir: str, tokenizer=None) -> TaskSpec:
+    from xformers_jax.data import image_folder
     from xformers_jax.data.images import default_images, mim_dataset
-    from xformers_jax.data.visual_tokenizer import visual_tokenizer_for
+    from xformers_jax.data.visual_tokenizer import dalle_view_size, visual_tokenizer_for
 
     built = models.build_model(config.model, task="mim")
     model_cfg = built[1]
     d = config.data
     size, grid = model_cfg.image_size, model_cfg.image_size // model_cfg.patch_size
-    train_images = default_images("train", size, tuple(d.sources), d.num_crops)
-    eval_images = default_images("eval", size, tuple(d.sources), d.num_crops)
+    if image_folder.uses_real_images(config):
+        second = dalle_view_size(grid) if d.get("visual_tokenizer") == "dalle" else 0
+        train_images, eval_images = image_folder.image_splits(config, size, second)
+    else:
+        train_images = default_images("train", size, tuple(d.sources), d.num_crops)
+        eval_images = default_images("eval", size, tuple(d.sources), d.num_crops)
     if tokenizer is None:
         tokenizer = visual_tokenizer_for(
-            config, workdir, train_images, eval_images, model_cfg.patch_size
+            config, workdir, train_images, eval_images, model_cfg.patch_size, grid
         )
     train_tok, eval_tok = tokenizer
     if train_tok.vocab_size > model_cfg.vocab_size:
@@ -79,7 +87,11 @@ def build(config, workdir: str, tokenizer=None) -> TaskSpec:
         )
     masking = masking_for(config, grid)
     data = common.datasets(
-        config, mim_dataset, (train_images, train_tok, masking), (eval_images, eval_tok, masking)
+        config,
+        mim_dataset,
+        (train_images, train_tok, masking),
+        (eval_images, eval_tok, masking),
+        num_workers=d.num_workers,
     )
     n = grid * grid
     init_batch = common.zeros_batch(
