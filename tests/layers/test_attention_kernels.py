@@ -3,7 +3,8 @@
 On CPU `attention_kernel="flash"` runs the Pallas TPU flash-attention kernel in TPU interpret
 mode, forward and backward; each case compares outputs and the gradients of every input / param
 with the einsum path (float32, padded batches, biases, masks), to 1e-5 relative to the largest
-value.
+value. Interpreted kernels are slow on CPU (a minute or more per model): the fast suite runs
+the layer cases, XLM-R and BEiT; the other families' cases are `slow`.
 """
 
 from __future__ import annotations
@@ -118,7 +119,11 @@ PAD = np.array([[1] * 20, [1] * 13 + [0] * 7])
 
 @pytest.mark.parametrize(
     "position,decoder",
-    [("absolute", False), ("relative_key_query", False), ("relative_key", True)],
+    [
+        ("absolute", False),
+        pytest.param("relative_key_query", False, marks=pytest.mark.slow),
+        pytest.param("relative_key", True, marks=pytest.mark.slow),
+    ],
 )
 def test_xlm_roberta(position, decoder):
     cfg = xlm_roberta.XLMRobertaConfig(
@@ -143,6 +148,7 @@ def test_beit_relative_position_bias():
     _assert_trees_close(want, got)
 
 
+@pytest.mark.slow
 def test_mt5_bucketed_bias_padding_causal_and_cross():
     cfg = mt5.MT5Config(
         vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
@@ -161,9 +167,10 @@ def test_mt5_bucketed_bias_padding_causal_and_cross():
     _assert_trees_close(want, got)
 
 
+@pytest.mark.slow
 def test_xlnet_two_streams_perm_mask_padding_segments():
     cfg = xlnet.XLNetConfig(
-        vocab_size=100, d_model=32, n_layer=2, n_head=4, d_head=8, d_inner=64, dropout=0.0
+        vocab_size=100, d_model=32, n_layer=2, n_head=4, d_inner=64, dropout=0.0
     )
     n = IDS.shape[1]
     perm = np.random.RandomState(1).rand(2, n, n) < 0.3
