@@ -129,3 +129,24 @@ def test_other_generations_and_multislice(topology, slices, devices, data, tmp_p
     r = aot.compile_step(config_lib.load_config(PRETRAINING[0]), topology, slices)
     assert r["devices"] == devices and r["mesh"]["data"] == data
     assert 0 < r["total_bytes"] < r["hbm_bytes"]
+
+
+# The fused attention kernel (the Pallas TPU flash kernel) in every family with softmax attention
+# (YOSO has none). Attention dropout off: with it on, the step takes einsum (layers.attention).
+FLASH = [
+    ("configs/xlm_roberta/pretrain_mlm.py:tiny", ["model.attention_probs_dropout_prob=0.0"]),
+    ("configs/xlnet/pretrain_plm.py:tiny", ["model.dropout=0.0"]),
+    ("configs/mt5/pretrain_span.py:tiny", []),
+    ("configs/beit/pretrain_mim.py:tiny", []),
+]
+
+
+@needs_libtpu
+@pytest.mark.parametrize("spec,overrides", FLASH, ids=[s.split("/")[1] for s, _ in FLASH])
+def test_every_family_compiles_with_flash_attention_for_v5p_8(spec, overrides):
+    from xformers_jax import config_lib
+
+    config = config_lib.load_config(spec, ["model.attention_kernel=flash", *overrides])
+    r = aot.compile_step(config, "v5p-8")
+    assert r["devices"] == 4 and 0 < r["total_bytes"] < r["hbm_bytes"]
+    assert r["temp_bytes"] > 0 and r["flops"] > 0

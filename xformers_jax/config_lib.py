@@ -174,6 +174,13 @@ def _set(group: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
         group[k] = v
 
 
+def attention_kernel_for(dtype: str) -> str:
+    """A preset's `model.attention_kernel`: `auto` (the fused kernel of a TPU or GPU) for the
+    accelerator-sized (bfloat16) presets, `einsum` for the float32 CPU-sized ones (on a CPU
+    `auto` is einsum too: the fastest path there)."""
+    return "einsum" if dtype == "float32" else "auto"
+
+
 def preset_config(
     task: str,
     family: str,
@@ -206,6 +213,7 @@ def preset_config(
     c.model.family = family
     c.model.preset = run["model"]
     c.model.dtype = run["dtype"]
+    c.model.attention_kernel = attention_kernel_for(run["dtype"])
     if param_dtype:
         c.model.param_dtype = param_dtype
     if "remat" in run:
@@ -308,6 +316,7 @@ def finetune_config(
     c.model.preset = run["model"]
     c.model.num_labels = num_labels
     c.model.dtype = run["dtype"]
+    c.model.attention_kernel = attention_kernel_for(run["dtype"])
     _set(c.model, model or {})
     c.data.seq_len = seq_len
     _set(c.data, data or {})

@@ -2,6 +2,7 @@
 
 from xformers_jax.layers.attention import (
     DEFAULT_MASK_VALUE,
+    Mask,
     causal_mask,
     dot_product_attention,
     padding_mask,
@@ -18,6 +19,7 @@ __all__ = [
     "DenseGeneral",
     "Embed",
     "LayerNorm",
+    "Mask",
     "RMSNorm",
     "causal_mask",
     "dot_product_attention",

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from xformers_jax.config_lib import UserError
+from xformers_jax.layers.attention import check_kernel
 
 
 class InputError(UserError, ValueError):
@@ -54,11 +55,13 @@ class FamilyConfig:
     """Base of the frozen family config dataclasses (field names are transformers' names).
 
     Holds the fields every family has: the heads' `num_labels` / `problem_type` and ours,
-    `dtype` (compute), `param_dtype`, `remat_policy` (a `REMAT_POLICIES` name) and
-    `scan_unroll` (layers per scan iteration); keyword-only, so a family's own fields keep their
+    `dtype` (compute), `param_dtype`, `remat_policy` (a `REMAT_POLICIES` name),
+    `scan_unroll` (layers per scan iteration) and `attention_kernel` (`einsum` | `flash` |
+    `auto`, see `layers.attention`); keyword-only, so a family's own fields keep their
     positions. Subclasses are `@dataclasses.dataclass(frozen=True)`; their `__post_init__` calls
     this one first. `LOCAL_FIELDS` are ours and never written to config.json (with `dtype`,
-    `param_dtype`, `remat_policy`, `scan_unroll`; `num_labels` is written as `id2label`).
+    `param_dtype`, `remat_policy`, `scan_unroll`, `attention_kernel`; `num_labels` is written
+    as `id2label`).
     Hooks: `_hf_defaults` (transformers' defaults a hand-written config.json relies on),
     `_from_hf` (renamed / derived keys in) and `_to_hf` (derived keys out).
     """
@@ -69,16 +72,18 @@ class FamilyConfig:
     param_dtype: jnp.dtype = "float32"
     remat_policy: str = "none"
     scan_unroll: int = 1
+    attention_kernel: str = "einsum"
 
     LOCAL_FIELDS: ClassVar[tuple[str, ...]] = ()
     _COMMON_LOCAL: ClassVar[tuple[str, ...]] = (
-        "dtype", "param_dtype", "remat_policy", "scan_unroll", "num_labels",
+        "dtype", "param_dtype", "remat_policy", "scan_unroll", "num_labels", "attention_kernel",
     )  # fmt: skip
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", as_dtype(self.dtype))
         object.__setattr__(self, "param_dtype", as_dtype(self.param_dtype))
         check_scan_unroll(self.scan_unroll)
+        check_kernel(self.attention_kernel)
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}"

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xformers_jax.layers import MLP, DenseGeneral, LayerNorm, dot_product_attention, get_activation
+from xformers_jax.layers import MLP, DenseGeneral, LayerNorm, get_activation
+from xformers_jax.layers.attention import attention
 from xformers_jax.layers.dense import param_init, residual
 from xformers_jax.layers.losses import cross_entropy_with_ignore, sequence_classification_loss
 from xformers_jax.models import outputs
@@ -444,10 +445,11 @@ class Layer(nn.Module):
         dropout_rng = None
         if not self.deterministic and cfg.attention_probs_dropout_prob > 0:
             dropout_rng = self.make_rng("dropout")
-        a, probs = dot_product_attention(
+        a, probs = attention(
             q, k, v, bias=None if bias is None else bias[None], head_mask=head_mask, scale=1.0,
             dropout_rate=cfg.attention_probs_dropout_prob, dropout_rng=dropout_rng,
-            deterministic=self.deterministic, dtype=dtype,
+            deterministic=self.deterministic, dtype=dtype, kernel=cfg.attention_kernel,
+            need_probs=self.output_attentions,
         )  # fmt: skip
         a = DenseGeneral(
             cfg.hidden_size, ("heads", "kv", "embed"), axis=(-2, -1), dtype=dtype,

@@ -34,9 +34,9 @@ from xformers_jax.layers import (
     DenseGeneral,
     Embed,
     RMSNorm,
-    dot_product_attention,
     param_init,
 )
+from xformers_jax.layers.attention import Mask, attention
 from xformers_jax.layers.losses import (
     cross_entropy_with_ignore,
     sequence_classification_loss,
@@ -268,16 +268,17 @@ class Attention(nn.Module):
         out = out.transpose(0, 2, 1, 3).reshape(rows, 1, heads, d)
         return self.o(out), own
 
-    def __call__(self, x, kv_x, mask, bias, deterministic: bool, kv=None):
+    def __call__(self, x, kv_x, mask, bias, deterministic: bool, kv=None, need_probs=False):
         cfg = self.config
         q = nn.with_logical_constraint(self.q(x), _ACT_HEADS)
         k, v = self.kv(kv_x) if kv is None else kv
         rng = None
         if not deterministic and cfg.dropout_rate > 0:
             rng = self.make_rng("dropout")
-        out, probs = dot_product_attention(
+        out, probs = attention(
             q, k, v, mask=mask, bias=bias, scale=1.0, dropout_rate=cfg.dropout_rate,
             dropout_rng=rng, deterministic=deterministic, dtype=cfg.dtype,
+            kernel=cfg.attention_kernel, need_probs=need_probs,
         )  # fmt: skip
         return self.o(out), probs
 
@@ -311,12 +312,15 @@ class Block(nn.Module):
             return self._step(x, mask, bias, enc_mask, cache, norm, self_attn, cross_attn)
 
         h = norm("self_attention_norm")(x)
-        a, probs = self_attn(h, h, mask, bias, self.deterministic)
+        need_probs = self.output_attentions
+        a, probs = self_attn(h, h, mask, bias, self.deterministic, need_probs=need_probs)
         x = x + drop(a)
         cross_probs = None
         if self.is_decoder:
             h = norm("cross_attention_norm")(x)
-            a, cross_probs = cross_attn(h, enc, enc_mask, None, self.deterministic)
+            a, cross_probs = cross_attn(
+                h, enc, enc_mask, None, self.deterministic, need_probs=self.output_attentions
+            )
             x = x + drop(a)
         x = x + drop(self._mlp()(norm("mlp_norm")(x), deterministic=self.deterministic))
         x = nn.with_logical_constraint(x, _ACT)
@@ -393,9 +397,8 @@ class Stack(nn.Module):
         length = x.shape[1]
         if attention_mask is None:
             attention_mask = jnp.ones(x.shape[:2], jnp.int32)
-        mask = attention_mask[:, None, None, :] > 0
-        if self.is_decoder:
-            mask = mask & (jnp.arange(length)[None, :] <= jnp.arange(length)[:, None])[None, None]
+        mask = Mask(attention_mask, causal=self.is_decoder)
+        cross_mask = None if enc_mask is None else Mask(enc_mask)
         bias = relpos(jnp.arange(length), length)
         x = emb = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         kw.update(output_hidden_states=output_hidden_states, output_attentions=output_attentions)

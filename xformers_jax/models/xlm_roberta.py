@@ -21,10 +21,10 @@ from xformers_jax.layers import (
     Embed,
     LayerNorm,
     causal_mask,
-    dot_product_attention,
     get_activation,
     padding_mask,
 )
+from xformers_jax.layers.attention import Mask, attention
 from xformers_jax.layers.dense import residual
 from xformers_jax.models import heads, outputs
 from xformers_jax.models.base import (
@@ -211,6 +211,7 @@ class SelfAttention(nn.Module):
 
     config: XLMRobertaConfig
     deterministic: bool = True
+    output_attentions: bool = False
 
     @nn.compact
     def __call__(self, x, mask, head_mask=None, index=None, cache=None):
@@ -249,10 +250,11 @@ class SelfAttention(nn.Module):
         dropout_rng = None
         if not self.deterministic and cfg.attention_probs_dropout_prob > 0:
             dropout_rng = self.make_rng("dropout")
-        out, probs = dot_product_attention(
+        out, probs = attention(
             q, k, v, mask=mask, bias=bias, head_mask=head_mask,
             dropout_rate=cfg.attention_probs_dropout_prob, dropout_rng=dropout_rng,
-            deterministic=self.deterministic, dtype=dtype,
+            deterministic=self.deterministic, dtype=dtype, kernel=cfg.attention_kernel,
+            need_probs=self.output_attentions,
         )  # fmt: skip
         out = DenseGeneral(
             cfg.hidden_size, ("heads", "kv", "embed"), axis=(-2, -1), dtype=dtype,
@@ -283,7 +285,7 @@ class Layer(nn.Module):
             cfg.layer_norm_eps, dtype=dtype, param_dtype=pdtype, name=name
         )  # noqa: E731
         drop = lambda h: nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=self.deterministic)  # noqa: E731
-        attn = SelfAttention(cfg, self.deterministic, name="attention")
+        attn = SelfAttention(cfg, self.deterministic, self.output_attentions, name="attention")
         mlp = MLP(
             cfg.intermediate_size, cfg.hidden_act, dtype=dtype, param_dtype=pdtype,
             kernel_init=nn.initializers.normal(cfg.initializer_range), name="mlp",
@@ -363,9 +365,7 @@ class XLMRobertaModel(nn.Module):
             token_type_ids = jnp.zeros(shape, jnp.int32)
         if attention_mask is None:
             attention_mask = jnp.ones(shape, jnp.int32)
-        mask = padding_mask(attention_mask)
-        if cfg.is_decoder:
-            mask = mask & causal_mask(length)
+        mask = Mask(attention_mask, causal=cfg.is_decoder)
 
         x = emb = Embeddings(cfg, deterministic, name="embeddings")(
             input_ids, token_type_ids, position_ids, inputs_embeds

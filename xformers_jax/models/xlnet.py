@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xformers_jax.layers import MLP, LayerNorm, get_activation, param_init
+from xformers_jax.layers.attention import attention, resolve_kernel
 from xformers_jax.models import outputs
 from xformers_jax.models.base import (
     FamilyConfig,
@@ -259,6 +260,7 @@ class RelativeAttention(nn.Module):
 
     config: XLNetConfig
     deterministic: bool = True
+    output_attentions: bool = False
 
     def setup(self):
         cfg = self.config
@@ -296,16 +298,30 @@ class RelativeAttention(nn.Module):
         cfg = self.config
         dt = cfg.dtype
         r_w, r_r, r_s = (jnp.asarray(b, dt) for b in biases)
-        ac = jnp.einsum("bind,bjnd->bnij", q + r_w, k)
+        dropout = not self.deterministic and cfg.dropout > 0
+        fused = "flash" == resolve_kernel(
+            cfg.attention_kernel, need_probs=self.output_attentions, head_mask=head_mask,
+            dropout=dropout, dtype=dt,
+        )  # fmt: skip
+        # A fused kernel takes the content term as its q.k and the rest as an additive bias.
+        ac = None if fused else jnp.einsum("bind,bjnd->bnij", q + r_w, k)
         if kr.shape[0] == 1:
             bd = jnp.einsum("bind,rnd->bnir", q + r_r, kr[0])
         else:
             bd = jnp.einsum("bind,brnd->bnir", q + r_r, kr)
-        score = ac.astype(jnp.float32) + rel_shift(bd, k.shape[1]).astype(jnp.float32)
+        score = rel_shift(bd, k.shape[1]).astype(jnp.float32)
+        if not fused:
+            score = ac.astype(jnp.float32) + score
         if seg is not None:
             ef = jnp.einsum("bind,snd->bnis", q + r_s, jnp.asarray(self.seg_embed, dt))
             ef = ef.astype(jnp.float32)
             score = score + jnp.where(seg[:, None], ef[..., 1:], ef[..., :1])
+        if fused:  # masked keys: an additive bias far below any score, as `_softmax`'s
+            out, _ = attention(
+                q + r_w, k, v, kernel="flash", bias=score, scale=float(cfg.d_head) ** -0.5,
+                mask=None if mask is None else ~mask[:, None], dtype=dt,
+            )  # fmt: skip
+            return out, None
         p, probs = self._softmax(score, mask, head_mask)
         out = jnp.einsum("bnij,bjnd->bind", p, v)
         return out, probs
@@ -412,7 +428,7 @@ class Layer(nn.Module):
     def __call__(self, carry, mem, head_mask, ctx, shared_biases):
         cfg = self.config
         h, g = carry
-        attn = RelativeAttention(cfg, self.deterministic, name="rel_attn")
+        attn = RelativeAttention(cfg, self.deterministic, self.output_attentions, name="rel_attn")
         if isinstance(mem, dict):  # K/V cache: both streams as one block of rows
             n_new = h.shape[1]
             x = h if g is None else jnp.concatenate([h, g], axis=1)
