@@ -196,8 +196,9 @@ def _cache(model: Any) -> DecodingCache:
 
 
 def apply_min_length(logits, cur_len, min_length: int, eos_token_id: int):
-    """Forbids EOS while the sequence (start token included) is shorter than `min_length`."""
-    if min_length <= 0:
+    """Forbids EOS while the sequence (start token included) is shorter than `min_length`
+    (nothing to forbid without an EOS: `eos_token_id < 0`)."""
+    if min_length <= 0 or eos_token_id < 0:
         return logits
     blocked = logits.at[:, eos_token_id].set(-jnp.inf)
     return jnp.where(cur_len < min_length, blocked, logits)
@@ -400,6 +401,17 @@ def _beam_loop(step, context, axes, slot_caches, *, batch, num_beams, max_length
     return seqs, first.astype(jnp.int32)
 
 
+def _token_id(cfg: Any, value: int | None, name: str) -> int | None:
+    """A special token id: the argument, else the config's (None where neither has one, as a
+    config.json with `"eos_token_id": null`: then generation runs to `max_length`)."""
+    value = getattr(cfg, name, None) if value is None else value
+    if isinstance(value, (list, tuple)):  # transformers allows several EOS ids; the first counts
+        if len(value) > 1:
+            raise ValueError(f"{name}={list(value)}: only one id is supported")
+        value = value[0] if value else None
+    return None if value is None else int(value)
+
+
 # ==================================================================================================
 # Entry point.
 # ==================================================================================================
@@ -514,14 +526,21 @@ def generate(
     if hooks.options is None and head_options:
         raise TypeError(f"generate() got unexpected keyword arguments {sorted(head_options)}")
     head_opts = {} if hooks.options is None else hooks.options(cfg, **head_options)
-    pick = lambda v, name: int(getattr(cfg, name) if v is None else v)  # noqa: E731
+    eos = _token_id(cfg, eos_token_id, "eos_token_id")
+    # As transformers: no pad token -> the EOS pads; neither -> rows never finish, 0 fills prompts.
+    pad = _token_id(cfg, pad_token_id, "pad_token_id")
+    pad = pad if pad is not None else (eos if eos is not None else 0)
+    start = (
+        None if decoder_only else _token_id(cfg, decoder_start_token_id, "decoder_start_token_id")
+    )
+    if start is None and not decoder_only:
+        raise ValueError("generate needs a decoder_start_token_id (none given, none in the config)")
     settings = dict(
         max_length=int(max_length), min_length=int(min_length), num_beams=int(num_beams),
         do_sample=bool(do_sample), temperature=float(temperature), top_k=int(top_k or 0),
         top_p=float(top_p), length_penalty=float(length_penalty), early_stopping=early_stopping,
-        num_return_sequences=int(num_return_sequences), eos=pick(eos_token_id, "eos_token_id"),
-        pad=pick(pad_token_id, "pad_token_id"),
-        start=-1 if decoder_only else pick(decoder_start_token_id, "decoder_start_token_id"),
+        num_return_sequences=int(num_return_sequences), eos=-1 if eos is None else eos, pad=pad,
+        start=-1 if decoder_only else start,
         decoder_only=decoder_only, head_options=tuple(sorted(head_opts.items())),
     )  # fmt: skip
     cache = _cache(model)
