@@ -429,4 +429,5 @@ def save_pretrained(
     if jax.process_index() != 0:
         return
     config = hf_config_dict(model.config, model.architecture)
+    convert.adjust_hf_config(config, state, model.config, model.architecture)
     hf_files.write_hf_dir(path, config, state, max_shard_size)

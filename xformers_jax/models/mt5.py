@@ -78,6 +78,10 @@ class MT5Config(FamilyConfig):
     initializer_factor: float = 1.0
     feed_forward_proj: str = "gated-gelu"
     tie_word_embeddings: bool = False
+    # transformers' tie_encoder_decoder: the encoder's weights are the decoder's (self-attention,
+    # FFN, norms, position table); checkpoints store them once, under decoder.*. Ours are loaded
+    # as two equal copies and saved once again while they stay equal.
+    tie_encoder_decoder: bool = False
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
@@ -86,6 +90,11 @@ class MT5Config(FamilyConfig):
         super().__post_init__()
         if self.num_decoder_layers is None:
             object.__setattr__(self, "num_decoder_layers", self.num_layers)
+        if self.tie_encoder_decoder and self.num_decoder_layers != self.num_layers:
+            raise ValueError(
+                f"tie_encoder_decoder needs as many decoder layers as encoder layers, got "
+                f"num_layers={self.num_layers}, num_decoder_layers={self.num_decoder_layers}"
+            )
         parts = self.feed_forward_proj.split("-")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
             raise ValueError(
