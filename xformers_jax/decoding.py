@@ -28,6 +28,10 @@ written), reorders that small table instead, and passes it to `decode_step` as
 `context["slot_rows"]` (absent outside beam search); the step reads slot s of row r from row
 `slot_rows[r, s]`. Reordering the cache itself would copy all of it every step.
 
+A head may take array inputs besides the prompt (e.g. a decoder's `encoder_hidden_states`): it
+names them in a class attribute `decoding_inputs` (a tuple of keyword names); `generate` passes
+those of its keyword arguments to `init_decoding` as arrays (traced, not part of the compile key).
+
 A head with options of its own (e.g. XLNet's `use_mems`) also has a static method
 `decoding_options(config, **options) -> dict` that validates them and fills their defaults; the
 keyword arguments of `generate` that are not its own go there (a TypeError for a head without
@@ -142,6 +146,7 @@ class _Hooks:
     slot_caches: Callable[[Context], Any]
     options: Callable[..., dict[str, Any]] | None
     has_constants: bool
+    inputs: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, head: type) -> _Hooks:
@@ -155,6 +160,7 @@ class _Hooks:
             slot_caches=getattr(head, "decoding_slot_caches", no_slots),
             options=getattr(head, "decoding_options", None),
             has_constants=hasattr(head, "decoding_constants"),
+            inputs=tuple(getattr(head, "decoding_inputs", ())),
         )
 
 
@@ -420,10 +426,11 @@ def _token_id(cfg: Any, value: int | None, name: str) -> int | None:
 def _build(module: Any, settings: tuple):
     opts = dict(settings)
 
-    def run(params, constants, input_ids, attention_mask, rng):
+    def run(params, constants, input_ids, attention_mask, rng, inputs):
         variables = {"params": params}
         context = module.apply(variables, input_ids, attention_mask, opts["max_length"],
-                               method="init_decoding", **dict(opts["head_options"]))  # fmt: skip
+                               method="init_decoding", **inputs,
+                               **dict(opts["head_options"]))  # fmt: skip
         hooks = _Hooks.of(type(module))
         axes, slot_caches = hooks.batch_axes(context), hooks.slot_caches(context)
         if constants is not None:
@@ -495,7 +502,8 @@ def generate(
       input_ids: `[batch, length]` encoder inputs.
       attention_mask: `[batch, length]`, 1 = token, 0 = padding (default: all ones).
       prng_key / seed: randomness for `do_sample=True`.
-      **head_options: the head's own options (its `decoding_options`), e.g. XLNet's `use_mems`.
+      **head_options: the head's own options (its `decoding_options`), e.g. XLNet's `use_mems`,
+        and its array inputs (`decoding_inputs`), e.g. a decoder's `encoder_hidden_states`.
 
     Returns:
       `[batch * num_return_sequences, n]` int32 numpy array, starting with the decoder start
@@ -523,6 +531,12 @@ def generate(
         raise NotImplementedError("beam sampling (do_sample with num_beams > 1) is not supported")
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    inputs = {
+        name: jnp.asarray(np.asarray(head_options.pop(name)))
+        for name in hooks.inputs
+        if head_options.get(name) is not None
+    }
+    head_options = {k: v for k, v in head_options.items() if k not in hooks.inputs}
     if hooks.options is None and head_options:
         raise TypeError(f"generate() got unexpected keyword arguments {sorted(head_options)}")
     head_opts = {} if hooks.options is None else hooks.options(cfg, **head_options)
@@ -547,6 +561,6 @@ def generate(
     fn = cache.compiled(model.module, tuple(sorted(settings.items())))
     constants = cache.constants_for(model.module, model.params) if hooks.has_constants else None
     rng = jax.random.key(seed) if prng_key is None else prng_key
-    seqs, lengths = fn(model.params, constants, jnp.asarray(ids), jnp.asarray(mask), rng)
+    seqs, lengths = fn(model.params, constants, jnp.asarray(ids), jnp.asarray(mask), rng, inputs)
     seqs, lengths = np.asarray(seqs), np.asarray(lengths)
     return seqs[:, : int(lengths.max())]

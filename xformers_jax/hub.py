@@ -184,6 +184,8 @@ def _split_inputs(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, 
 
     static, arrays = {}, {}
     for k, v in kwargs.items():
+        if hasattr(v, "to_legacy_cache"):  # a transformers Cache: its legacy per-layer tuples
+            v = tuple(tuple(x for x in layer if x is not None) for layer in v.to_legacy_cache())
         if v is None or isinstance(v, (bool, int, float, str)):
             static[k] = v
         elif isinstance(v, (tuple, dict)):  # e.g. past_key_values: a pytree of arrays
