@@ -30,6 +30,7 @@ from xformers_jax.models import heads, outputs
 from xformers_jax.models.base import (
     FamilyConfig,
     InputError,
+    keep_from_mask,
     scan_layers,
     unstack,
 )
@@ -498,8 +499,8 @@ class XLMRobertaModel(nn.Module):
 def attention_4d(attention_mask, shape: tuple[int, int, int], name: str) -> jax.Array:
     """An HF attention mask -> boolean `[batch, 1, q, k]` (True = attend).
 
-    Accepts `[batch, k]` (1 = token, 0 = padding; None: all ones), `[batch, q, k]` and
-    `[batch, 1 or heads, q, k]` 0/1 masks as transformers does.
+    Accepts `[batch, k]` (1 = token, 0 = padding; None: all ones), and `[batch, q, k]` /
+    `[batch, 1, q, k]` masks, 0/1 or additive (0 / large negative; see `keep_from_mask`).
 
     Raises:
       InputError: any other shape, naming it and the shapes expected.
@@ -511,9 +512,9 @@ def attention_4d(attention_mask, shape: tuple[int, int, int], name: str) -> jax.
     if m.ndim == 2 and m.shape[1] == k:
         return padding_mask(jnp.ones((batch, q), jnp.int32), m)
     if m.ndim == 3 and m.shape[1:] == (q, k):
-        return m[:, None] > 0
-    if m.ndim == 4 and m.shape[2:] == (q, k):
-        return m > 0
+        return keep_from_mask(m[:, None])
+    if m.ndim == 4 and m.shape[1] == 1 and m.shape[2:] == (q, k):
+        return keep_from_mask(m)
     raise InputError(
         f"{name} of shape {tuple(m.shape)} does not fit: expected [batch, {k}], "
         f"[batch, {q}, {k}] or [batch, 1, {q}, {k}]"
@@ -628,11 +629,15 @@ class XLMRobertaForMaskedLM(nn.Module):
         deterministic: bool = True,
         masked_positions=None,
         vocab_chunk_size: int = 0,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
     ) -> outputs.MaskedLMOutput | outputs.ChunkedLMOutput:
         base = XLMRobertaModel(self.config, add_pooling_layer=False, name="model")
         out = base(
             input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
             output_attentions, output_hidden_states, deterministic,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
         )  # fmt: skip
         head = heads.LMHead(self.config, exact_gelu, name="lm_head")
         return heads.masked_lm_output(
