@@ -28,6 +28,10 @@ written), reorders that small table instead, and passes it to `decode_step` as
 `context["slot_rows"]` (absent outside beam search); the step reads slot s of row r from row
 `slot_rows[r, s]`. Reordering the cache itself would copy all of it every step.
 
+A head may take array inputs besides the prompt (e.g. a decoder's `encoder_hidden_states`): it
+names them in a class attribute `decoding_inputs` (a tuple of keyword names); `generate` passes
+those of its keyword arguments to `init_decoding` as arrays (traced, not part of the compile key).
+
 A head with options of its own (e.g. XLNet's `use_mems`) also has a static method
 `decoding_options(config, **options) -> dict` that validates them and fills their defaults; the
 keyword arguments of `generate` that are not its own go there (a TypeError for a head without
@@ -142,6 +146,7 @@ class _Hooks:
     slot_caches: Callable[[Context], Any]
     options: Callable[..., dict[str, Any]] | None
     has_constants: bool
+    inputs: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, head: type) -> _Hooks:
@@ -155,6 +160,7 @@ class _Hooks:
             slot_caches=getattr(head, "decoding_slot_caches", no_slots),
             options=getattr(head, "decoding_options", None),
             has_constants=hasattr(head, "decoding_constants"),
+            inputs=tuple(getattr(head, "decoding_inputs", ())),
         )
 
 
@@ -196,8 +202,9 @@ def _cache(model: Any) -> DecodingCache:
 
 
 def apply_min_length(logits, cur_len, min_length: int, eos_token_id: int):
-    """Forbids EOS while the sequence (start token included) is shorter than `min_length`."""
-    if min_length <= 0:
+    """Forbids EOS while the sequence (start token included) is shorter than `min_length`
+    (nothing to forbid without an EOS: `eos_token_id < 0`)."""
+    if min_length <= 0 or eos_token_id < 0:
         return logits
     blocked = logits.at[:, eos_token_id].set(-jnp.inf)
     return jnp.where(cur_len < min_length, blocked, logits)
@@ -400,6 +407,17 @@ def _beam_loop(step, context, axes, slot_caches, *, batch, num_beams, max_length
     return seqs, first.astype(jnp.int32)
 
 
+def _token_id(cfg: Any, value: int | None, name: str) -> int | None:
+    """A special token id: the argument, else the config's (None where neither has one, as a
+    config.json with `"eos_token_id": null`: then generation runs to `max_length`)."""
+    value = getattr(cfg, name, None) if value is None else value
+    if isinstance(value, (list, tuple)):  # transformers allows several EOS ids; the first counts
+        if len(value) > 1:
+            raise ValueError(f"{name}={list(value)}: only one id is supported")
+        value = value[0] if value else None
+    return None if value is None else int(value)
+
+
 # ==================================================================================================
 # Entry point.
 # ==================================================================================================
@@ -408,10 +426,11 @@ def _beam_loop(step, context, axes, slot_caches, *, batch, num_beams, max_length
 def _build(module: Any, settings: tuple):
     opts = dict(settings)
 
-    def run(params, constants, input_ids, attention_mask, rng):
+    def run(params, constants, input_ids, attention_mask, rng, inputs):
         variables = {"params": params}
         context = module.apply(variables, input_ids, attention_mask, opts["max_length"],
-                               method="init_decoding", **dict(opts["head_options"]))  # fmt: skip
+                               method="init_decoding", **inputs,
+                               **dict(opts["head_options"]))  # fmt: skip
         hooks = _Hooks.of(type(module))
         axes, slot_caches = hooks.batch_axes(context), hooks.slot_caches(context)
         if constants is not None:
@@ -483,7 +502,8 @@ def generate(
       input_ids: `[batch, length]` encoder inputs.
       attention_mask: `[batch, length]`, 1 = token, 0 = padding (default: all ones).
       prng_key / seed: randomness for `do_sample=True`.
-      **head_options: the head's own options (its `decoding_options`), e.g. XLNet's `use_mems`.
+      **head_options: the head's own options (its `decoding_options`), e.g. XLNet's `use_mems`,
+        and its array inputs (`decoding_inputs`), e.g. a decoder's `encoder_hidden_states`.
 
     Returns:
       `[batch * num_return_sequences, n]` int32 numpy array, starting with the decoder start
@@ -511,23 +531,36 @@ def generate(
         raise NotImplementedError("beam sampling (do_sample with num_beams > 1) is not supported")
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    inputs = {
+        name: jnp.asarray(np.asarray(head_options.pop(name)))
+        for name in hooks.inputs
+        if head_options.get(name) is not None
+    }
+    head_options = {k: v for k, v in head_options.items() if k not in hooks.inputs}
     if hooks.options is None and head_options:
         raise TypeError(f"generate() got unexpected keyword arguments {sorted(head_options)}")
     head_opts = {} if hooks.options is None else hooks.options(cfg, **head_options)
-    pick = lambda v, name: int(getattr(cfg, name) if v is None else v)  # noqa: E731
+    eos = _token_id(cfg, eos_token_id, "eos_token_id")
+    # As transformers: no pad token -> the EOS pads; neither -> rows never finish, 0 fills prompts.
+    pad = _token_id(cfg, pad_token_id, "pad_token_id")
+    pad = pad if pad is not None else (eos if eos is not None else 0)
+    start = (
+        None if decoder_only else _token_id(cfg, decoder_start_token_id, "decoder_start_token_id")
+    )
+    if start is None and not decoder_only:
+        raise ValueError("generate needs a decoder_start_token_id (none given, none in the config)")
     settings = dict(
         max_length=int(max_length), min_length=int(min_length), num_beams=int(num_beams),
         do_sample=bool(do_sample), temperature=float(temperature), top_k=int(top_k or 0),
         top_p=float(top_p), length_penalty=float(length_penalty), early_stopping=early_stopping,
-        num_return_sequences=int(num_return_sequences), eos=pick(eos_token_id, "eos_token_id"),
-        pad=pick(pad_token_id, "pad_token_id"),
-        start=-1 if decoder_only else pick(decoder_start_token_id, "decoder_start_token_id"),
+        num_return_sequences=int(num_return_sequences), eos=-1 if eos is None else eos, pad=pad,
+        start=-1 if decoder_only else start,
         decoder_only=decoder_only, head_options=tuple(sorted(head_opts.items())),
     )  # fmt: skip
     cache = _cache(model)
     fn = cache.compiled(model.module, tuple(sorted(settings.items())))
     constants = cache.constants_for(model.module, model.params) if hooks.has_constants else None
     rng = jax.random.key(seed) if prng_key is None else prng_key
-    seqs, lengths = fn(model.params, constants, jnp.asarray(ids), jnp.asarray(mask), rng)
+    seqs, lengths = fn(model.params, constants, jnp.asarray(ids), jnp.asarray(mask), rng, inputs)
     seqs, lengths = np.asarray(seqs), np.asarray(lengths)
     return seqs[:, : int(lengths.max())]

@@ -94,7 +94,7 @@ class PretrainedModel:
         Returns:
           The head's output dataclass (`MaskedLMOutput`, ...) with HF field names.
         """
-        kwargs = self._bind_positional(args, kwargs)
+        kwargs = self._config_defaults(self._bind_positional(args, kwargs))
         static, arrays = _split_inputs(kwargs)
         if static.get("deterministic") is False and dropout_rng is None:
             raise ValueError(
@@ -117,6 +117,21 @@ class PretrainedModel:
         mesh_context = jax.set_mesh(self.mesh) if hasattr(jax, "set_mesh") else self.mesh
         with mesh_context, nn.logical_axis_rules(rules):
             return fn(self.params, self.collections, arrays, rngs)
+
+    def _config_defaults(self, kwargs: dict) -> dict:
+        """transformers' config-level defaults for arguments the call leaves out:
+        `output_hidden_states` / `output_attentions` from config.json, and `use_cache` (decoders
+        and encoder-decoders return `past_key_values` unless told not to, or given labels)."""
+        params = inspect.signature(type(self.module).__call__).parameters
+        cfg = self.config
+        for name in ("output_hidden_states", "output_attentions"):
+            if name in params and kwargs.get(name) is None and getattr(cfg, name, False):
+                kwargs[name] = True
+        decoder = getattr(cfg, "is_decoder", False) or getattr(cfg, "model_type", "") == "mt5"
+        if "use_cache" in params and kwargs.get("use_cache") is None and "labels" not in kwargs:
+            if decoder and getattr(cfg, "use_cache", False):
+                kwargs["use_cache"] = True
+        return kwargs
 
     def _bind_positional(self, args: tuple, kwargs: dict) -> dict:
         if not args:
@@ -184,6 +199,8 @@ def _split_inputs(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, 
 
     static, arrays = {}, {}
     for k, v in kwargs.items():
+        if hasattr(v, "to_legacy_cache"):  # a transformers Cache: its legacy per-layer tuples
+            v = tuple(tuple(x for x in layer if x is not None) for layer in v.to_legacy_cache())
         if v is None or isinstance(v, (bool, int, float, str)):
             static[k] = v
         elif isinstance(v, (tuple, dict)):  # e.g. past_key_values: a pytree of arrays
@@ -429,4 +446,5 @@ def save_pretrained(
     if jax.process_index() != 0:
         return
     config = hf_config_dict(model.config, model.architecture)
+    convert.adjust_hf_config(config, state, model.config, model.architecture)
     hf_files.write_hf_dir(path, config, state, max_shard_size)

@@ -9,6 +9,7 @@ Each family has a module `xformers_jax.convert.<family name>` exposing
                                                           family's map goes through `param_map`
   hf_architecture(config, architecture) -> str           (optional) HF's class name to save as
   example_inputs(config, architecture) -> dict           (optional) kwargs that `init` the head
+  adjust_hf_config(hf_config, state, config, architecture)  (optional) edits config.json for state
   hf_to_collections(state_dict, config, architecture) -> {collection: tree}   (optional) variables
   collections_to_hf(collections, config, architecture) -> state_dict          outside `params`,
                                                           e.g. BatchNorm's `batch_stats`
@@ -35,6 +36,7 @@ __all__ = [
     "ParamMap",
     "Rule",
     "abstract_params",
+    "adjust_hf_config",
     "check_tree",
     "collections_to_hf",
     "converter",
@@ -165,6 +167,16 @@ def hf_architecture(config: Any, architecture: str) -> str:
         # e.g. XLMRobertaForMaskedLM with an xlm-roberta-xl config -> XLMRobertaXLForMaskedLM.
         return module.architecture_name(config, family.heads[architecture])
     return architecture
+
+
+def adjust_hf_config(
+    hf_config: dict[str, Any], state: Mapping[str, np.ndarray], config: Any, architecture: str
+) -> None:
+    """Edits the config.json dict to describe `state` (`params_to_hf`'s output), in place: e.g.
+    mT5 saved untied when its tied encoder and decoder were trained apart."""
+    conv = converter(config)
+    if hasattr(conv, "adjust_hf_config"):
+        conv.adjust_hf_config(hf_config, state, config, architecture)
 
 
 def hf_to_params(

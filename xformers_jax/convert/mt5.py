@@ -12,6 +12,7 @@ the scan (`encoder/relative_attention_bias/embedding`). Decoder blocks number th
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -20,6 +21,8 @@ import numpy as np
 
 from xformers_jax.convert import param_map as pm
 from xformers_jax.convert.param_map import ParamMap, Rule, flatten, unflatten
+
+log = logging.getLogger(__name__)
 
 _BARE = ("MT5Model", "MT5EncoderModel")
 _ENCODER_ONLY = ("MT5EncoderModel", "MT5ForTokenClassification")
@@ -155,8 +158,46 @@ def _subtree(tree: Mapping[str, Any], root: tuple[str, ...] | None, inside: bool
     return unflatten(keep)
 
 
+# transformers' tie_encoder_decoder pairs encoder block i's sub-layer 0 (self-attention) with the
+# decoder's sub-layer 0 and the encoder's 1 (FFN) with the decoder's 2 (after cross-attention).
+_TIED = re.compile(r"(?P<p>.*)decoder\.(?:block\.(?P<i>\d+)\.layer\.(?P<j>[02])\.)?(?P<rest>.*)")
+
+
+def tied_encoder_names(state_names, prefix: str = "") -> dict[str, str]:
+    """`{encoder name: decoder name}` of the tensors a `tie_encoder_decoder` checkpoint stores
+    once, under the decoder, for the decoder names in `state_names`."""
+    out = {}
+    for name in state_names:
+        m = _TIED.fullmatch(name)
+        if not m or m["p"] != prefix or m["rest"].startswith(("embed_tokens", "layer.")):
+            continue
+        if m["rest"].startswith("block."):  # a cross-attention sub-layer (1): the encoder has none
+            continue
+        if m["i"] is None:
+            out[f"{prefix}encoder.{m['rest']}"] = name
+        else:
+            j = {"0": "0", "2": "1"}[m["j"]]
+            out[f"{prefix}encoder.block.{m['i']}.layer.{j}.{m['rest']}"] = name
+    return out
+
+
+def _retie(state_dict: Mapping, config: Any, architecture: str) -> Mapping:
+    """A `tie_encoder_decoder` checkpoint with its encoder tensors filled in from the decoder's."""
+    if not getattr(config, "tie_encoder_decoder", False):
+        return state_dict
+    prefix = "transformer." if architecture in _PREFIXED else ""
+    twins = tied_encoder_names(state_dict, prefix)
+    missing = {enc: dec for enc, dec in twins.items() if enc not in state_dict}
+    return (
+        {**state_dict, **{enc: state_dict[dec] for enc, dec in missing.items()}}
+        if missing
+        else (state_dict)
+    )
+
+
 def hf_to_params(state_dict: Mapping, config: Any, architecture: str, shapes: Mapping) -> dict:
-    """`param_map.hf_to_params` once per map of `_maps`."""
+    """`param_map.hf_to_params` once per map of `_maps` (tied encoder tensors filled in)."""
+    state_dict = _retie(state_dict, config, architecture)
     flat: dict[tuple[str, ...], Any] = {}
     for i, (pmap, root) in enumerate(_maps(config, architecture)):
         part = _subtree(shapes, root, inside=i == 1)
@@ -165,8 +206,33 @@ def hf_to_params(state_dict: Mapping, config: Any, architecture: str, shapes: Ma
 
 
 def params_to_hf(params: Mapping, config: Any, architecture: str) -> dict[str, np.ndarray]:
-    """`param_map.params_to_hf` once per map of `_maps`."""
+    """`param_map.params_to_hf` once per map of `_maps`; with `tie_encoder_decoder` the encoder's
+    tensors are left out (transformers stores them once, as the decoder's) while they equal the
+    decoder's. Trained apart they differ: then both are written and `adjust_hf_config` saves the
+    config untied."""
     out: dict[str, np.ndarray] = {}
     for i, (pmap, root) in enumerate(_maps(config, architecture)):
         out.update(pm.params_to_hf(_subtree(params, root, inside=i == 1), pmap))
+    if getattr(config, "tie_encoder_decoder", False) and architecture not in _ENCODER_ONLY:
+        prefix = "transformer." if architecture in _PREFIXED else ""
+        twins = tied_encoder_names(out, prefix)
+        if all(np.array_equal(out[enc], out[dec]) for enc, dec in twins.items()):
+            for enc in twins:
+                del out[enc]
+        else:
+            log.warning(
+                "tie_encoder_decoder: the encoder's weights no longer equal the decoder's; "
+                "saving both, with tie_encoder_decoder=false in config.json"
+            )
     return out
+
+
+def adjust_hf_config(
+    hf_config: dict[str, Any], state: Mapping[str, Any], config: Any, architecture: str
+) -> None:
+    """config.json for `state`: untied when the encoder's tensors had to be written apart."""
+    del config
+    prefix = "transformer." if architecture in _PREFIXED else ""
+    if hf_config.get("tie_encoder_decoder") and architecture not in _ENCODER_ONLY:
+        if any(enc in state for enc in tied_encoder_names(state, prefix)):
+            hf_config["tie_encoder_decoder"] = False

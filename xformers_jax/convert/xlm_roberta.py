@@ -4,7 +4,10 @@ Both HF families keep the base model under `roberta.` in head models and at the 
 bare model. Pre-LN XL blocks name their norms `attention.self_attn_layer_norm` and `LayerNorm` and
 end with `encoder.LayerNorm`; post-LN blocks name them `attention.output.LayerNorm` and
 `output.LayerNorm` and start with `embeddings.LayerNorm`. Our names are the same for both:
-`attention_norm`, `mlp_norm`, `final_norm` (pre-LN), `embeddings/norm` (post-LN).
+`attention_norm`, `mlp_norm`, `final_norm` (pre-LN), `embeddings/norm` (post-LN). Decoders with
+cross-attention (`add_cross_attention`) add `crossattention.self.{query,key,value}`,
+`crossattention.output.dense` and its norm (`crossattention.self_attn_layer_norm` pre-LN,
+`crossattention.output.LayerNorm` post-LN): ours `crossattention/*`, `crossattention_norm`.
 """
 
 from __future__ import annotations
@@ -120,6 +123,15 @@ def _base_rules(config: Any, root: tuple[str, ...], p: str, pooler: bool) -> lis
     rules += dense_rules((*lay, "attention", "out"), f"{layer}.attention.output.dense", n_in=2)
     rules += dense_rules((*lay, "mlp", "wi"), f"{layer}.intermediate.dense")
     rules += dense_rules((*lay, "mlp", "wo"), f"{layer}.output.dense")
+    if config.add_cross_attention:  # decoders of encoder-decoders; absolute positions only
+        cross = f"{layer}.crossattention"
+        for name in ("query", "key", "value"):
+            rules += dense_rules((*lay, "crossattention", name), f"{cross}.self.{name}")
+        rules += dense_rules((*lay, "crossattention", "out"), f"{cross}.output.dense", n_in=2)
+        norm = "self_attn_layer_norm" if config.model_type == "xlm-roberta-xl" else (
+            "output.LayerNorm"
+        )  # fmt: skip
+        rules += norm_rules((*lay, "crossattention_norm"), f"{cross}.{norm}")
     if config.model_type == "xlm-roberta-xl":
         rules += norm_rules((*lay, "attention_norm"), f"{layer}.attention.self_attn_layer_norm")
         rules += norm_rules((*lay, "mlp_norm"), f"{layer}.LayerNorm")

@@ -73,6 +73,10 @@ class FamilyConfig:
     remat_policy: str = "none"
     scan_unroll: int = 1
     attention_kernel: str = "einsum"
+    # transformers' config-level output flags: a call's arguments default to them (the
+    # `PretrainedModel` wrapper applies them; modules called directly take their own defaults).
+    output_hidden_states: bool = False
+    output_attentions: bool = False
 
     LOCAL_FIELDS: ClassVar[tuple[str, ...]] = ()
     _COMMON_LOCAL: ClassVar[tuple[str, ...]] = (
@@ -169,4 +173,26 @@ def check_scan_unroll(value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(
             f"scan_unroll must be an int >= 1 (layers per scan iteration), got {value!r}"
+        )
+
+
+def keep_from_mask(mask: jax.Array) -> jax.Array:
+    """A 3D / 4D attention mask -> bool (True = attend), in either of transformers' forms: 0/1
+    (1 = attend) or additive (0 = attend, a large negative = masked; all entries <= 0)."""
+    m = jnp.asarray(mask)
+    if m.dtype == jnp.bool_:
+        return m
+    return jnp.where(jnp.all(m <= 0), m == 0, m > 0)
+
+
+def check_key_mask(mask, batch: int, length: int, name: str = "attention_mask") -> None:
+    """Models that take only a `[batch, length]` key mask refuse other shapes in one line.
+
+    Raises:
+      InputError: `mask` is not None and not `[batch, length]`.
+    """
+    if mask is not None and tuple(jnp.shape(mask)) != (batch, length):
+        raise InputError(
+            f"{name} of shape {tuple(jnp.shape(mask))} is not supported here: expected "
+            f"[batch, length] = [{batch}, {length}] (no 3D / 4D masks for this model)"
         )

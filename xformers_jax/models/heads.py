@@ -76,6 +76,27 @@ def classification_head(
     return dense(num_labels, ("mlp", "classes"), "out_proj")(x)
 
 
+def token_labels(labels, logits: jax.Array) -> jax.Array:
+    """Token-classification labels as `[batch, length]` for `[batch, length, classes]` logits:
+    `[batch, length]` or flattened `[batch * length]` (transformers flattens them itself).
+
+    Raises:
+      InputError: any other shape, naming it.
+    """
+    from xformers_jax.models.base import InputError
+
+    labels = jnp.asarray(labels)
+    shape = logits.shape[:-1]
+    if labels.shape == shape:
+        return labels
+    if labels.ndim == 1 and labels.shape[0] == shape[0] * shape[1]:
+        return labels.reshape(shape)
+    raise InputError(
+        f"token labels of shape {tuple(labels.shape)} do not fit logits {tuple(logits.shape)}: "
+        f"expected [{shape[0]}, {shape[1]}] or [{shape[0] * shape[1]}]"
+    )
+
+
 def span_logits(dense: Dense, x: jax.Array, features: int = 2, name: str = "qa_outputs"):
     """A `[hidden, features]` span scorer (HF's `qa_outputs`; start and end are the first two):
     `[batch, length, hidden]` -> start, end `[batch, length]`."""
@@ -312,7 +333,7 @@ class TokenClassification(EncoderHead):
         loss = None
         if labels is not None:
             mask = attention_mask if enc.token_mask_padding(cfg) else None
-            loss = token_classification_loss(logits, labels, mask)
+            loss = token_classification_loss(logits, token_labels(labels, logits), mask)
         return outputs.TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
         )

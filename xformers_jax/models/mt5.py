@@ -46,6 +46,8 @@ from xformers_jax.layers.losses import (
 from xformers_jax.models import heads, outputs
 from xformers_jax.models.base import (
     FamilyConfig,
+    InputError,
+    keep_from_mask,
     scan_layers,
     unstack,
 )
@@ -78,6 +80,11 @@ class MT5Config(FamilyConfig):
     initializer_factor: float = 1.0
     feed_forward_proj: str = "gated-gelu"
     tie_word_embeddings: bool = False
+    # transformers' tie_encoder_decoder: the encoder's weights are the decoder's (self-attention,
+    # FFN, norms, position table); checkpoints store them once, under decoder.*. Ours are loaded
+    # as two equal copies and saved once again while they stay equal.
+    tie_encoder_decoder: bool = False
+    use_cache: bool = True
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
@@ -86,6 +93,11 @@ class MT5Config(FamilyConfig):
         super().__post_init__()
         if self.num_decoder_layers is None:
             object.__setattr__(self, "num_decoder_layers", self.num_layers)
+        if self.tie_encoder_decoder and self.num_decoder_layers != self.num_layers:
+            raise ValueError(
+                f"tie_encoder_decoder needs as many decoder layers as encoder layers, got "
+                f"num_layers={self.num_layers}, num_decoder_layers={self.num_decoder_layers}"
+            )
         parts = self.feed_forward_proj.split("-")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
             raise ValueError(
@@ -108,7 +120,7 @@ class MT5Config(FamilyConfig):
         return self.d_model
 
     def _to_hf(self, d: dict[str, Any]) -> None:
-        d.update(is_encoder_decoder=True, use_cache=True, tokenizer_class="T5Tokenizer")
+        d.update(is_encoder_decoder=True, tokenizer_class="T5Tokenizer")
 
 
 _MT5 = dict(vocab_size=250112, d_kv=64, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
@@ -268,19 +280,27 @@ class Attention(nn.Module):
         out = out.transpose(0, 2, 1, 3).reshape(rows, 1, heads, d)
         return self.o(out), own
 
-    def __call__(self, x, kv_x, mask, bias, deterministic: bool, kv=None, need_probs=False):
+    def __call__(self, x, kv_x, mask, bias, deterministic: bool, kv=None, past=None,
+                 head_mask=None, need_probs=False):  # fmt: skip
+        """Full-sequence attention; `kv` precomputed keys / values (a cross-attention cache),
+        `past` `(k, v)` `[b, P, heads, d_kv]` earlier positions the new keys are appended to,
+        `head_mask` `[heads]` on the probabilities, `need_probs` the probabilities returned (else
+        they may be None: a fused kernel). Returns `(out, probs, (k, v))`."""
         cfg = self.config
         q = nn.with_logical_constraint(self.q(x), _ACT_HEADS)
         k, v = self.kv(kv_x) if kv is None else kv
+        if past is not None:
+            k = jnp.concatenate([past[0].astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([past[1].astype(v.dtype), v], axis=1)
         rng = None
         if not deterministic and cfg.dropout_rate > 0:
             rng = self.make_rng("dropout")
         out, probs = attention(
-            q, k, v, mask=mask, bias=bias, scale=1.0, dropout_rate=cfg.dropout_rate,
-            dropout_rng=rng, deterministic=deterministic, dtype=cfg.dtype,
-            kernel=cfg.attention_kernel, need_probs=need_probs,
+            q, k, v, mask=mask, bias=bias, head_mask=head_mask, scale=1.0,
+            dropout_rate=cfg.dropout_rate, dropout_rng=rng, deterministic=deterministic,
+            dtype=cfg.dtype, kernel=cfg.attention_kernel, need_probs=need_probs,
         )  # fmt: skip
-        return self.o(out), probs
+        return self.o(out), probs, (k, v)
 
 
 class Block(nn.Module):
@@ -298,8 +318,13 @@ class Block(nn.Module):
     output_hidden_states: bool = False
     output_attentions: bool = False
 
+    use_cache: bool = False
+
     @nn.compact
-    def __call__(self, x, mask, bias, enc, enc_mask, cache):
+    def __call__(self, x, mask, bias, enc, enc_mask, cache, head_mask=None, cross_head_mask=None):
+        """`cache`: the decoding caches (`'step'`), or in `'full'` mode this layer's
+        `past_key_values` (`self_k`, `self_v`, `cross_k`, `cross_v` `[b, P, heads, d_kv]`) or
+        None; `head_mask` / `cross_head_mask` `[heads]` (transformers' per-layer head masks)."""
         cfg = self.config
         dtype, pdtype = _dtypes(cfg)
         norm = lambda name: RMSNorm(cfg.layer_norm_epsilon, dtype, pdtype, name=name)  # noqa: E731
@@ -311,16 +336,24 @@ class Block(nn.Module):
         if self.mode == "step":
             return self._step(x, mask, bias, enc_mask, cache, norm, self_attn, cross_attn)
 
+        past = cache
         h = norm("self_attention_norm")(x)
-        need_probs = self.output_attentions
-        a, probs = self_attn(h, h, mask, bias, self.deterministic, need_probs=need_probs)
+        self_past = None if past is None else (past["self_k"], past["self_v"])
+        a, probs, (k, v) = self_attn(h, h, mask, bias, self.deterministic, past=self_past,
+                                     head_mask=head_mask,
+                                     need_probs=self.output_attentions)  # fmt: skip
+        present = dict(self_k=k, self_v=v)
         x = x + drop(a)
         cross_probs = None
         if self.is_decoder:
             h = norm("cross_attention_norm")(x)
-            a, cross_probs = cross_attn(
-                h, enc, enc_mask, None, self.deterministic, need_probs=self.output_attentions
-            )
+            kv = None if past is None or "cross_k" not in past else (
+                past["cross_k"], past["cross_v"]
+            )  # fmt: skip
+            a, cross_probs, (ck, cv) = cross_attn(h, enc, enc_mask, None, self.deterministic,
+                                                  kv=kv, head_mask=cross_head_mask,
+                                                  need_probs=self.output_attentions)  # fmt: skip
+            present.update(cross_k=ck, cross_v=cv)
             x = x + drop(a)
         x = x + drop(self._mlp()(norm("mlp_norm")(x), deterministic=self.deterministic))
         x = nn.with_logical_constraint(x, _ACT)
@@ -328,6 +361,7 @@ class Block(nn.Module):
             x if self.output_hidden_states else None,
             probs if self.output_attentions else None,
             cross_probs if self.output_attentions else None,
+            present if self.use_cache else None,
         )
         return x, ys
 
@@ -363,14 +397,24 @@ class Stack(nn.Module):
     def __call__(
         self, x, attention_mask=None, enc=None, enc_mask=None, *, deterministic=True,
         output_hidden_states=False, output_attentions=False, mode="full", index=None, cache=None,
-        slot_rows=None,
+        slot_rows=None, past=None, use_cache=False, head_mask=None, cross_head_mask=None,
     ):  # fmt: skip
+        """`past`: the decoder's `past_key_values` in our layout (`self_k`, ... `[layers, b, P,
+        heads, d_kv]`, see `past_from_legacy`); `use_cache` returns the updated ones fifth;
+        `head_mask` / `cross_head_mask` as transformers takes them (`[heads]` or
+        `[layers, heads]`)."""
         cfg = self.config
         dtype, pdtype = _dtypes(cfg)
         n_layers = cfg.num_decoder_layers if self.is_decoder else cfg.num_layers
         relpos = RelativePositionBias(cfg, not self.is_decoder, name="relative_attention_bias")
         kw = dict(config=cfg, is_decoder=self.is_decoder, mode=mode, deterministic=deterministic)
-        cross_mask = None if enc_mask is None else (enc_mask[:, None, None, :] > 0)
+        cross_mask = None
+        if enc_mask is not None:
+            q_enc = enc_mask.shape[-2] if enc_mask.ndim > 2 else 1
+            cross_mask = key_mask_4d(enc_mask, enc_mask.shape[0], q_enc, enc_mask.shape[-1],
+                                     "encoder attention_mask")  # fmt: skip
+            # A 3D / 4D encoder mask: the decoder attends to the keys some encoder query sees.
+            cross_mask = jnp.any(cross_mask, axis=2, keepdims=True)
         if mode != "full":
             # Decoding: caches are layer-major `[layers, rows, heads, n, d_kv]`.
             scanned = nn.scan(
@@ -394,27 +438,115 @@ class Stack(nn.Module):
             )  # fmt: skip
             return RMSNorm(cfg.layer_norm_epsilon, dtype, pdtype, name="final_norm")(x), cache
 
-        length = x.shape[1]
-        if attention_mask is None:
-            attention_mask = jnp.ones(x.shape[:2], jnp.int32)
-        mask = Mask(attention_mask, causal=self.is_decoder)
-        cross_mask = None if enc_mask is None else Mask(enc_mask)
-        bias = relpos(jnp.arange(length), length)
+        batch, length = x.shape[:2]
+        past_len = 0 if past is None else past["self_k"].shape[2]
+        total = past_len + length
+        name = "decoder_attention_mask" if self.is_decoder else "attention_mask"
+        if past is None and (attention_mask is None or jnp.ndim(attention_mask) == 2):
+            # The structured mask: what the fused kernels take as segment ids / causal mode.
+            key = None if attention_mask is None else jnp.asarray(attention_mask)
+            if key is not None and key.shape != (batch, length):
+                key_mask_4d(key, batch, length, total, name)  # raises, naming the shape
+            mask = Mask(key, causal=self.is_decoder)
+        else:
+            mask = key_mask_4d(attention_mask, batch, length, total, name)
+            if self.is_decoder:
+                causal = jnp.arange(total)[None, :] <= jnp.arange(length)[:, None] + past_len
+                mask = mask & causal
+        bias = relpos(jnp.arange(past_len, total), total)
+        full_cross = cross_mask
+        if enc_mask is not None and jnp.ndim(enc_mask) == 2:
+            full_cross = Mask(jnp.asarray(enc_mask))  # structured, for the fused kernels
         x = emb = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-        kw.update(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
-        x, (hs, probs, cross) = scan_layers(
+        kw.update(output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                  use_cache=use_cache)  # fmt: skip
+        heads_ = layer_head_mask(head_mask, n_layers, cfg.num_heads, "head_mask")
+        cross_heads = layer_head_mask(
+            cross_head_mask, n_layers, cfg.num_heads, "cross_attn_head_mask"
+        )
+        x, (hs, probs, cross, present) = scan_layers(
             Block,
             n_layers,
             cfg.remat_policy,
             kw,
             name="layers",
-            in_axes=(nn.broadcast,) * 5,
+            in_axes=(nn.broadcast,) * 4 + (0, 0, 0),
             unroll=cfg.scan_unroll,
-        )(x, mask, bias, enc, cross_mask, None)
+        )(x, mask, bias, enc, full_cross, past, heads_, cross_heads)
         x = RMSNorm(cfg.layer_norm_epsilon, dtype, pdtype, name="final_norm")(x)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         hidden_states = (emb, *unstack(hs)[:-1], x) if output_hidden_states else None
+        if use_cache:
+            return x, hidden_states, unstack(probs), unstack(cross), present
         return x, hidden_states, unstack(probs), unstack(cross)
+
+
+def key_mask_4d(mask, batch: int, q: int, k: int, name: str) -> jax.Array:
+    """An HF attention mask -> boolean `[batch, 1, q or 1, k]` (True = attend).
+
+    `[batch, k]` 0/1 (None: all ones), or 3D / 4D masks `[batch, q, k]`, `[batch, 1, q, k]`,
+    0/1 or additive (0 / large negative, as transformers' 4D decoder masks; `keep_from_mask`).
+
+    Raises:
+      InputError: any other shape, naming it and the shapes expected.
+    """
+    if mask is None:
+        return jnp.ones((batch, 1, 1, k), bool)
+    m = jnp.asarray(mask)
+    if m.ndim == 2 and m.shape[1] == k:
+        return m[:, None, None, :] > 0
+    if m.ndim == 3 and m.shape[1:] in ((q, k), (1, k)):
+        return keep_from_mask(m[:, None])
+    if m.ndim == 4 and m.shape[1] == 1 and m.shape[2:] in ((q, k), (1, k)):
+        return keep_from_mask(m)
+    raise InputError(
+        f"{name} of shape {tuple(m.shape)} does not fit: expected [batch, {k}], "
+        f"[batch, {q}, {k}] or [batch, 1, {q}, {k}]"
+    )
+
+
+def layer_head_mask(head_mask, num_layers: int, num_heads: int, name: str):
+    """HF head mask `[heads]` or `[layers, heads]` (1 keep, 0 drop) -> `[layers, heads]` or None.
+
+    Raises:
+      InputError: another shape, naming it.
+    """
+    if head_mask is None:
+        return None
+    m = jnp.asarray(head_mask, jnp.float32)
+    if m.ndim == 1 and m.shape[0] == num_heads:
+        m = jnp.broadcast_to(m, (num_layers, num_heads))
+    if m.shape != (num_layers, num_heads):
+        raise InputError(
+            f"{name} must be [heads] or [layers, heads] = [{num_layers}, {num_heads}], "
+            f"got {tuple(m.shape)}"
+        )
+    return m
+
+
+def past_from_legacy(past_key_values, num_layers: int):
+    """transformers' legacy cache (per layer `(self_k, self_v[, cross_k, cross_v])`, each
+    `[b, heads, P, d_kv]`) -> a dict of `[layers, b, P, heads, d_kv]` arrays (None for None)."""
+    if past_key_values is None:
+        return None
+    if len(past_key_values) != num_layers:
+        raise InputError(
+            f"past_key_values has {len(past_key_values)} layers, the decoder {num_layers}"
+        )
+    names = ("self_k", "self_v", "cross_k", "cross_v")[: len(past_key_values[0])]
+    return {
+        name: jnp.stack([jnp.swapaxes(jnp.asarray(layer[i]), 1, 2) for layer in past_key_values])
+        for i, name in enumerate(names)
+    }
+
+
+def legacy_from_present(present) -> tuple:
+    """Stacked `[layers, b, n, heads, d_kv]` K/V dict -> transformers' legacy per-layer tuples."""
+    names = [n for n in ("self_k", "self_v", "cross_k", "cross_v") if n in present]
+    return tuple(
+        tuple(jnp.swapaxes(present[name][i], 1, 2) for name in names)
+        for i in range(present["self_k"].shape[0])
+    )
 
 
 def _shared(cfg: MT5Config) -> Embed:
@@ -435,14 +567,31 @@ class MT5EncoderModel(nn.Module):
     def __call__(
         self, input_ids=None, attention_mask=None, inputs_embeds=None,
         output_attentions: bool = False, output_hidden_states: bool = False,
-        deterministic: bool = True,
+        deterministic: bool = True, head_mask=None,
     ) -> outputs.BaseModelOutput:  # fmt: skip
-        x = self.shared(input_ids) if inputs_embeds is None else inputs_embeds
+        x = _embed(self.shared, input_ids, inputs_embeds, "input_ids")
         x, hs, probs, _ = self.encoder(
             x, attention_mask, deterministic=deterministic,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            head_mask=head_mask,
         )  # fmt: skip
         return outputs.BaseModelOutput(last_hidden_state=x, hidden_states=hs, attentions=probs)
+
+
+def _embed(shared, ids, embeds, name: str):
+    if (ids is None) == (embeds is None):
+        raise ValueError(f"pass exactly one of {name} and {name.replace('_ids', '')}_embeds")
+    return shared(ids) if embeds is None else jnp.asarray(embeds)
+
+
+def _encoder_states(encoder_outputs):
+    """`encoder_outputs` as transformers takes them (a tuple / output whose first entry is the
+    last hidden state, or that array) -> `[b, n, d_model]`."""
+    if hasattr(encoder_outputs, "last_hidden_state"):
+        return encoder_outputs.last_hidden_state
+    if isinstance(encoder_outputs, (tuple, list)):
+        return encoder_outputs[0]
+    return encoder_outputs
 
 
 class MT5Model(nn.Module):
@@ -450,6 +599,11 @@ class MT5Model(nn.Module):
 
     `input_ids` `[b, n]`, `decoder_input_ids` `[b, m]` -> `Seq2SeqModelOutput` with
     `last_hidden_state` `[b, m, d_model]` and `encoder_last_hidden_state` `[b, n, d_model]`.
+    As transformers: `encoder_outputs` (then the encoder does not run), `head_mask` /
+    `decoder_head_mask` / `cross_attn_head_mask` (`[heads]` or `[layers, heads]`), and
+    `past_key_values` (legacy per-layer `(self_k, self_v, cross_k, cross_v)`,
+    `[b, heads, P, d_kv]`; the decoder inputs are then the positions after P) with `use_cache`
+    returning the updated ones.
     """
 
     config: MT5Config
@@ -460,48 +614,58 @@ class MT5Model(nn.Module):
         self.decoder = Stack(self.config, is_decoder=True)
 
     def encode(self, input_ids, attention_mask=None, inputs_embeds=None, *, deterministic=True,
-               output_attentions=False, output_hidden_states=False):  # fmt: skip
+               output_attentions=False, output_hidden_states=False, head_mask=None):  # fmt: skip
         """`[b, n]` ids -> (`[b, n, d_model]`, hidden states, attentions)."""
-        x = self.shared(input_ids) if inputs_embeds is None else inputs_embeds
+        x = _embed(self.shared, input_ids, inputs_embeds, "input_ids")
         x, hs, probs, _ = self.encoder(
             x, attention_mask, deterministic=deterministic,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            head_mask=head_mask,
         )  # fmt: skip
         return x, hs, probs
 
     def decode(self, decoder_input_ids, enc, enc_mask, decoder_attention_mask=None,
                decoder_inputs_embeds=None, *, deterministic=True, output_attentions=False,
-               output_hidden_states=False):  # fmt: skip
+               output_hidden_states=False, past=None, use_cache=False, head_mask=None,
+               cross_head_mask=None):  # fmt: skip
         """`[b, m]` ids over encoder states `[b, n, d_model]` -> (`[b, m, d_model]`, hs, attn,
-        cross attn)."""
-        x = self.shared(decoder_input_ids) if decoder_inputs_embeds is None else (
-            decoder_inputs_embeds
-        )  # fmt: skip
+        cross attn[, present K/V when use_cache])."""
+        x = _embed(self.shared, decoder_input_ids, decoder_inputs_embeds, "decoder_input_ids")
         return self.decoder(
             x, decoder_attention_mask, enc, enc_mask, deterministic=deterministic,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            past=past, use_cache=use_cache, head_mask=head_mask, cross_head_mask=cross_head_mask,
         )  # fmt: skip
 
     def __call__(
         self, input_ids=None, attention_mask=None, decoder_input_ids=None,
         decoder_attention_mask=None, inputs_embeds=None, decoder_inputs_embeds=None,
         output_attentions: bool = False, output_hidden_states: bool = False,
-        deterministic: bool = True,
+        deterministic: bool = True, head_mask=None, decoder_head_mask=None,
+        cross_attn_head_mask=None, encoder_outputs=None, past_key_values=None,
+        use_cache: bool = False,
     ) -> outputs.Seq2SeqModelOutput:  # fmt: skip
-        if attention_mask is None:
-            shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
-            attention_mask = jnp.ones(shape, jnp.int32)
+        cfg = self.config
         flags = dict(deterministic=deterministic, output_attentions=output_attentions,
                      output_hidden_states=output_hidden_states)  # fmt: skip
-        enc, enc_hs, enc_attn = self.encode(input_ids, attention_mask, inputs_embeds, **flags)
-        x, hs, attn, cross = self.decode(
+        if encoder_outputs is not None:
+            enc, enc_hs, enc_attn = _encoder_states(encoder_outputs), None, None
+        else:
+            enc, enc_hs, enc_attn = self.encode(input_ids, attention_mask, inputs_embeds,
+                                                head_mask=head_mask, **flags)  # fmt: skip
+        if attention_mask is None:
+            attention_mask = jnp.ones(enc.shape[:2], jnp.int32)
+        past = past_from_legacy(past_key_values, cfg.num_decoder_layers)
+        x, hs, attn, cross, *present = self.decode(
             decoder_input_ids, enc, attention_mask, decoder_attention_mask, decoder_inputs_embeds,
-            **flags,
+            past=past, use_cache=use_cache, head_mask=decoder_head_mask,
+            cross_head_mask=cross_attn_head_mask, **flags,
         )  # fmt: skip
         return outputs.Seq2SeqModelOutput(
             last_hidden_state=x, decoder_hidden_states=hs, decoder_attentions=attn,
             cross_attentions=cross, encoder_last_hidden_state=enc, encoder_hidden_states=enc_hs,
             encoder_attentions=enc_attn,
+            past_key_values=legacy_from_present(present[0]) if use_cache else None,
         )  # fmt: skip
 
 
@@ -540,7 +704,9 @@ class MT5ForConditionalGeneration(nn.Module):
         self, input_ids=None, attention_mask=None, decoder_input_ids=None,
         decoder_attention_mask=None, inputs_embeds=None, decoder_inputs_embeds=None, labels=None,
         output_attentions: bool = False, output_hidden_states: bool = False,
-        deterministic: bool = True,
+        deterministic: bool = True, head_mask=None, decoder_head_mask=None,
+        cross_attn_head_mask=None, encoder_outputs=None, past_key_values=None,
+        use_cache: bool = False,
     ) -> outputs.Seq2SeqLMOutput:  # fmt: skip
         cfg = self.config
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
@@ -548,6 +714,8 @@ class MT5ForConditionalGeneration(nn.Module):
         out = self.model(
             input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, inputs_embeds,
             decoder_inputs_embeds, output_attentions, output_hidden_states, deterministic,
+            head_mask, decoder_head_mask, cross_attn_head_mask, encoder_outputs, past_key_values,
+            use_cache,
         )  # fmt: skip
         logits = self.logits(out.last_hidden_state)
         loss = None if labels is None else cross_entropy_with_ignore(logits, labels)
@@ -614,6 +782,7 @@ class MT5ForConditionalGeneration(nn.Module):
 
 def _seq2seq_fields(out: outputs.Seq2SeqModelOutput) -> dict[str, Any]:
     return dict(
+        past_key_values=out.past_key_values,
         decoder_hidden_states=out.decoder_hidden_states, decoder_attentions=out.decoder_attentions,
         cross_attentions=out.cross_attentions, encoder_last_hidden_state=(
             out.encoder_last_hidden_state),
@@ -622,15 +791,23 @@ def _seq2seq_fields(out: outputs.Seq2SeqModelOutput) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def _encoder_decoder(cfg: MT5Config, input_ids, attention_mask, decoder_input_ids,
-                     decoder_attention_mask, *flags) -> outputs.Seq2SeqModelOutput:  # fmt: skip
+def _encoder_decoder(
+    cfg: MT5Config, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, *flags,
+    **kw,
+) -> outputs.Seq2SeqModelOutput:  # fmt: skip
     """`MT5Model` (named `model`) in the caller's scope, decoder inputs defaulting to
     `input_ids` shifted right (transformers' rule for the classification and QA heads)."""
-    if decoder_input_ids is None:
+    if decoder_input_ids is None and kw.get("decoder_inputs_embeds") is None:
+        if input_ids is None:
+            raise ValueError(
+                "with inputs_embeds, pass decoder_input_ids or decoder_inputs_embeds (there are "
+                "no input_ids to shift right)"
+            )
         decoder_input_ids = shift_right(input_ids, cfg.decoder_start_token_id, cfg.pad_token_id)
     return MT5Model(cfg, name="model")(
-        input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, None, None, *flags
-    )
+        input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+        kw.pop("inputs_embeds", None), kw.pop("decoder_inputs_embeds", None), *flags, **kw,
+    )  # fmt: skip
 
 
 def _dense(cfg: MT5Config, features: int, axes, name: str) -> DenseGeneral:
@@ -653,12 +830,22 @@ class MT5ForSequenceClassification(nn.Module):
     def __call__(
         self, input_ids=None, attention_mask=None, decoder_input_ids=None,
         decoder_attention_mask=None, labels=None, output_attentions: bool = False,
-        output_hidden_states: bool = False, deterministic: bool = True,
+        output_hidden_states: bool = False, deterministic: bool = True, head_mask=None,
+        decoder_head_mask=None, cross_attn_head_mask=None, encoder_outputs=None,
+        inputs_embeds=None, decoder_inputs_embeds=None, use_cache: bool = False,
     ) -> outputs.Seq2SeqSequenceClassifierOutput:  # fmt: skip
         cfg = self.config
+        if input_ids is None:  # transformers too: the EOS positions come from the ids
+            raise NotImplementedError(
+                "MT5ForSequenceClassification needs input_ids (it pools at their last EOS); "
+                "inputs_embeds alone are not supported, as in transformers"
+            )
         out = _encoder_decoder(
             cfg, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
-            output_attentions, output_hidden_states, deterministic,
+            output_attentions, output_hidden_states, deterministic, head_mask=head_mask,
+            decoder_head_mask=decoder_head_mask, cross_attn_head_mask=cross_attn_head_mask,
+            encoder_outputs=encoder_outputs, inputs_embeds=inputs_embeds,
+            decoder_inputs_embeds=decoder_inputs_embeds, use_cache=use_cache,
         )  # fmt: skip
         n = input_ids.shape[1]
         last_eos = n - 1 - jnp.argmax((input_ids == cfg.eos_token_id)[:, ::-1], axis=1)
@@ -688,17 +875,19 @@ class MT5ForTokenClassification(nn.Module):
     def __call__(
         self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
         output_attentions: bool = False, output_hidden_states: bool = False,
-        deterministic: bool = True,
+        deterministic: bool = True, head_mask=None,
     ) -> outputs.TokenClassifierOutput:  # fmt: skip
         cfg = self.config
         out = MT5EncoderModel(cfg, name="model")(
             input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states,
-            deterministic,
+            deterministic, head_mask,
         )  # fmt: skip
         x = nn.Dropout(cfg.classifier_dropout)(out.last_hidden_state, deterministic=deterministic)
         logits = _dense(cfg, cfg.num_labels, ("embed", "classes"), "classifier")(x)
         logits = logits.astype(jnp.float32)
-        loss = None if labels is None else token_classification_loss(logits, labels)
+        loss = None
+        if labels is not None:
+            loss = token_classification_loss(logits, heads.token_labels(labels, logits))
         return outputs.TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
         )
@@ -718,12 +907,17 @@ class MT5ForQuestionAnswering(nn.Module):
         self, input_ids=None, attention_mask=None, decoder_input_ids=None,
         decoder_attention_mask=None, start_positions=None, end_positions=None,
         output_attentions: bool = False, output_hidden_states: bool = False,
-        deterministic: bool = True,
+        deterministic: bool = True, head_mask=None, decoder_head_mask=None,
+        cross_attn_head_mask=None, encoder_outputs=None, inputs_embeds=None,
+        decoder_inputs_embeds=None, use_cache: bool = False,
     ) -> outputs.Seq2SeqQuestionAnsweringModelOutput:  # fmt: skip
         cfg = self.config
         out = _encoder_decoder(
             cfg, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
-            output_attentions, output_hidden_states, deterministic,
+            output_attentions, output_hidden_states, deterministic, head_mask=head_mask,
+            decoder_head_mask=decoder_head_mask, cross_attn_head_mask=cross_attn_head_mask,
+            encoder_outputs=encoder_outputs, inputs_embeds=inputs_embeds,
+            decoder_inputs_embeds=decoder_inputs_embeds, use_cache=use_cache,
         )  # fmt: skip
         # transformers' qa_outputs has num_labels outputs; start and end are the first two.
         start, end = heads.span_logits(

@@ -34,10 +34,13 @@ def _output(name: str, fields: str, doc: str | None = None) -> type:
 
 
 BaseModelOutput = _output(
-    "BaseModelOutput", f"last_hidden_state pooler_output {_HIDDEN} past_key_values"
+    "BaseModelOutput",
+    f"last_hidden_state pooler_output {_HIDDEN} past_key_values cross_attentions",
 )
 MaskedLMOutput = _output("MaskedLMOutput", f"loss logits {_HIDDEN}")
-CausalLMOutput = _output("CausalLMOutput", f"loss logits {_HIDDEN} past_key_values")
+CausalLMOutput = _output(
+    "CausalLMOutput", f"loss logits {_HIDDEN} past_key_values cross_attentions"
+)
 SequenceClassifierOutput = _output("SequenceClassifierOutput", f"loss logits {_HIDDEN}")
 TokenClassifierOutput = SequenceClassifierOutput
 MultipleChoiceModelOutput = SequenceClassifierOutput

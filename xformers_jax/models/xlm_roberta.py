@@ -30,6 +30,7 @@ from xformers_jax.models import heads, outputs
 from xformers_jax.models.base import (
     FamilyConfig,
     InputError,
+    keep_from_mask,
     scan_layers,
     unstack,
 )
@@ -64,6 +65,8 @@ class XLMRobertaConfig(FamilyConfig):
     position_embedding_type: str = "absolute"
     classifier_dropout: float | None = None
     is_decoder: bool = False
+    add_cross_attention: bool = False
+    use_cache: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -80,6 +83,8 @@ class XLMRobertaConfig(FamilyConfig):
                 f"{self.num_attention_heads}"
             )
         get_activation(self.hidden_act)
+        if self.add_cross_attention and not self.is_decoder:
+            raise ValueError("add_cross_attention=True needs is_decoder=True (as in transformers)")
 
     @property
     def pre_ln(self) -> bool:
@@ -95,7 +100,6 @@ class XLMRobertaConfig(FamilyConfig):
 
     def _to_hf(self, d: dict[str, Any]) -> None:
         d["layer_norm_eps"] = float(self.layer_norm_eps)
-        d["use_cache"] = True
 
 
 # transformers' config-class defaults, which a hand-written config.json relies on.
@@ -199,22 +203,29 @@ class Embeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with absolute or BERT-style relative (key / key-query) scores.
+    """Multi-head attention with absolute or BERT-style relative (key / key-query) scores.
 
-    `[batch, length, embed] -> [batch, length, embed]`, plus `[batch, heads, q, k]` probs.
+    `[batch, length, embed] -> [batch, length, embed]`, plus `[batch, heads, q, k]` probs and the
+    keys / values attended to (`[batch, k, heads, head_dim]` each, for caches).
 
-    Decoding: with `cache` (`k`, `v` `[batch, max_length, heads, head_dim]`) the queries sit at
-    positions `index ..` of the sequence; their K/V are written there, attention runs over every
-    cache slot (`mask` `[batch, 1, length, max_length]` hides the unwritten ones) and the updated
-    cache is returned third.
+    `cross`: cross-attention (transformers' `crossattention`): keys and values from `kv_x` (the
+    encoder's states) or, precomputed, from `kv`; positions always absolute, as in transformers.
+
+    Self-attention caches: with `cache` (`k`, `v` `[batch, max_length, heads, head_dim]`, the
+    fixed-size decoding cache) the queries sit at positions `index ..`; their K/V are written
+    there and attention runs over every slot (`mask` hides the unwritten ones). With `past`
+    (`k`, `v` `[batch, P, heads, head_dim]`, a forward call's `past_key_values`) the new K/V are
+    appended after the P cached positions.
     """
 
     config: XLMRobertaConfig
     deterministic: bool = True
     output_attentions: bool = False
+    cross: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, head_mask=None, index=None, cache=None):
+    def __call__(self, x, mask, head_mask=None, index=None, cache=None, past=None, kv_x=None,
+                 kv=None):  # fmt: skip
         cfg = self.config
         dtype, pdtype = cfg.dtype, cfg.param_dtype
         init = nn.initializers.normal(cfg.initializer_range)
@@ -223,10 +234,15 @@ class SelfAttention(nn.Module):
             (heads, hd), ("embed", "heads", "kv"), dtype=dtype, param_dtype=pdtype,
             kernel_init=init, name=name,
         )  # fmt: skip
-        q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
-        q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_kv"))
-        k = nn.with_logical_constraint(k, ("act_batch", "act_length", "act_heads", "act_kv"))
-        v = nn.with_logical_constraint(v, ("act_batch", "act_length", "act_heads", "act_kv"))
+        constrain = lambda t: nn.with_logical_constraint(t, _ACT_HEADS)  # noqa: E731
+        q = constrain(proj("query")(x))
+        if kv is not None:
+            k, v = kv
+            if self.is_initializing():  # create the projections' params all the same
+                proj("key")(x), proj("value")(x)
+        else:
+            src = kv_x if self.cross else x
+            k, v = constrain(proj("key")(src)), constrain(proj("value")(src))
         q_pos = jnp.arange(x.shape[1])
         if cache is not None:
             # Fixed-size cache: shapes never change while decoding, so one step compiles once.
@@ -235,9 +251,13 @@ class SelfAttention(nn.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(dt), index, 1)
             # Relative distances are between sequence slots (HF: `key_length - 1` for the query).
             q_pos = q_pos + index
+        elif past is not None:
+            q_pos = q_pos + past["k"].shape[1]
+            k = jnp.concatenate([past["k"].astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([past["v"].astype(v.dtype), v], axis=1)
 
         bias = None
-        if cfg.position_embedding_type != "absolute":
+        if cfg.position_embedding_type != "absolute" and not self.cross:
             n = cfg.max_position_embeddings
             dist = q_pos[:, None] - jnp.arange(k.shape[1])[None, :] + (n - 1)
             table = Embed(2 * n - 1, hd, ("relpos", "kv"), dtype, pdtype, init,
@@ -260,52 +280,77 @@ class SelfAttention(nn.Module):
             cfg.hidden_size, ("heads", "kv", "embed"), axis=(-2, -1), dtype=dtype,
             param_dtype=pdtype, kernel_init=init, name="out",
         )(out)  # fmt: skip
-        if cache is not None:
-            return out, probs, dict(k=k, v=v)
-        return out, probs
+        return out, probs, (k, v)
+
+
+_ACT_HEADS = ("act_batch", "act_length", "act_heads", "act_kv")
 
 
 class Layer(nn.Module):
     """One transformer block, pre-LN (XL) or post-LN (XLM-R); scanned over `layers`.
 
-    Call signature fits `nn.scan`: `(x, (mask, head_mask)) -> (x, (x, probs))`; when decoding,
-    `(x, (mask, head_mask, index, cache)) -> (x, cache)` (see `SelfAttention`).
+    Call signature fits `nn.scan`: `(x, mask, head_mask, enc, enc_mask, index, cache, past) ->
+    (x, (x, probs, cross probs, present))`, `present` this layer's `past_key_values` entry
+    (`k`, `v` and with cross-attention `cross_k`, `cross_v`, `[batch, k, heads, head_dim]`) when
+    `use_cache`. Decoding (`cache` given, the same keys at a fixed size, see `SelfAttention`)
+    returns `(x, cache)`. With `config.add_cross_attention` and encoder states `enc` (or their
+    cached K/V) a cross-attention sub-block follows the self-attention.
     """
 
     config: XLMRobertaConfig
     deterministic: bool = True
     output_hidden_states: bool = False
     output_attentions: bool = False
+    use_cache: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, head_mask, index=None, cache=None):
+    def __call__(self, x, mask, head_mask, enc=None, enc_mask=None, index=None, cache=None,
+                 past=None):  # fmt: skip
         cfg = self.config
         dtype, pdtype = cfg.dtype, cfg.param_dtype
-        norm = lambda name: LayerNorm(
+        norm = lambda name: LayerNorm(  # noqa: E731
             cfg.layer_norm_eps, dtype=dtype, param_dtype=pdtype, name=name
-        )  # noqa: E731
+        )
         drop = lambda h: nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=self.deterministic)  # noqa: E731
         attn = SelfAttention(cfg, self.deterministic, self.output_attentions, name="attention")
         mlp = MLP(
             cfg.intermediate_size, cfg.hidden_act, dtype=dtype, param_dtype=pdtype,
             kernel_init=nn.initializers.normal(cfg.initializer_range), name="mlp",
         )  # fmt: skip
-        new_cache = None
+        self_cache = None if cache is None else dict(k=cache["k"], v=cache["v"])
+        self_past = None if past is None else dict(k=past["k"], v=past["v"])
         x = residual(x)
+        h = norm("attention_norm")(x) if cfg.pre_ln else x
+        a, probs, (k, v) = attn(h, mask, head_mask, index, self_cache, self_past)
+        x = residual(x + drop(a)) if cfg.pre_ln else residual(norm("attention_norm")(x + drop(a)))
+        present = dict(k=k, v=v)
+        cross_probs = None
+        cached = cache if cache is not None else past
+        kv = None
+        if cached is not None and "cross_k" in cached:  # the encoder's K/V, computed once
+            kv = (cached["cross_k"], cached["cross_v"])
+        if cfg.add_cross_attention and enc is None and kv is None and self.is_initializing():
+            enc = x  # init without encoder states: the cross-attention's params all the same
+        if cfg.add_cross_attention and (enc is not None or kv is not None):
+            cross = SelfAttention(
+                cfg, self.deterministic, self.output_attentions, cross=True, name="crossattention"
+            )
+            h = norm("crossattention_norm")(x) if cfg.pre_ln else x
+            c, cross_probs, (ck, cv) = cross(h, enc_mask, head_mask, kv_x=enc, kv=kv)
+            x = x + drop(c) if cfg.pre_ln else norm("crossattention_norm")(x + drop(c))
+            present.update(cross_k=ck, cross_v=cv)
         if cfg.pre_ln:
-            a, probs, *new_cache = attn(norm("attention_norm")(x), mask, head_mask, index, cache)
-            x = residual(x + drop(a))
             x = x + drop(mlp(norm("mlp_norm")(x)))
         else:
-            a, probs, *new_cache = attn(x, mask, head_mask, index, cache)
-            x = residual(norm("attention_norm")(x + drop(a)))
             x = norm("mlp_norm")(x + drop(mlp(x)))
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
         if cache is not None:
-            return x, new_cache[0]
+            return x, present
         ys = (
             x if self.output_hidden_states else None,
             probs if self.output_attentions else None,
+            cross_probs if self.output_attentions else None,
+            present if self.use_cache else None,
         )
         return x, ys
 
@@ -317,9 +362,18 @@ class XLMRobertaModel(nn.Module):
     `[batch, length, hidden]`, `pooler_output` `[batch, hidden]` (when `add_pooling_layer`),
     and per-layer `hidden_states` / `attentions` tuples when asked.
 
-    Decoding (`cache` given, `k`/`v` `[batch, layers, max_length, heads, head_dim]`): `input_ids`
-    `[batch, n]` sit at sequence slots `cache_index ..`, `attention_mask` is the key mask over all
-    `max_length` slots, `position_ids` must be given; `past_key_values` is the updated cache.
+    As a decoder (`config.is_decoder`, with `config.add_cross_attention`):
+    `encoder_hidden_states` `[batch, n, hidden]` and `encoder_attention_mask` `[batch, n]` feed
+    the cross-attention (`cross_attentions` per layer when `output_attentions`);
+    `past_key_values` (transformers' legacy layout: per layer `(k, v)` or `(k, v, cross_k,
+    cross_v)`, each `[batch, heads, P, head_dim]`) holds the P positions before `input_ids`
+    (`attention_mask` then covers all `P + length` positions); `use_cache` returns the updated
+    `past_key_values`.
+
+    Decoding (`cache` given, `k`/`v` `[batch, layers, max_length, heads, head_dim]`, cross K/V
+    `cross_k`/`cross_v` `[batch, layers, n, heads, head_dim]`): `input_ids` `[batch, n]` sit at
+    sequence slots `cache_index ..`, `attention_mask` is the key mask over all `max_length`
+    slots, `position_ids` must be given; `past_key_values` is the updated cache.
     """
 
     config: XLMRobertaConfig
@@ -339,39 +393,67 @@ class XLMRobertaModel(nn.Module):
         deterministic: bool = True,
         cache=None,
         cache_index=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        past_key_values=None,
+        use_cache: bool = False,
     ) -> outputs.BaseModelOutput:
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if (encoder_hidden_states is not None or past_key_values is not None) and not (
+            cfg.is_decoder
+        ):
+            raise ValueError("encoder_hidden_states / past_key_values need config.is_decoder=True")
+        if encoder_hidden_states is not None and not cfg.add_cross_attention:
+            raise ValueError(
+                "encoder_hidden_states given, but the model has no cross-attention layers "
+                "(config.add_cross_attention=False)"
+            )
+        enc_mask = _encoder_mask(encoder_hidden_states, encoder_attention_mask)
         if cache is not None:
-            return self._decode(input_ids, attention_mask, position_ids, cache, cache_index)
+            return self._decode(input_ids, attention_mask, position_ids, cache, cache_index,
+                                encoder_hidden_states, enc_mask)  # fmt: skip
         shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
         batch, length = shape
+        past = _past_from_legacy(past_key_values, cfg)
+        past_len = 0 if past is None else past["k"].shape[2]
         if position_ids is None:
             if input_ids is not None:
-                position_ids = position_ids_from_input_ids(input_ids, cfg.pad_token_id)
+                position_ids = position_ids_from_input_ids(input_ids, cfg.pad_token_id, past_len)
             else:  # no ids to find padding from: count up from padding_idx + 1 as HF does
                 position_ids = jnp.broadcast_to(
-                    jnp.arange(length) + cfg.pad_token_id + 1, (batch, length)
+                    jnp.arange(past_len, past_len + length) + cfg.pad_token_id + 1,
+                    (batch, length),
                 )
-        if cfg.position_embedding_type == "absolute" and length + cfg.pad_token_id >= (
+        if cfg.position_embedding_type == "absolute" and past_len + length + cfg.pad_token_id >= (
             cfg.max_position_embeddings
         ):
             raise InputError(
-                f"sequence length {length} exceeds the position table: at most "
+                f"sequence length {past_len + length} exceeds the position table: at most "
                 f"{cfg.max_position_embeddings - cfg.pad_token_id - 1} tokens"
             )
         if token_type_ids is None:
             token_type_ids = jnp.zeros(shape, jnp.int32)
-        if attention_mask is None:
-            attention_mask = jnp.ones(shape, jnp.int32)
-        mask = Mask(attention_mask, causal=cfg.is_decoder)
+        if past_len == 0 and (attention_mask is None or jnp.ndim(attention_mask) == 2):
+            # The structured mask: what the fused kernels take as segment ids / causal mode.
+            if attention_mask is None:
+                attention_mask = jnp.ones(shape, jnp.int32)
+            attention_4d(attention_mask, (batch, length, length), "attention_mask")  # checks
+            mask = Mask(jnp.asarray(attention_mask), causal=cfg.is_decoder)
+        else:
+            mask = attention_4d(
+                attention_mask, (batch, length, past_len + length), "attention_mask"
+            )
+            if cfg.is_decoder:
+                mask = mask & causal_mask(length, past_len + length, past_len)
 
         x = emb = Embeddings(cfg, deterministic, name="embeddings")(
             input_ids, token_type_ids, position_ids, inputs_embeds
         )
         layer_head_mask = _layer_head_mask(head_mask, cfg)
-        x, (hs, probs) = scan_layers(
+        use_cache = bool(use_cache) and cfg.is_decoder
+        x, (hs, probs, cross, present) = scan_layers(
             Layer,
             cfg.num_hidden_layers,
             cfg.remat_policy,
@@ -380,10 +462,12 @@ class XLMRobertaModel(nn.Module):
                 deterministic=deterministic,
                 output_hidden_states=output_hidden_states,
                 output_attentions=output_attentions,
+                use_cache=use_cache,
             ),
             name="layers",
+            in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
             unroll=cfg.scan_unroll,
-        )(x, mask, layer_head_mask)
+        )(x, mask, layer_head_mask, encoder_hidden_states, enc_mask, None, None, past)
         if cfg.pre_ln:
             dtype, pdtype = cfg.dtype, cfg.param_dtype
             x = LayerNorm(cfg.layer_norm_eps, dtype=dtype, param_dtype=pdtype, name="final_norm")(x)
@@ -399,10 +483,12 @@ class XLMRobertaModel(nn.Module):
             pooler_output=pooled,
             hidden_states=hidden_states,
             attentions=unstack(probs),
+            cross_attentions=unstack(cross) if encoder_hidden_states is not None else None,
+            past_key_values=_legacy_from_present(present) if use_cache else None,
         )
 
     @nn.nowrap
-    def _decode(self, input_ids, attention_mask, position_ids, cache, index):
+    def _decode(self, input_ids, attention_mask, position_ids, cache, index, enc, enc_mask):
         """The cached path of `__call__` (called from inside it, so submodule names are shared)."""
         cfg = self.config
         n, max_length = input_ids.shape[1], cache["k"].shape[2]
@@ -414,13 +500,83 @@ class XLMRobertaModel(nn.Module):
         # Caches are batch-major `[b, layers, ...]` so that beam search reorders them on axis 0.
         x, cache = nn.scan(
             Layer, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 1), out_axes=1,
+            in_axes=(nn.broadcast,) * 5 + (1,), out_axes=1,
             length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"},
-        )(config=cfg, name="layers")(x, mask, None, index, cache)  # fmt: skip
+        )(config=cfg, name="layers")(x, mask, None, enc, enc_mask, index, cache)  # fmt: skip
         if cfg.pre_ln:
             dtype, pdtype = cfg.dtype, cfg.param_dtype
             x = LayerNorm(cfg.layer_norm_eps, dtype=dtype, param_dtype=pdtype, name="final_norm")(x)
         return outputs.BaseModelOutput(last_hidden_state=x, past_key_values=cache)
+
+
+def attention_4d(attention_mask, shape: tuple[int, int, int], name: str) -> jax.Array:
+    """An HF attention mask -> boolean `[batch, 1, q, k]` (True = attend).
+
+    Accepts `[batch, k]` (1 = token, 0 = padding; None: all ones), and `[batch, q, k]` /
+    `[batch, 1, q, k]` masks, 0/1 or additive (0 / large negative; see `keep_from_mask`).
+
+    Raises:
+      InputError: any other shape, naming it and the shapes expected.
+    """
+    batch, q, k = shape
+    if attention_mask is None:
+        return jnp.ones((batch, 1, q, k), bool)
+    m = jnp.asarray(attention_mask)
+    if m.ndim == 2 and m.shape[1] == k:
+        return padding_mask(jnp.ones((batch, q), jnp.int32), m)
+    if m.ndim == 3 and m.shape[1:] == (q, k):
+        return keep_from_mask(m[:, None])
+    if m.ndim == 4 and m.shape[1] == 1 and m.shape[2:] == (q, k):
+        return keep_from_mask(m)
+    raise InputError(
+        f"{name} of shape {tuple(m.shape)} does not fit: expected [batch, {k}], "
+        f"[batch, {q}, {k}] or [batch, 1, {q}, {k}]"
+    )
+
+
+def _encoder_mask(encoder_hidden_states, encoder_attention_mask):
+    """`[batch, n]` encoder mask -> `[batch, 1, 1, n]` bool (all ones when None)."""
+    if encoder_hidden_states is None:
+        return None if encoder_attention_mask is None else (
+            jnp.asarray(encoder_attention_mask)[:, None, None, :] > 0
+        )  # fmt: skip
+    b, n = encoder_hidden_states.shape[:2]
+    if encoder_attention_mask is None:
+        return jnp.ones((b, 1, 1, n), bool)
+    m = jnp.asarray(encoder_attention_mask)
+    if m.ndim == 2 and m.shape == (b, n):
+        return m[:, None, None, :] > 0
+    if m.ndim == 4 and m.shape[-1] == n:
+        return m > 0
+    raise InputError(
+        f"encoder_attention_mask of shape {tuple(m.shape)} does not fit encoder_hidden_states "
+        f"{tuple(encoder_hidden_states.shape)}: expected [{b}, {n}]"
+    )
+
+
+def _past_from_legacy(past_key_values, cfg: XLMRobertaConfig):
+    """transformers' legacy cache (per layer `(k, v[, cross_k, cross_v])`, `[b, heads, P, d]`)
+    -> our scanned layout: a dict of `[layers, b, P, heads, d]` arrays (None when None)."""
+    if past_key_values is None:
+        return None
+    if len(past_key_values) != cfg.num_hidden_layers:
+        raise InputError(
+            f"past_key_values has {len(past_key_values)} layers, the model {cfg.num_hidden_layers}"
+        )
+    names = ("k", "v", "cross_k", "cross_v")[: len(past_key_values[0])]
+    return {
+        name: jnp.stack([jnp.swapaxes(layer[i], 1, 2) for layer in past_key_values])
+        for i, name in enumerate(names)
+    }
+
+
+def _legacy_from_present(present) -> tuple:
+    """Stacked `[layers, b, k, heads, d]` K/V dict -> transformers' legacy per-layer tuples."""
+    names = [n for n in ("k", "v", "cross_k", "cross_v") if n in present]
+    n_layers = present["k"].shape[0]
+    return tuple(
+        tuple(jnp.swapaxes(present[name][i], 1, 2) for name in names) for i in range(n_layers)
+    )
 
 
 def _layer_head_mask(head_mask, cfg: XLMRobertaConfig):
@@ -486,11 +642,15 @@ class XLMRobertaForMaskedLM(nn.Module):
         deterministic: bool = True,
         masked_positions=None,
         vocab_chunk_size: int = 0,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
     ) -> outputs.MaskedLMOutput | outputs.ChunkedLMOutput:
         base = XLMRobertaModel(self.config, add_pooling_layer=False, name="model")
         out = base(
             input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
             output_attentions, output_hidden_states, deterministic,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
         )  # fmt: skip
         head = heads.LMHead(self.config, exact_gelu, name="lm_head")
         return heads.masked_lm_output(

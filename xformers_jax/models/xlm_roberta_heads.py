@@ -37,11 +37,14 @@ class XLMRobertaForCausalLM(nn.Module):
     As in transformers, the mask is causal only when `config.is_decoder` (set it for LM use; a
     checkpoint's config.json carries it). Returns `CausalLMOutput` with `logits`
     `[batch, length, vocab]`; `labels` `[batch, length]` (unshifted, `-100` = ignore) give
-    HF's shifted mean cross-entropy.
+    HF's shifted mean cross-entropy. With `config.add_cross_attention` it is the decoder of an
+    encoder-decoder: `encoder_hidden_states` / `encoder_attention_mask` feed its
+    cross-attention; `past_key_values` / `use_cache` as in `XLMRobertaModel`.
 
     Generation (`xformers_jax.decoding`, through `init_decoding` / `decode_step`) uses a
-    fixed-size K/V cache (`cache` / `cache_index`, see `XLMRobertaModel`) and position ids as
-    transformers' `generate` makes them, which differ between the variants:
+    fixed-size K/V cache (`cache` / `cache_index`, see `XLMRobertaModel`; the cross-attention
+    K/V of `encoder_hidden_states` computed once) and position ids as transformers' `generate`
+    makes them, which differ between the variants:
 
     * XL: from the ids (`create_position_ids_from_input_ids`), so padding (and a generated pad
       token) keeps `padding_idx` and real tokens count up from `padding_idx + 1`;
@@ -50,40 +53,50 @@ class XLMRobertaForCausalLM(nn.Module):
     """
 
     config: XLMRobertaConfig
+    decoding_inputs = ("encoder_hidden_states", "encoder_attention_mask")
 
     @nn.compact
     def __call__(
         self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
         head_mask=None, inputs_embeds=None, labels=None, output_attentions: bool = False,
         output_hidden_states: bool = False, deterministic: bool = True, cache=None,
-        cache_index=None,
+        cache_index=None, encoder_hidden_states=None, encoder_attention_mask=None,
+        past_key_values=None, use_cache: bool = False,
     ) -> outputs.CausalLMOutput:  # fmt: skip
         base = XLMRobertaModel(self.config, add_pooling_layer=False, name="model")
         out = base(
             input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
             output_attentions, output_hidden_states, deterministic, cache=cache,
-            cache_index=cache_index,
+            cache_index=cache_index, encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask, past_key_values=past_key_values,
+            use_cache=use_cache,
         )  # fmt: skip
         head = heads.LMHead(self.config, exact_gelu, name="lm_head")
         logits = head(out.last_hidden_state, heads.word_embeddings(base))
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return outputs.CausalLMOutput(
             loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
-            past_key_values=out.past_key_values,
+            past_key_values=out.past_key_values, cross_attentions=out.cross_attentions,
         )  # fmt: skip
 
-    def init_decoding(self, input_ids, attention_mask, max_length: int) -> dict[str, Any]:
+    def init_decoding(
+        self, input_ids, attention_mask, max_length: int, encoder_hidden_states=None,
+        encoder_attention_mask=None,
+    ) -> dict[str, Any]:  # fmt: skip
         """Prefills the cache with the (left-padded) prompt.
 
         Args:
           input_ids / attention_mask: `[b, p]` prompt, padding on the left as transformers wants.
           max_length: sequence slots to cache (prompt included).
+          encoder_hidden_states / encoder_attention_mask: `[b, n, hidden]` / `[b, n]`, what the
+            cross-attention attends to (decoders with `config.add_cross_attention`).
 
         Returns:
-          Batch-major context: `cache` (`k`, `v` `[b, layers, max_length, heads, head_dim]`),
-          `attention_mask` `[b, max_length]` (prompt mask, then ones as transformers extends it)
-          and `count` `[b]`, the position counter before the last prompt token (which the first
-          `decode_step` runs again).
+          Batch-major context: `cache` (`k`, `v` `[b, layers, max_length, heads, head_dim]`;
+          `cross_k`, `cross_v` `[b, layers, n, heads, head_dim]` with encoder states),
+          `attention_mask` `[b, max_length]` (prompt mask, then ones as transformers extends it),
+          `count` `[b]`, the position counter before the last prompt token (which the first
+          `decode_step` runs again), and `encoder_attention_mask` with encoder states.
         """
         cfg = self.config
         b, p = input_ids.shape
@@ -97,9 +110,17 @@ class XLMRobertaForCausalLM(nn.Module):
             real = attention_mask.astype(jnp.int32)
             positions = jnp.where(real > 0, jnp.cumsum(real, axis=1) - 1, 1)
         out = self(input_ids, mask, position_ids=positions, cache=dict(k=zeros, v=zeros),
-                   cache_index=0)  # fmt: skip
+                   cache_index=0, encoder_hidden_states=encoder_hidden_states,
+                   encoder_attention_mask=encoder_attention_mask)  # fmt: skip
         count = jnp.sum(real[:, :-1], axis=1)
-        return dict(cache=out.past_key_values, attention_mask=mask, count=count)
+        context = dict(cache=out.past_key_values, attention_mask=mask, count=count)
+        if encoder_hidden_states is not None:
+            n = encoder_hidden_states.shape[1]
+            enc_mask = jnp.ones((b, n), jnp.int32) if encoder_attention_mask is None else (
+                jnp.asarray(encoder_attention_mask, jnp.int32)
+            )  # fmt: skip
+            context["encoder_attention_mask"] = enc_mask
+        return context
 
     def decode_step(self, tokens, index, context):
         """One position for every row.
@@ -121,9 +142,10 @@ class XLMRobertaForCausalLM(nn.Module):
             real = jax.lax.dynamic_index_in_dim(mask, index, 1, keepdims=False)
             positions = jnp.where(real > 0, count, 1)
         out = self(tokens[:, None], mask, position_ids=positions[:, None],
-                   cache=context["cache"], cache_index=index)  # fmt: skip
+                   cache=context["cache"], cache_index=index,
+                   encoder_attention_mask=context.get("encoder_attention_mask"))  # fmt: skip
         logits = out.logits[:, 0].astype(jnp.float32)
-        return logits, dict(cache=out.past_key_values, attention_mask=mask, count=count + real)
+        return logits, dict(context, cache=out.past_key_values, count=count + real)
 
 
 def _choice_logits(dense: heads.Dense, out, cfg: XLMRobertaConfig, deterministic: bool):

@@ -37,6 +37,7 @@ from xformers_jax.layers.attention import attention, resolve_kernel
 from xformers_jax.models import outputs
 from xformers_jax.models.base import (
     FamilyConfig,
+    check_key_mask,
     scan_layers,
 )
 
@@ -327,16 +328,16 @@ class RelativeAttention(nn.Module):
         return out, probs
 
     def _softmax(self, score, mask, head_mask):
-        """Scaled, masked softmax of float32 scores `[b, n, i, j]` -> (weights in `dtype`
-        after dropout and head mask, float32 probs)."""
+        """Scaled, masked softmax of float32 scores `[b, n, i, j]` -> (weights in `dtype`, the
+        same in float32: after dropout and head mask, as transformers returns them)."""
         score = score / np.sqrt(self.config.d_head)
         if mask is not None:
             score = score - _NEG * mask[:, None].astype(jnp.float32)
         probs = jax.nn.softmax(score, axis=-1)
-        p = self.drop(probs, deterministic=self.deterministic)
+        probs = self.drop(probs, deterministic=self.deterministic)
         if head_mask is not None:
-            p = p * head_mask[None, :, None, None]
-        return p.astype(self.config.dtype), probs
+            probs = probs * head_mask[None, :, None, None]
+        return probs.astype(self.config.dtype), probs
 
     def cached(self, x, n_new, cache, ctx, head_mask, shared_biases):
         """Both streams in one pass against a K/V cache (generation, `XLNetModel`'s `kv_cache`).
@@ -560,6 +561,8 @@ class XLNetModel(nn.Module):
         batch, qlen = word.shape[:2]
         mems = stack_mems(mems)
         mlen = 0 if mems is None else mems.shape[2]
+        check_key_mask(attention_mask, batch, qlen)
+        check_key_mask(input_mask, batch, qlen, "input_mask")
         if attention_mask is not None:
             input_mask = 1 - jnp.asarray(attention_mask)
         if mems_mask is not None:

@@ -463,7 +463,9 @@ class XLNetForTokenClassification(nn.Module):
         logits = _dense(cfg, cfg.num_labels, ("embed", "classes"), "classifier")(
             out.last_hidden_state
         )
-        loss = None if labels is None else token_classification_loss(logits, labels)
+        loss = None
+        if labels is not None:
+            loss = token_classification_loss(logits, heads.token_labels(labels, logits))
         return outputs.XLNetForTokenClassificationOutput(loss=loss, logits=logits,
                                                          **_extras(out))  # fmt: skip
 

@@ -39,6 +39,7 @@ from xformers_jax.models import heads, outputs
 from xformers_jax.models.base import (
     FamilyConfig,
     InputError,
+    check_key_mask,
     scan_layers,
     unstack,
 )
@@ -335,6 +336,7 @@ class YosoModel(nn.Module):
             position_ids = jnp.broadcast_to(jnp.arange(length) + POSITION_OFFSET, shape)
         if token_type_ids is None:
             token_type_ids = jnp.zeros(shape, jnp.int32)
+        check_key_mask(attention_mask, *shape)
         if attention_mask is None:
             attention_mask = jnp.ones(shape, jnp.int32)
         x = emb = Embeddings(cfg, deterministic, name="embeddings")(
