@@ -1,6 +1,9 @@
-"""The `xformers-jax` command line: train | eval | memory | compile | convert | export | bench.
+"""The `xformers-jax` command line: train | eval | prepare | memory | compile | convert | export |
+bench.
 
   xformers-jax train   --config configs/<family>/<job>.py:<preset> --workdir DIR [--config.K=V]
+  xformers-jax prepare --config configs/<family>/<job>.py:<preset> --out DIR [--shard-records N]
+                       [--config.K=V] [Beam options: --runner=DataflowRunner --project=P ...]
   xformers-jax eval    --config configs/<family>/<job>.py:<preset> --workdir DIR [--config.K=V]
   xformers-jax compile --config configs/<family>/<job>.py:<preset> --topology v5p-256
                        [--slices K] [--out FILE.json] [--config.K=V]
@@ -58,6 +61,25 @@ def _build_parser() -> argparse.ArgumentParser:
             "--config", required=True, metavar="FILE.py[:ARG]", help="config file and preset"
         )
         p.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints, logs, metrics")
+
+    p = sub.add_parser(
+        "prepare",
+        help="tokenise the config's corpus into ArrayRecord shards (Apache Beam)",
+        description="Reads the config's data (train_files / mixture / eval_files), tokenises it "
+        "with its tokenizer (trained first if it names none) and writes ArrayRecord shards, the "
+        "tokenizer and manifest.json into DIR (local or gs://), for --config.data.prepared_dir. "
+        "Other --options are Apache Beam pipeline options (default: the DirectRunner on every "
+        "core; e.g. --runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp).",
+    )
+    p.add_argument("--config", required=True, metavar="FILE.py[:ARG]", help="config and preset")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (or gs://)")
+    p.add_argument(
+        "--shard-records",
+        type=int,
+        default=65536,
+        metavar="N",
+        help="chunks per shard at most (a shard holds consecutive chunks of one file)",
+    )
 
     p = sub.add_parser(
         "memory",
@@ -170,11 +192,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
         else:
             bad.append(tok)
         i += 1
+    if bad and args.command == "prepare":
+        args.beam_args, bad = bad, []  # Apache Beam's pipeline options, passed through
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    if overrides and args.command not in ("train", "eval", "memory", "compile"):
+    if overrides and args.command not in ("train", "eval", "prepare", "memory", "compile"):
         parser.error(
-            f"config overrides are only accepted by train, eval, memory and compile: {overrides[0]}"
+            "config overrides are only accepted by train, eval, prepare, memory and compile: "
+            f"{overrides[0]}"
         )
     return args, overrides
 
@@ -245,6 +270,12 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         else:
             result = _impl("xformers_jax.train", "evaluate")(config, workdir)
         _print_result(result)
+    elif args.command == "prepare":
+        config = config_lib.load_config(args.config, overrides)
+        manifest = _impl("xformers_jax.data.prepare", "prepare")(
+            config, args.out, getattr(args, "beam_args", []), shard_records=args.shard_records
+        )
+        _print_result(_impl("xformers_jax.data.prepare", "summary")(manifest))
     elif args.command == "memory":
         config = config_lib.load_config(args.config, overrides)
         memory = importlib.import_module("xformers_jax.memory")

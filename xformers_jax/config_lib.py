@@ -91,7 +91,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.tokenizer = ""  # '' = train a sentencepiece model on the training data.
     c.data.vocab_size = 8000
     c.data.mask_prob = 0.15
-    c.data.num_workers = 0
+    c.data.num_workers = 0  # grain worker processes tokenising / making examples (0 = threads)
+    c.data.text_field = "text"  # the text of a .jsonl record / .parquet column
+    c.data.prepared_dir = ""  # '' = read data.train_files; else `xformers-jax prepare`'s --out
+    c.data.mixture = None  # {name: {"files": [...], "weight": w}}: sources sampled together
+    c.data.mixture_alpha = 0.3  # source weight ~ token share ** alpha (when no "weight")
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"

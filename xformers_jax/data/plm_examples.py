@@ -108,18 +108,24 @@ def plm_example(
     )
 
 
+def plm_one(x: np.ndarray, rng: np.random.Generator, *, others, **kw) -> dict[str, np.ndarray]:
+    """A chunk of raw ids -> one example: cut into A and B, B replaced half of the time by the
+    start of a random chunk of `others` (anything with `len` and `[i]`)."""
+    cut = int(rng.integers(1, len(x) - 1))
+    a, b = x[:cut], x[cut:]
+    if rng.random() < 0.5:  # B not A's continuation
+        row = others[int(rng.integers(0, len(others)))]
+        b = row[: len(b)]
+    return plm_example(a, b, rng, **kw)
+
+
 def _make_row(
     chunk: np.ndarray, rng: np.random.Generator, *, others: np.ndarray, bi_data: bool, **kw
 ) -> dict[str, np.ndarray]:
     """A chunk of raw ids -> one example (two stacked, forward then reversed, with bi_data)."""
 
     def one(x):
-        cut = int(rng.integers(1, len(x) - 1))
-        a, b = x[:cut], x[cut:]
-        if rng.random() < 0.5:  # B not A's continuation
-            row = others[int(rng.integers(0, len(others)))]
-            b = row[: len(b)]
-        return plm_example(a, b, rng, **kw)
+        return plm_one(x, rng, others=others, **kw)
 
     if not bi_data:
         return one(chunk)

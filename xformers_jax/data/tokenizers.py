@@ -14,7 +14,8 @@ import os
 from collections.abc import Callable, Sequence
 
 from xformers_jax import config_lib
-from xformers_jax.data.corpus import default_corpus, read_lines
+from xformers_jax.data.corpus import default_corpus
+from xformers_jax.data.sources import expand_files, iter_corpus
 
 
 def train_files(config, workdir: str) -> list[str]:
@@ -33,8 +34,10 @@ def eval_files(config, workdir: str) -> list[str]:
     return [default_corpus(os.path.join(workdir, "corpus"))[1]]
 
 
-def _corpus_lines(config, workdir: str) -> list[str]:
-    return [line for f in train_files(config, workdir) for line in read_lines(f)]
+def _corpus_lines(config, workdir: str):
+    """The training texts, streamed (tokenizer training samples `input_sentence_size` of them)."""
+    files = expand_files(train_files(config, workdir))
+    return iter_corpus(files, config.data.get("text_field", "text"))
 
 
 def _sentencepiece(path: str, convention: str = "native"):

@@ -103,6 +103,60 @@ def corpus_datasets(config, workdir: str, make: Callable[..., Any], **kwargs):
     return datasets(config, make, train, evaluation, **kwargs)
 
 
+def prepared_tokenizer(config):
+    """The tokenizer saved with `data.prepared_dir`'s shards (None without one, or when
+    `data.tokenizer` names the tokenizer)."""
+    if not config.data.get("prepared_dir") or config.data.tokenizer:
+        return None
+    from xformers_jax.data.prepared import Prepared
+
+    return Prepared.open(config.data.prepared_dir).tokenizer()
+
+
+def prepared_data(config, tokenizer, objective: str, **kwargs):
+    """`(train_data, eval_data)` from `data.prepared_dir` for `objective` (`mlm`, `plm`,
+    `span_corruption`); `kwargs`: the objective's example options."""
+    import functools
+
+    from xformers_jax.data import prepared
+    from xformers_jax.data.prepare import layout
+
+    host_batch_size(config)  # the batch must split over the hosts
+    d = config.data
+    chunk_len = layout(config, tokenizer)["chunk_len"]
+    if objective == "mlm":
+        make_row = functools.partial(
+            prepared.mlm_row,
+            seq_len=d.seq_len,
+            bos_id=tokenizer.bos_id,
+            pad_id=tokenizer.pad_id,
+            mask_token_id=tokenizer.mask_id,
+            vocab_size=tokenizer.vocab_size,
+            special_ids=tokenizer.special_ids,
+            mask_prob=d.mask_prob,
+        )
+    elif objective == "plm":
+        make_row = functools.partial(
+            prepared.plm_row, sep_id=tokenizer.sep_token_id, cls_id=tokenizer.cls_token_id, **kwargs
+        )
+    else:
+        from xformers_jax.data.span_corruption_examples import random_spans_helper
+
+        _, targets_length = random_spans_helper(
+            d.seq_len, kwargs["noise_density"], kwargs["mean_noise_span_length"]
+        )
+        make_row = functools.partial(
+            prepared.span_row,
+            inputs_length=d.seq_len,
+            targets_length=targets_length,
+            pad_id=tokenizer.pad_id,
+            eos_id=tokenizer.eos_id,
+            **kwargs,
+        )
+    _, data = prepared.prepared_datasets(config, make_row, chunk_len, streams=objective == "plm")
+    return data
+
+
 def zeros_batch(batch_size: int, **fields: tuple[tuple[int, ...], Any]) -> dict[str, np.ndarray]:
     """An init batch of zeros: `name=(per-example shape, dtype)` -> `[batch_size, *shape]`."""
     return {k: np.zeros((batch_size, *shape), dtype) for k, (shape, dtype) in fields.items()}
