@@ -192,3 +192,25 @@ def test_iterator_state_is_small_json(native_tokenizer, text_files):
     for _ in itertools.islice(it, 2):
         pass
     assert json.loads(json.dumps(it.get_state())) == it.get_state()
+
+
+def test_no_eval_files_is_a_holdout_not_the_training_files(tmp_path, native_tokenizer):
+    from xformers_jax.data import chatterbot_texts
+    from xformers_jax.data.sources import is_holdout
+
+    path = tmp_path / "c.txt"
+    texts = chatterbot_texts(["english"])
+    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    kw = dict(seq_len=64, batch_size=4, seed=0)
+    ev = mlm_dataset([str(path)], native_tokenizer, train=False, holdout="eval", **kw)
+    tok = native_tokenizer
+    held = {tuple(tok.encode(t, add_special_tokens=False)[:62]) for t in texts if is_holdout(t)}
+    segments = []
+    for b in ev:
+        for row in np.where(b["labels"] != -100, b["labels"], b["input_ids"]):
+            ids = [int(x) for x in row if x not in (tok.bos_id, tok.pad_id)]
+            while tok.eos_id in ids:
+                cut = ids.index(tok.eos_id)
+                segments.append(tuple(ids[:cut]))
+                ids = ids[cut + 1 :]
+    assert segments and set(segments) <= held

@@ -121,3 +121,14 @@ def test_bad_names_and_columns(tmp_path):
     (tmp_path / "blank.txt").write_text("\n \n")
     with pytest.raises(DataError, match=r"blank.txt: no text"):
         read_texts(str(tmp_path / "blank.txt"))
+
+
+def test_holdout_split_by_content_hash(tmp_path):
+    from xformers_jax.data import chatterbot_texts
+    from xformers_jax.data.sources import is_holdout
+
+    texts = chatterbot_texts(["english", "french"])
+    path = _write(str(tmp_path), "c.jsonl.gz", texts)
+    train, held = read_texts(path, holdout="train"), read_texts(path, holdout="eval")
+    assert sorted(train + held) == sorted(texts) and not set(train) & set(held)
+    assert 0.02 < len(held) / len(texts) < 0.09 and all(map(is_holdout, held))

@@ -24,8 +24,9 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from xformers_jax.data.corpus import DataError, read_lines
+from xformers_jax.data.corpus import DataError
 from xformers_jax.data.pipeline import iterate, sharded_stream
+from xformers_jax.data.sources import read_texts
 
 IGNORE_INDEX = -100
 
@@ -153,6 +154,8 @@ def plm_dataset(
     train: bool = True,
     shard_index: int = 0,
     shard_count: int = 1,
+    text_field: str = "text",
+    holdout: str | None = None,
 ) -> grain.IterDataset:
     """Permutation-LM batches from UTF-8 text files, resumable (grain iterator state).
 
@@ -165,10 +168,9 @@ def plm_dataset(
         raise ValueError("seq_len >= 8, num_predict >= 1 and perm_size >= 1 are required")
     files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
     stream: list[int] = []
-    for path in files:
-        for line in read_lines(path):
-            stream.extend(tokenizer.encode(line, add_special_tokens=False))
-            stream.append(tokenizer.eod_token_id)
+    for line in read_texts(files, text_field, holdout):
+        stream.extend(tokenizer.encode(line, add_special_tokens=False))
+        stream.append(tokenizer.eod_token_id)
     body = seq_len - 3
     rows = np.asarray(stream[: len(stream) // body * body], np.int32).reshape(-1, body)
     if rows.shape[0] < 2:

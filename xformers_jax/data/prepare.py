@@ -28,7 +28,6 @@ import logging
 import os
 import shutil
 import tempfile
-import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -36,21 +35,15 @@ import numpy as np
 
 from xformers_jax import config_lib, paths
 from xformers_jax.data.corpus import DataError
+from xformers_jax.data.sources import is_holdout
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 OBJECTIVES = ("mlm", "plm", "span_corruption")
-# Documents tokenised per spm call, and eval's share of documents when no data.eval_files.
+# Documents tokenised per spm call.
 _ENCODE_BATCH = 512
-EVAL_BUCKETS = 20
 # Chunks per shard file (~32M ids at 512 per chunk: a few hundred MB).
 SHARD_RECORDS = 65536
-
-
-def is_holdout(text: str) -> bool:
-    """The held-out eval slice: ~5% of documents by a content hash (stable under reordering;
-    duplicates fall in the same split), as the bundled corpus is split."""
-    return zlib.crc32(text.encode("utf-8")) % EVAL_BUCKETS == 0
 
 
 # ------------------------------------------------------------------------------ tokenizers

@@ -205,14 +205,28 @@ def iter_corpus(files: Sequence[str], text_field: str = "text") -> Iterator[str]
         yield from iter_texts(path, text_field)
 
 
-def read_texts(files: str | Sequence[str], text_field: str = "text") -> list[str]:
+def is_holdout(text: str) -> bool:
+    """The held-out eval slice of a corpus without eval files: ~5% of the examples by a content
+    hash (stable under reordering; duplicates land in the same split), as the bundled corpus."""
+    return zlib.crc32(text.encode("utf-8")) % 20 == 0
+
+
+def read_texts(
+    files: str | Sequence[str], text_field: str = "text", holdout: str | None = None
+) -> list[str]:
     """Every example of the expanded `files` in a list (for the small in-memory pipelines).
+
+    Args:
+      holdout: `"train"` drops the held-out slice (`is_holdout`), `"eval"` keeps only it.
 
     Raises:
       DataError: as `expand_files` / `iter_texts`, or no example at all.
     """
     expanded = expand_files(files)
-    texts = list(iter_corpus(expanded, text_field))
+    texts = iter_corpus(expanded, text_field)
+    if holdout is not None:
+        texts = (t for t in texts if is_holdout(t) == (holdout == "eval"))
+    texts = list(texts)
     if not texts:
         raise DataError(f"{', '.join(expanded)}: no text (every example is blank)")
     return texts

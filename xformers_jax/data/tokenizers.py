@@ -26,12 +26,19 @@ def train_files(config, workdir: str) -> list[str]:
 
 
 def eval_files(config, workdir: str) -> list[str]:
-    """`data.eval_files`, else `data.train_files`, else the bundled corpus' eval split."""
+    """`data.eval_files`, else `data.train_files` (whose held-out slice `holdout` selects),
+    else the bundled corpus' eval split."""
     if config.data.eval_files:
         return list(config.data.eval_files)
     if config.data.train_files:
         return list(config.data.train_files)
     return [default_corpus(os.path.join(workdir, "corpus"))[1]]
+
+
+def holdout(config, split: str) -> str | None:
+    """`split` ("train" / "eval") when the eval data is a held-out slice of `data.train_files`
+    (no `data.eval_files`), else None: the split's files are read whole."""
+    return split if config.data.train_files and not config.data.eval_files else None
 
 
 def _corpus_lines(config, workdir: str):

@@ -81,7 +81,7 @@ def datasets(config, make: Callable[..., Any], train_args: tuple, eval_args: tup
     batch_size, seed = host_batch_size(config), config.train.seed
 
     def factory(args: tuple, train: bool, split_seed: int):
-        return lambda shard_index, shard_count: make(
+        return lambda shard_index, shard_count, **more: make(
             *args,
             batch_size=batch_size,
             seed=split_seed,
@@ -89,6 +89,7 @@ def datasets(config, make: Callable[..., Any], train_args: tuple, eval_args: tup
             shard_index=shard_index,
             shard_count=shard_count,
             **kwargs,
+            **more,
         )
 
     return factory(train_args, True, seed), factory(eval_args, False, seed + 1)
@@ -97,10 +98,19 @@ def datasets(config, make: Callable[..., Any], train_args: tuple, eval_args: tup
 def corpus_datasets(config, workdir: str, make: Callable[..., Any], **kwargs):
     """`datasets` of `make(files, ...)` over the run's training and eval text files
     (`data.tokenizers.train_files` / `eval_files`)."""
-    from xformers_jax.data.tokenizers import eval_files, train_files
+    from xformers_jax.data.tokenizers import eval_files, holdout, train_files
 
     train, evaluation = (train_files(config, workdir),), (eval_files(config, workdir),)
-    return datasets(config, make, train, evaluation, **kwargs)
+    train_data, eval_data = datasets(
+        config, make, train, evaluation, text_field=config.data.get("text_field", "text"), **kwargs
+    )
+    if holdout(config, "eval") is None:
+        return train_data, eval_data
+    # No eval files: a held-out slice of the training files by content hash, never the files.
+    return (
+        lambda i, n: train_data(i, n, holdout="train"),
+        lambda i, n: eval_data(i, n, holdout="eval"),
+    )
 
 
 def prepared_tokenizer(config):
