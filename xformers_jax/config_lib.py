@@ -94,6 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_workers = 0  # grain worker processes tokenising / making examples (0 = threads)
     c.data.text_field = "text"  # the text of a .jsonl record / .parquet column
     c.data.prepared_dir = ""  # '' = read data.train_files; else `xformers-jax prepare`'s --out
+    c.data.streaming = False  # stream data.train_files (lazily, tokenised in grain workers)
     c.data.mixture = None  # {name: {"files": [...], "weight": w}}: sources sampled together
     c.data.mixture_alpha = 0.3  # source weight ~ token share ** alpha (when no "weight")
 

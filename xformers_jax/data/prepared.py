@@ -77,9 +77,19 @@ def row_dataset(
     """
     ds, _ = _rows(example, global_batch, shard_index, shard_count, steps or _ENDLESS)
     it = ds.to_iter_dataset(grain.ReadOptions(**_READ_OPTIONS))
-    if num_workers > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return it
+    return with_workers(it, num_workers)
+
+
+def with_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+    """`ds` made in `num_workers` grain processes (none for 0)."""
+    if num_workers <= 0:
+        return ds
+    from absl import flags
+
+    # grain's workers read absl flags, which a program without absl.app never parsed.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
 
 
 # ------------------------------------------------------------------------------ the shards

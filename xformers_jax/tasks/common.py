@@ -123,19 +123,15 @@ def prepared_tokenizer(config):
     return Prepared.open(config.data.prepared_dir).tokenizer()
 
 
-def prepared_data(config, tokenizer, objective: str, **kwargs):
-    """`(train_data, eval_data)` from `data.prepared_dir` for `objective` (`mlm`, `plm`,
-    `span_corruption`); `kwargs`: the objective's example options."""
+def _make_row(config, tokenizer, objective: str, **kwargs):
+    """`(chunk, rng, others, reverse) -> example` of `objective` (`data.prepared.*_row`)."""
     import functools
 
     from xformers_jax.data import prepared
-    from xformers_jax.data.prepare import layout
 
-    host_batch_size(config)  # the batch must split over the hosts
     d = config.data
-    chunk_len = layout(config, tokenizer)["chunk_len"]
     if objective == "mlm":
-        make_row = functools.partial(
+        return functools.partial(
             prepared.mlm_row,
             seq_len=d.seq_len,
             bos_id=tokenizer.bos_id,
@@ -145,26 +141,48 @@ def prepared_data(config, tokenizer, objective: str, **kwargs):
             special_ids=tokenizer.special_ids,
             mask_prob=d.mask_prob,
         )
-    elif objective == "plm":
-        make_row = functools.partial(
+    if objective == "plm":
+        return functools.partial(
             prepared.plm_row, sep_id=tokenizer.sep_token_id, cls_id=tokenizer.cls_token_id, **kwargs
         )
-    else:
-        from xformers_jax.data.span_corruption_examples import random_spans_helper
+    from xformers_jax.data.span_corruption_examples import random_spans_helper
 
-        _, targets_length = random_spans_helper(
-            d.seq_len, kwargs["noise_density"], kwargs["mean_noise_span_length"]
+    _, targets_length = random_spans_helper(
+        d.seq_len, kwargs["noise_density"], kwargs["mean_noise_span_length"]
+    )
+    return functools.partial(
+        prepared.span_row,
+        inputs_length=d.seq_len,
+        targets_length=targets_length,
+        pad_id=tokenizer.pad_id,
+        eos_id=tokenizer.eos_id,
+        **kwargs,
+    )
+
+
+def text_data(config, workdir: str, tokenizer, objective: str, **kwargs):
+    """`(train_data, eval_data)` of a pretraining objective (`mlm`, `plm`, `span_corruption`)
+    from `data.prepared_dir`'s shards, or streamed from `data.train_files` with
+    `data.streaming`; None for neither (the small in-memory pipelines). `kwargs`: the
+    objective's example options."""
+    from xformers_jax.data import prepared
+    from xformers_jax.data.prepare import layout
+
+    d = config.data
+    if not (d.get("prepared_dir") or (d.get("streaming") and d.train_files)):
+        return None
+    host_batch_size(config)  # the batch must split over the hosts
+    make_row = _make_row(config, tokenizer, objective, **kwargs)
+    lay = layout(config, tokenizer)
+    if d.get("prepared_dir"):
+        _, data = prepared.prepared_datasets(
+            config, make_row, lay["chunk_len"], streams=objective == "plm"
         )
-        make_row = functools.partial(
-            prepared.span_row,
-            inputs_length=d.seq_len,
-            targets_length=targets_length,
-            pad_id=tokenizer.pad_id,
-            eos_id=tokenizer.eos_id,
-            **kwargs,
-        )
-    _, data = prepared.prepared_datasets(config, make_row, chunk_len, streams=objective == "plm")
-    return data
+        return data
+    from xformers_jax.data.streaming import streaming_datasets
+
+    bi_data = objective == "plm" and bool(config.model.get("bi_data", False))
+    return streaming_datasets(config, workdir, tokenizer, make_row, lay, bi_data=bi_data)
 
 
 def zeros_batch(batch_size: int, **fields: tuple[tuple[int, ...], Any]) -> dict[str, np.ndarray]:

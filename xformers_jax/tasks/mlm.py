@@ -97,9 +97,8 @@ def build(config, workdir: str, tokenizer=None) -> TaskSpec:
         tokenizer = common.prepared_tokenizer(config) or text_tokenizer(config, workdir)
     built = models.build_model(config.model, task="mlm")
     common.check_vocab(tokenizer.vocab_size, built[1])
-    if config.data.get("prepared_dir"):
-        data = common.prepared_data(config, tokenizer, "mlm")
-    else:
+    data = common.text_data(config, workdir, tokenizer, "mlm")
+    if data is None:
         data = common.corpus_datasets(
             config,
             workdir,

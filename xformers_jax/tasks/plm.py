@@ -67,9 +67,8 @@ def build(config, workdir: str, tokenizer=None) -> TaskSpec:
     plm_kwargs = dict(
         num_predict=num_predict, perm_size=d.perm_size, reuse_len=d.reuse_len, max_span=d.max_span
     )
-    if d.get("prepared_dir"):
-        data = common.prepared_data(config, tokenizer, "plm", **plm_kwargs)
-    else:
+    data = common.text_data(config, workdir, tokenizer, "plm", **plm_kwargs)
+    if data is None:
         data = common.corpus_datasets(
             config,
             workdir,

@@ -55,9 +55,8 @@ def build(config, workdir: str, tokenizer=None) -> TaskSpec:
         noise_density=d.noise_density,
         mean_noise_span_length=d.mean_noise_span_length,
     )
-    if d.get("prepared_dir"):
-        data = common.prepared_data(config, tokenizer, "span_corruption", **span_kwargs)
-    else:
+    data = common.text_data(config, workdir, tokenizer, "span_corruption", **span_kwargs)
+    if data is None:
         data = common.corpus_datasets(
             config,
             workdir,
