@@ -205,3 +205,22 @@ def test_mixture_sampling_rates(raw, tmp_path_factory):
         drawn = [items(e)[1] for e in range(4000)]
         measured = drawn.count("en") / len(drawn)
         assert abs(measured - probs["en"]) < 0.03, (alpha, measured, probs)
+
+
+def test_prepare_reads_and_writes_gcs(bucket, raw, tmp_path, monkeypatch):
+    from xformers_jax import paths
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    paths.copy(str(raw / "en.jsonl.gz"), bucket + "/raw/a/en.jsonl.gz")
+    c = _config("xlm_roberta", raw)
+    with c.unlocked():
+        c.data.train_files = [bucket + "/raw/**/*.jsonl.gz"]
+    out = bucket + "/prepared"
+    m = prepare(c, out, IN_MEMORY)
+    assert m["inputs"] == [bucket + "/raw/a/en.jsonl.gz"] and m["splits"]["train"]["records"] > 100
+    assert paths.isfile(out + "/tokenizer/tokenizer.model") and paths.isfile(out + "/manifest.json")
+    with c.unlocked():
+        c.data.prepared_dir = out
+    spec = _data(c)
+    batch = next(iter(spec.train_data(0, 1)))
+    assert batch["input_ids"].shape == (8, 32)

@@ -132,3 +132,21 @@ def test_holdout_split_by_content_hash(tmp_path):
     train, held = read_texts(path, holdout="train"), read_texts(path, holdout="eval")
     assert sorted(train + held) == sorted(texts) and not set(train) & set(held)
     assert 0.02 < len(held) / len(texts) < 0.09 and all(map(is_holdout, held))
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("data.mixture", "'x'", "data.mixture' must map"),
+        ("data.mixture", "{'en': {'weight': 1}}", "data.mixture.en' needs 'files'"),
+        ("data.mixture", "{'en': {'files': ['a'], 'weight': -1}}", "weight' must be >= 0"),
+        ("data.mixture_alpha", "2.0", "data.mixture_alpha' must be a number"),
+        ("data.text_field", "''", "data.text_field' must be a non-empty"),
+    ],
+)
+def test_data_config_errors(key, value, message):
+    from tests.helpers import TINY_CONFIG
+    from xformers_jax import config_lib
+
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(config_lib.load_config(TINY_CONFIG, [f"{key}={value}"]))
