@@ -9,7 +9,8 @@ bench.
                        [--slices K] [--out FILE.json] [--config.K=V]
   xformers-jax convert --hf HF_DIR --out ORBAX_DIR [--head NAME]
   xformers-jax export  --checkpoint ORBAX_DIR --hf-out HF_DIR
-  xformers-jax bench   [--suite train|yoso|decoding|mlm_logits|all] [--family F ...] [--out DIR]
+  xformers-jax bench   [--suite train|yoso|decoding|mlm_logits|data|all] [--family F ...]
+                       [--out DIR]
                        [--n N] [--device cpu|gpu|tpu] [--dtype float32|bfloat16]
                        [--bench-config default|xlmr_xl_512|mt5_base] [--bench-set KEY=INT ...]
 
@@ -119,11 +120,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "bench",
         help="benchmark model families, YOSO / decoding / large-vocab scaling",
         description="train: every family's train step vs transformers (bench.json/md/png). "
-        "yoso, decoding, mlm_logits: scaling suites (<suite>.json/md/png); all: every suite.",
+        "yoso, decoding, mlm_logits: scaling suites (<suite>.json/md/png); data: the input "
+        "pipeline's memory and throughput (data.json/md); all: train and the scaling suites.",
     )
     p.add_argument(
         "--suite",
-        choices=("train", "yoso", "decoding", "mlm_logits", "all"),
+        choices=("train", "yoso", "decoding", "mlm_logits", "data", "all"),
         default="train",
         help="which benchmark (default: train)",
     )
