@@ -9,6 +9,7 @@ import pytest
 from xformers_jax.data import (
     IGNORE_INDEX,
     DataError,
+    chatterbot_texts,
     mlm_dataset,
     pack_sequences,
     tokens_per_batch,
@@ -130,11 +131,10 @@ def test_sharding_disjoint_and_consistent(native_tokenizer, unique_lines_file):
     rows0, rows1 = set(_real_rows(shards[0], tok)), set(_real_rows(shards[1], tok))
     assert rows0 and rows1 and not rows0 & rows1
     assert rows0 | rows1 == set(_real_rows(full, tok))
-    # The global batch is the interleave of the host batches, masks included.
+    # The global batch is the host batches one after the other, masks included.
     for g, s0, s1 in zip(full, *shards, strict=True):
         for k in g:
-            np.testing.assert_array_equal(g[k][0::2], s0[k])
-            np.testing.assert_array_equal(g[k][1::2], s1[k])
+            np.testing.assert_array_equal(g[k], np.concatenate([s0[k], s1[k]]))
 
 
 def test_train_sharding_partitions_the_stream(native_tokenizer, text_files):
@@ -146,7 +146,7 @@ def test_train_sharding_partitions_the_stream(native_tokenizer, text_files):
         )
         for g, s in zip(full, _take(iter(ds), 3), strict=True):
             for k in g:
-                np.testing.assert_array_equal(g[k][i::2], s[k])
+                np.testing.assert_array_equal(g[k][i * BATCH : (i + 1) * BATCH], s[k])
 
 
 def test_eval_is_finite_and_deterministic(native_tokenizer, text_files):
@@ -195,7 +195,6 @@ def test_iterator_state_is_small_json(native_tokenizer, text_files):
 
 
 def test_no_eval_files_is_a_holdout_not_the_training_files(tmp_path, native_tokenizer):
-    from xformers_jax.data import chatterbot_texts
     from xformers_jax.data.sources import is_holdout
 
     path = tmp_path / "c.txt"
@@ -214,3 +213,27 @@ def test_no_eval_files_is_a_holdout_not_the_training_files(tmp_path, native_toke
                 segments.append(tuple(ids[:cut]))
                 ids = ids[cut + 1 :]
     assert segments and set(segments) <= held
+
+
+def test_span_and_plm_rows_do_not_depend_on_host_count(native_tokenizer, text_files, tmp_path):
+    from xformers_jax.data import span_corruption_dataset
+    from xformers_jax.data.plm_examples import plm_dataset
+    from xformers_jax.data.xlnet_tokenizer import XLNetTokenizer
+
+    xl = XLNetTokenizer.train(chatterbot_texts()[::15], tmp_path / "x", 2000)
+    makers = [
+        lambda **kw: span_corruption_dataset(
+            text_files, native_tokenizer, inputs_length=32, vocab_size=2100, **kw
+        ),
+        lambda **kw: plm_dataset(
+            text_files, xl, seq_len=32, num_predict=5, perm_size=8, bi_data=False, **kw
+        ),
+    ]
+    for make in makers:
+        whole = _take(iter(make(batch_size=8, seed=4)), 2)
+        parts = [_take(iter(make(batch_size=4, seed=4, shard_index=i, shard_count=2)), 2)
+                 for i in range(2)]  # fmt: skip
+        for step, g in enumerate(whole):
+            for k in g:
+                got = np.concatenate([parts[0][step][k], parts[1][step][k]])
+                np.testing.assert_array_equal(got, g[k])

@@ -224,3 +224,39 @@ def test_prepare_reads_and_writes_gcs(bucket, raw, tmp_path, monkeypatch):
     spec = _data(c)
     batch = next(iter(spec.train_data(0, 1)))
     assert batch["input_ids"].shape == (8, 32)
+
+
+@pytest.mark.slow
+def test_one_host_equals_two_hosts_with_dropout(mlm_dir, tmp_path):
+    """1 process x 4 devices == 2 processes x 2 devices in per-step loss with dropout on, from
+    prepared shards; the 2-host checkpoint resumes on 1 host with the same data."""
+    import subprocess
+    import sys
+
+    from tests.helpers import TINY_CONFIG
+    from tests.test_reliability import ROOT, _env
+    from tests.test_reliability import _losses as losses
+
+    def cli(workdir, steps):
+        return [
+            sys.executable, "-m", "xformers_jax", "train", "--config", TINY_CONFIG,
+            "--workdir", str(workdir), f"--config.data.prepared_dir={mlm_dir}",
+            f"--config.train.steps={steps}", "--config.checkpoint.every_steps=2",
+            "--config.model.hidden_dropout_prob=0.1", "--config.train.eval_steps=1",
+            "--config.data.vocab_size=1900", "--config.model.vocab_size=1900",
+        ]  # fmt: skip
+
+    def run(cmd, env):
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+        return res
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(cli(one, 4), _env(4))
+    launch = [os.path.join(ROOT, "launch", "local_multihost.sh"), "-n", "2", "-d", "2", "--"]
+    run(launch + cli(two, 2), _env())
+    res = run(cli(two, 4), _env(4))  # resumed on one host
+    assert "Resuming from checkpoint at step 2" in res.stdout
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)

@@ -168,7 +168,13 @@ def mlm_dataset(
         mask_prob=mask_prob,
     )
     ds = sharded_stream(
-        rows, mask_fn, seed=seed, train=train, shard_index=shard_index, shard_count=shard_count
+        rows,
+        mask_fn,
+        seed=seed,
+        train=train,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        block=batch_size,
     )
     return iterate(ds.batch(batch_size, drop_remainder=train), read_options)
 
@@ -182,13 +188,16 @@ def sharded_stream(
     shard_index: int,
     shard_count: int,
     random: bool = True,
+    block: int | None = None,
 ) -> grain.MapDataset:
     """This host's slice of the examples made from `source` (an array of items), unbatched.
 
     Training: shuffled with `seed` and repeated forever; eval: one pass in order. `fn(item, rng)`
     makes each example (its rng seeded apart from the shuffle), or `fn(item)` with
-    `random=False`. Element `i` of the global stream goes to shard `i % shard_count`, so the
-    global batch sequence does not depend on the host count.
+    `random=False`. With `block` (the host's rows per step), step `s` of host `h` takes global
+    elements `[(s * shard_count + h) * block, ... + block)`: the global batch is the same rows in
+    the same order whatever the host count. Without, element `i` goes to shard
+    `i % shard_count` (the same rows, in a host-count-dependent order).
     """
     ds = grain.MapDataset.source(source)
     if train:
@@ -198,7 +207,33 @@ def sharded_stream(
         ds = ds.random_map(fn, seed=(seed * 0x9E3779B1 + 1) % 2**32)
     else:
         ds = ds.map(fn)
-    return ds[shard_index::shard_count]
+    if block is None:
+        return ds[shard_index::shard_count]
+    return HostBlocks(ds, block, shard_index, shard_count)
+
+
+class HostBlocks(grain.MapDataset):
+    """Host `index` of `count`: the `index`-th block of `block` elements of every `count * block`
+    (its rows of each global batch)."""
+
+    def __init__(self, parent: grain.MapDataset, block: int, index: int, count: int):
+        super().__init__(parent)
+        self._block, self._index, self._count = block, index, count
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._count
+
+    def _global(self, i: int) -> int:
+        step, offset = divmod(int(i), self._block)
+        return (step * self._count + self._index) * self._block + offset
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.slice(i)
+        return self._parent[self._global(i)]
+
+    def __str__(self) -> str:
+        return f"HostBlocks(block={self._block}, host {self._index} of {self._count})"
 
 
 def iterate(ds: grain.MapDataset, read_options: grain.ReadOptions | None = None):

@@ -192,6 +192,7 @@ def plm_dataset(
         train=train,
         shard_index=shard_index,
         shard_count=shard_count,
+        block=batch_size // 2 if bi_data else batch_size,
     )
     ds = ds.batch(batch_size // 2 if bi_data else batch_size, drop_remainder=True)
     if bi_data:

@@ -198,6 +198,12 @@ def span_corruption_dataset(
         mean_noise_span_length=mean_noise_span_length,
     )
     ds = sharded_stream(
-        chunks, fn, seed=seed, train=train, shard_index=shard_index, shard_count=shard_count
+        chunks,
+        fn,
+        seed=seed,
+        train=train,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        block=batch_size,
     )
     return iterate(ds.batch(batch_size, drop_remainder=True))
