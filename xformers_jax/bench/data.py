@@ -1,10 +1,10 @@
 """`xformers-jax bench --suite data`: the input pipeline's memory and throughput.
 
-For synthetic multilingual `.jsonl.gz` corpora of two sizes (30 and 300 MB of text by default):
+For synthetic multilingual `.jsonl.gz` corpora of two sizes (10 and 100 MB of text by default):
 
 * prepare MB/s: `xformers-jax prepare` (Beam DirectRunner, every core) of the corpus;
 * peak RSS (the whole process tree, grain workers included) of `xformers-jax train` on the
-  tiny MLM preset for 20 steps, from the prepared shards and streaming the raw files: memory must
+  tiny MLM preset for 4 steps, from the prepared shards and streaming the raw files: memory must
   stay flat (within ~150 MB) as the corpus grows 10x;
 * MLM tokens/s delivered to the trainer (the data iterator alone, seq 512, batch 64) from the
   shards and streaming, next to what a v5p host consumes training the base and XL presets
@@ -27,10 +27,10 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "configs", "xlm_roberta", "pretrain_mlm.py") + ":tiny"
-SIZES_MB = (30, 300)
+SIZES_MB = (10, 100)
 FILE_MB = 10
 SEQ_LEN, BATCH = 512, 64
-TRAIN_STEPS = 20
+TRAIN_STEPS = 4
 V5P_HOST_FLOPS = 4 * 459e12 * 0.5
 PRESETS = {
     "base": dict(hidden=768, ffn=3072, layers=12, vocab=250002),
