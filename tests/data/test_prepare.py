@@ -260,3 +260,19 @@ def test_one_host_equals_two_hosts_with_dropout(mlm_dir, tmp_path):
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
+
+
+def test_eval_files_are_prepared_whole(raw, tmp_path_factory):
+    out, m = _prepared(
+        "xlm_roberta", raw, tmp_path_factory, data__eval_files=[str(raw / "en.jsonl.gz")]
+    )
+    assert m["eval_from"] == "eval_files" and list(m["splits"]["eval"]["sources"]) == ["eval"]
+    # Every document of the eval file, whole (MLM keeps a file's last, shorter chunk), and no
+    # held-out slice taken from the training files.
+    tok = prepared.Prepared.open(out).tokenizer()
+    texts = chatterbot_texts(["english", "spanish", "german"])
+    want = sum(len(ids) + 1 for ids in tok.encode_many(texts))
+    assert m["splits"]["eval"]["tokens"] == want
+    rest = [t for t in open(raw / "rest.txt", encoding="utf-8").read().split("\n") if t.strip()]
+    train_want = want + sum(len(ids) + 1 for ids in tok.encode_many(rest))
+    assert m["splits"]["train"]["tokens"] == train_want
