@@ -276,3 +276,16 @@ def test_eval_files_are_prepared_whole(raw, tmp_path_factory):
     rest = [t for t in open(raw / "rest.txt", encoding="utf-8").read().split("\n") if t.strip()]
     train_want = want + sum(len(ids) + 1 for ids in tok.encode_many(rest))
     assert m["splits"]["train"]["tokens"] == train_want
+
+
+def test_prepare_errors_are_one_line(tmp_path, capsys):
+    from tests.helpers import TINY_CONFIG
+
+    argv = ["prepare", "--config", TINY_CONFIG, "--out", str(tmp_path / "o")]
+    assert cli.main([*argv, f"--config.data.train_files=['{tmp_path}/none/*.txt']"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"xformers-jax: error: {tmp_path}/none/*.txt: no file matches"
+    (tmp_path / "a.txt").write_text("some text\n")
+    c = ["--config.task=classification", f"--config.data.train_files=['{tmp_path}/a.txt']"]
+    assert cli.main([*argv, *c]) == 2
+    assert "prepare writes shards for mlm, plm, span_corruption" in capsys.readouterr().err

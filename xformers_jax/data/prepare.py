@@ -322,6 +322,11 @@ def prepare(
     from apache_beam.options.pipeline_options import PipelineOptions
 
     config_lib.validate(config)
+    if config.task not in OBJECTIVES:
+        raise config_lib.ConfigError(
+            f"config key 'task' is {config.task!r}: prepare writes shards for "
+            f"{', '.join(OBJECTIVES)}"
+        )
     out_dir = paths.resolve(out_dir)
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     with contextlib.ExitStack() as stack:
