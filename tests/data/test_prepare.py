@@ -289,3 +289,24 @@ def test_prepare_errors_are_one_line(tmp_path, capsys):
     c = ["--config.task=classification", f"--config.data.train_files=['{tmp_path}/a.txt']"]
     assert cli.main([*argv, *c]) == 2
     assert "prepare writes shards for mlm, plm, span_corruption" in capsys.readouterr().err
+
+
+def test_row_masking_matches_roberta_rates(native_tokenizer):
+    tok = native_tokenizer
+    masker = prepared.MlmMasker(
+        vocab_size=tok.vocab_size, special_ids=tok.special_ids, mask_token_id=tok.mask_id,
+        mask_prob=0.15, pad_id=tok.pad_id,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    rows = rng.integers(10, tok.vocab_size, size=(400, 128)).astype(np.int32)
+    rows[:, -8:] = tok.pad_id
+    out = [masker(r, np.random.default_rng((1, i))) for i, r in enumerate(rows)]
+    labels = np.stack([o["labels"] for o in out])
+    ids = np.stack([o["input_ids"] for o in out])
+    sel = labels != -100
+    assert abs(sel[:, :-8].mean() - 0.15) < 0.01 and not sel[:, -8:].any()
+    assert abs((ids[sel] == tok.mask_id).mean() - 0.8) < 0.02
+    kept = (ids[sel] == rows[sel]).mean()
+    assert 0.08 < kept < 0.12  # 10% kept (+ the few random draws of the same id)
+    assert not np.isin(ids[sel & (ids != tok.mask_id)], list(tok.special_ids)).any()
+    np.testing.assert_array_equal(labels[sel], rows[sel])

@@ -40,15 +40,15 @@ def files(tmp_path_factory):
 
 
 def _make_row(tok):
-    return functools.partial(
-        prepared.mlm_row,
-        seq_len=32,
-        bos_id=tok.bos_id,
-        pad_id=tok.pad_id,
-        mask_token_id=tok.mask_id,
+    masker = prepared.MlmMasker(
         vocab_size=tok.vocab_size,
         special_ids=tok.special_ids,
+        mask_token_id=tok.mask_id,
         mask_prob=0.15,
+        pad_id=tok.pad_id,
+    )
+    return functools.partial(
+        prepared.mlm_row, seq_len=32, bos_id=tok.bos_id, pad_id=tok.pad_id, masker=masker
     )
 
 

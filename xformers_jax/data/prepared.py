@@ -334,14 +334,41 @@ class StreamRows:
 # ------------------------------------------------------------------------------ objectives
 
 
-def mlm_row(chunk, rng, others, reverse, *, seq_len, bos_id, pad_id, **mask_kwargs) -> dict:
-    """`<s> chunk` right-padded to `seq_len`, masked (`pipeline._mask_row`)."""
-    from xformers_jax.data.pipeline import _mask_row
+class MlmMasker:
+    """RoBERTa's 80/10/10 masking of one row (as `collators.mlm_mask`, same distribution), lean
+    enough to run per row: the special ids are a lookup table built once, and one `rng.random`
+    call draws selection, action and replacement."""
 
+    def __init__(self, *, vocab_size, special_ids, mask_token_id, mask_prob, pad_id):
+        specials = np.unique(np.asarray([*special_ids, mask_token_id], np.int64))
+        self.special = np.zeros(vocab_size, bool)
+        self.special[specials] = True
+        self.others = np.flatnonzero(~self.special).astype(np.int32)
+        self.mask_id, self.mask_prob, self.pad_id = mask_token_id, mask_prob, pad_id
+
+    def __call__(self, row: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        maskable = ~self.special[row]
+        u = rng.random((3, row.size))
+        selected = maskable & (u[0] < self.mask_prob)
+        if not selected.any() and maskable.any():  # never an empty loss for a row
+            selected[np.argmax(np.where(maskable, u[2], -1.0))] = True
+        masked = row.copy()
+        masked[selected & (u[1] < 0.8)] = self.mask_id
+        rand = selected & (u[1] >= 0.8) & (u[1] < 0.9)
+        masked[rand] = self.others[(u[2][rand] * self.others.size).astype(np.int64)]
+        return {
+            "input_ids": masked,
+            "attention_mask": (row != self.pad_id).astype(np.int32),
+            "labels": np.where(selected, row, -100).astype(np.int32),
+        }
+
+
+def mlm_row(chunk, rng, others, reverse, *, seq_len, bos_id, pad_id, masker) -> dict:
+    """`<s> chunk` right-padded to `seq_len`, masked by `masker` (an `MlmMasker`)."""
     row = np.full(seq_len, pad_id, np.int32)
     row[0] = bos_id
     row[1 : 1 + chunk.size] = chunk[: seq_len - 1]
-    return _mask_row(row, rng, pad_id=pad_id, **mask_kwargs)
+    return masker(row, rng)
 
 
 def span_row(chunk, rng, others, reverse, **kw) -> dict:

@@ -131,15 +131,19 @@ def _make_row(config, tokenizer, objective: str, **kwargs):
 
     d = config.data
     if objective == "mlm":
+        masker = prepared.MlmMasker(
+            vocab_size=tokenizer.vocab_size,
+            special_ids=tokenizer.special_ids,
+            mask_token_id=tokenizer.mask_id,
+            mask_prob=d.mask_prob,
+            pad_id=tokenizer.pad_id,
+        )
         return functools.partial(
             prepared.mlm_row,
             seq_len=d.seq_len,
             bos_id=tokenizer.bos_id,
             pad_id=tokenizer.pad_id,
-            mask_token_id=tokenizer.mask_id,
-            vocab_size=tokenizer.vocab_size,
-            special_ids=tokenizer.special_ids,
-            mask_prob=d.mask_prob,
+            masker=masker,
         )
     if objective == "plm":
         return functools.partial(
