@@ -318,8 +318,14 @@ def prepare(
       beam_args: Beam pipeline options (`--runner=...` and the runner's own).
       shard_records: chunks per shard at most (a shard holds consecutive chunks of one file).
     """
-    import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
+    try:
+        import apache_beam as beam
+        from apache_beam.options.pipeline_options import PipelineOptions
+    except ImportError:
+        raise config_lib.UserError(
+            "prepare needs Apache Beam: pip install 'xformers_jax[prepare]' && "
+            "pip install 'protobuf>=7,<8'"
+        ) from None
 
     config_lib.validate(config)
     if config.task not in OBJECTIVES:
