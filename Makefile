@@ -17,7 +17,10 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,prepare]'
+	# apache-beam declares protobuf < 7; sentencepiece's model proto needs protobuf 7, on which
+	# beam runs (the prepare tests): put it back after the extras (pip notes the declared conflict).
+	$(BIN)/pip install -q 'protobuf>=7,<8'
 	# OpenAI's DALL-E dVAE for the parity test of data/dalle.py, without its unpinned deps
 	# (torchvision would replace the pinned torch); it needs only torch, attrs and requests.
 	$(BIN)/pip install -q --no-deps dall-e==0.1

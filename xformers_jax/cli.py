@@ -1,12 +1,16 @@
-"""The `xformers-jax` command line: train | eval | memory | compile | convert | export | bench.
+"""The `xformers-jax` command line: train | eval | prepare | memory | compile | convert | export |
+bench.
 
   xformers-jax train   --config configs/<family>/<job>.py:<preset> --workdir DIR [--config.K=V]
+  xformers-jax prepare --config configs/<family>/<job>.py:<preset> --out DIR [--shard-records N]
+                       [--config.K=V] [Beam options: --runner=DataflowRunner --project=P ...]
   xformers-jax eval    --config configs/<family>/<job>.py:<preset> --workdir DIR [--config.K=V]
   xformers-jax compile --config configs/<family>/<job>.py:<preset> --topology v5p-256
                        [--slices K] [--out FILE.json] [--config.K=V]
   xformers-jax convert --hf HF_DIR --out ORBAX_DIR [--head NAME]
   xformers-jax export  --checkpoint ORBAX_DIR --hf-out HF_DIR
-  xformers-jax bench   [--suite train|yoso|decoding|mlm_logits|all] [--family F ...] [--out DIR]
+  xformers-jax bench   [--suite train|yoso|decoding|mlm_logits|data|all] [--family F ...]
+                       [--out DIR]
                        [--n N] [--device cpu|gpu|tpu] [--dtype float32|bfloat16]
                        [--bench-config default|xlmr_xl_512|mt5_base] [--bench-set KEY=INT ...]
 
@@ -60,6 +64,25 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints, logs, metrics")
 
     p = sub.add_parser(
+        "prepare",
+        help="tokenise the config's corpus into ArrayRecord shards (Apache Beam)",
+        description="Reads the config's data (train_files / mixture / eval_files), tokenises it "
+        "with its tokenizer (trained first if it names none) and writes ArrayRecord shards, the "
+        "tokenizer and manifest.json into DIR (local or gs://), for --config.data.prepared_dir. "
+        "Other --options are Apache Beam pipeline options (default: the DirectRunner on every "
+        "core; e.g. --runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp).",
+    )
+    p.add_argument("--config", required=True, metavar="FILE.py[:ARG]", help="config and preset")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (or gs://)")
+    p.add_argument(
+        "--shard-records",
+        type=int,
+        default=65536,
+        metavar="N",
+        help="chunks per shard at most (a shard holds consecutive chunks of one file)",
+    )
+
+    p = sub.add_parser(
         "memory",
         help="per-device params / optimizer / activation bytes of a config on a mesh",
         description="Per-device memory of a training config on N devices (no memory used). "
@@ -97,11 +120,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "bench",
         help="benchmark model families, YOSO / decoding / large-vocab scaling",
         description="train: every family's train step vs transformers (bench.json/md/png). "
-        "yoso, decoding, mlm_logits: scaling suites (<suite>.json/md/png); all: every suite.",
+        "yoso, decoding, mlm_logits: scaling suites (<suite>.json/md/png); data: the input "
+        "pipeline's memory and throughput (data.json/md); all: train and the scaling suites.",
     )
     p.add_argument(
         "--suite",
-        choices=("train", "yoso", "decoding", "mlm_logits", "all"),
+        choices=("train", "yoso", "decoding", "mlm_logits", "data", "all"),
         default="train",
         help="which benchmark (default: train)",
     )
@@ -170,11 +194,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
         else:
             bad.append(tok)
         i += 1
+    if bad and args.command == "prepare":
+        args.beam_args, bad = bad, []  # Apache Beam's pipeline options, passed through
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    if overrides and args.command not in ("train", "eval", "memory", "compile"):
+    if overrides and args.command not in ("train", "eval", "prepare", "memory", "compile"):
         parser.error(
-            f"config overrides are only accepted by train, eval, memory and compile: {overrides[0]}"
+            "config overrides are only accepted by train, eval, prepare, memory and compile: "
+            f"{overrides[0]}"
         )
     return args, overrides
 
@@ -258,6 +285,12 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         else:
             result = _impl("xformers_jax.train", "evaluate")(config, workdir)
         _print_result(result)
+    elif args.command == "prepare":
+        config = config_lib.load_config(args.config, overrides)
+        manifest = _impl("xformers_jax.data.prepare", "prepare")(
+            config, args.out, getattr(args, "beam_args", []), shard_records=args.shard_records
+        )
+        _print_result(_impl("xformers_jax.data.prepare", "summary")(manifest))
     elif args.command == "memory":
         config = config_lib.load_config(args.config, overrides)
         memory = importlib.import_module("xformers_jax.memory")

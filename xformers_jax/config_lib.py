@@ -91,7 +91,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.tokenizer = ""  # '' = train a sentencepiece model on the training data.
     c.data.vocab_size = 8000
     c.data.mask_prob = 0.15
-    c.data.num_workers = 0
+    c.data.num_workers = 0  # grain worker processes tokenising / making examples (0 = threads)
+    c.data.text_field = "text"  # the text of a .jsonl record / .parquet column
+    c.data.prepared_dir = ""  # '' = read data.train_files; else `xformers-jax prepare`'s --out
+    c.data.streaming = False  # stream data.train_files (lazily, tokenised in grain workers)
+    c.data.mixture = None  # {name: {"files": [...], "weight": w}}: sources sampled together
+    c.data.mixture_alpha = 0.3  # source weight ~ token share ** alpha (when no "weight")
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"
@@ -660,6 +665,41 @@ def _check_files(config, key: str) -> None:
         raise ConfigError(f"config key {key!r} must be a non-empty list of paths, got {v!r}")
 
 
+def _check_data_sources(config) -> None:
+    """The keys of prepared / streamed / mixed data (absent in configs saved before them)."""
+    data = config.data
+    for key in ("text_field", "prepared_dir"):
+        if key in data and not isinstance(data[key], str):
+            raise ConfigError(f"config key 'data.{key}' must be a string, got {data[key]!r}")
+    if data.get("text_field", "x") == "":
+        raise ConfigError("config key 'data.text_field' must be a non-empty string")
+    if "streaming" in data and not isinstance(data.streaming, bool):
+        raise ConfigError(
+            f"config key 'data.streaming' must be true or false, got {data.streaming!r}"
+        )
+    if "mixture_alpha" in data:
+        _check_num(config, "data.mixture_alpha", 0.0, 1.0)
+    mixture = data.get("mixture")
+    if mixture is None:
+        return
+    if not hasattr(mixture, "items") or not mixture:
+        raise ConfigError(
+            "config key 'data.mixture' must map source names to {'files': [...], 'weight': w}, "
+            f"got {mixture!r}"
+        )
+    for name, spec in mixture.items():
+        files = spec.get("files") if hasattr(spec, "get") else None
+        if isinstance(files, str):
+            files = [files]
+        if not files or not all(isinstance(f, str) and f for f in files):
+            raise ConfigError(f"config key 'data.mixture.{name}' needs 'files': a list of paths")
+        weight = spec.get("weight")
+        if weight is not None and (not _is_num(weight) or weight < 0):
+            raise ConfigError(
+                f"config key 'data.mixture.{name}.weight' must be >= 0, got {weight!r}"
+            )
+
+
 def _check_mesh(config) -> None:
     auto = []
     for axis in MESH_AXES:
@@ -715,7 +755,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_int(config, "data.vocab_size", 1)
     _check_num(config, "data.mask_prob", 0.0, 1.0, hi_open=True)
     _check_int(config, "data.num_workers", 0)
-    _validate_image_data(config)
+    _check_data_sources(config)
 
     _check_choice(config, "optim.name", OPTIMIZERS)
     _check_choice(config, "optim.schedule", SCHEDULES)

@@ -9,6 +9,7 @@ import pytest
 from xformers_jax.data import (
     IGNORE_INDEX,
     DataError,
+    chatterbot_texts,
     mlm_dataset,
     pack_sequences,
     tokens_per_batch,
@@ -207,3 +208,48 @@ def test_iterator_state_is_small_json(native_tokenizer, text_files):
     for _ in itertools.islice(it, 2):
         pass
     assert json.loads(json.dumps(it.get_state())) == it.get_state()
+
+
+def test_no_eval_files_is_a_holdout_not_the_training_files(tmp_path, native_tokenizer):
+    from xformers_jax.data.sources import is_holdout
+
+    path = tmp_path / "c.txt"
+    texts = chatterbot_texts(["english"])
+    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    kw = dict(seq_len=64, batch_size=4, seed=0)
+    ev = mlm_dataset([str(path)], native_tokenizer, train=False, holdout="eval", **kw)
+    tok = native_tokenizer
+    held = {tuple(tok.encode(t, add_special_tokens=False)[:62]) for t in texts if is_holdout(t)}
+    segments = []
+    for b in ev:
+        for row in np.where(b["labels"] != -100, b["labels"], b["input_ids"]):
+            ids = [int(x) for x in row if x not in (tok.bos_id, tok.pad_id)]
+            while tok.eos_id in ids:
+                cut = ids.index(tok.eos_id)
+                segments.append(tuple(ids[:cut]))
+                ids = ids[cut + 1 :]
+    assert segments and set(segments) <= held
+
+
+def test_span_and_plm_rows_do_not_depend_on_host_count(native_tokenizer, text_files, tmp_path):
+    from xformers_jax.data import span_corruption_dataset
+    from xformers_jax.data.plm_examples import plm_dataset
+    from xformers_jax.data.xlnet_tokenizer import XLNetTokenizer
+
+    xl = XLNetTokenizer.train(chatterbot_texts()[::15], tmp_path / "x", 2000)
+    makers = [
+        lambda **kw: span_corruption_dataset(
+            text_files, native_tokenizer, inputs_length=32, vocab_size=2100, **kw
+        ),
+        lambda **kw: plm_dataset(
+            text_files, xl, seq_len=32, num_predict=5, perm_size=8, bi_data=False, **kw
+        ),
+    ]
+    for make in makers:
+        whole = _take(iter(make(batch_size=8, seed=4)), 2)
+        parts = [_take(iter(make(batch_size=4, seed=4, shard_index=i, shard_count=2)), 2)
+                 for i in range(2)]  # fmt: skip
+        for step, g in enumerate(whole):
+            for k in g:
+                got = np.concatenate([parts[0][step][k], parts[1][step][k]])
+                np.testing.assert_array_equal(got, g[k])

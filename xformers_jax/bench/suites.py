@@ -62,7 +62,7 @@ def main(
     from xformers_jax.config_lib import UserError
 
     names = ["train", *SUITES] if suite == "all" else [suite]
-    unknown = [s for s in names if s != "train" and s not in SUITES]
+    unknown = [s for s in names if s not in ("train", "data") and s not in SUITES]
     if unknown:
         raise UserError(
             f"unknown bench suite {unknown[0]!r}; known: train, {', '.join(SUITES)}, all"
@@ -85,7 +85,10 @@ def main(
     harness.select_device(device)
     results = {}
     for name in names:
-        if name == "train":
+        if name == "data":
+            # The input pipeline (bench/data.py): minutes of prepare and short training runs.
+            results[name] = importlib.import_module("xformers_jax.bench.data").main(out_dir)
+        elif name == "train":
             kw = dict(config=config, dtype=dtype, overrides=overrides)
             if n is not None:
                 kw["n"] = n

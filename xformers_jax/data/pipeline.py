@@ -24,7 +24,8 @@ import jax
 import numpy as np
 
 from xformers_jax.data.collators import mlm_mask
-from xformers_jax.data.corpus import DataError, read_lines
+from xformers_jax.data.corpus import DataError
+from xformers_jax.data.sources import read_texts
 
 # A prefetch buffer of a few batches hides host work behind the device step without holding
 # hundreds of batches (grain's default of 500) in memory.
@@ -119,6 +120,8 @@ def mlm_dataset(
     train: bool = True,
     shard_index: int = 0,
     shard_count: int = 1,
+    text_field: str = "text",
+    holdout: str | None = None,
     vocab_size: int | None = None,
     read_options: grain.ReadOptions | None = None,
 ) -> grain.IterDataset:
@@ -130,7 +133,9 @@ def mlm_dataset(
     the same number of full batches and the eval step compiles once.
 
     Args:
-        files: text file path(s), read with `read_lines` (bad files raise `DataError`).
+        files: paths, globs or gs:// URLs of .txt / .jsonl / .parquet files (.gz, .zst), read
+            with `sources.read_texts` (bad files raise `DataError`); `text_field`: their text
+            field; `holdout`: "train" / "eval" takes a content-hash split of them.
         tokenizer: a `SentencePieceTokenizer`.
         seq_len: tokens per row (`T`), specials included.
         batch_size: rows per batch yielded by this shard (`B`): the per-host slice of the
@@ -152,7 +157,7 @@ def mlm_dataset(
     files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
     if not files:
         raise ValueError("files: no text files given")
-    lines = [line for path in files for line in read_lines(path)]
+    lines = read_texts(files, text_field, holdout)
     rows = pack_sequences(
         tokenizer.encode_many(lines, add_special_tokens=False),
         seq_len,

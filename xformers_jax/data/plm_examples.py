@@ -24,8 +24,9 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from xformers_jax.data.corpus import DataError, read_lines
+from xformers_jax.data.corpus import DataError
 from xformers_jax.data.pipeline import iterate, sharded_stream
+from xformers_jax.data.sources import read_texts
 
 IGNORE_INDEX = -100
 
@@ -108,18 +109,24 @@ def plm_example(
     )
 
 
+def plm_one(x: np.ndarray, rng: np.random.Generator, *, others, **kw) -> dict[str, np.ndarray]:
+    """A chunk of raw ids -> one example: cut into A and B, B replaced half of the time by the
+    start of a random chunk of `others` (anything with `len` and `[i]`)."""
+    cut = int(rng.integers(1, len(x) - 1))
+    a, b = x[:cut], x[cut:]
+    if rng.random() < 0.5:  # B not A's continuation
+        row = others[int(rng.integers(0, len(others)))]
+        b = row[: len(b)]
+    return plm_example(a, b, rng, **kw)
+
+
 def _make_row(
     chunk: np.ndarray, rng: np.random.Generator, *, others: np.ndarray, bi_data: bool, **kw
 ) -> dict[str, np.ndarray]:
     """A chunk of raw ids -> one example (two stacked, forward then reversed, with bi_data)."""
 
     def one(x):
-        cut = int(rng.integers(1, len(x) - 1))
-        a, b = x[:cut], x[cut:]
-        if rng.random() < 0.5:  # B not A's continuation
-            row = others[int(rng.integers(0, len(others)))]
-            b = row[: len(b)]
-        return plm_example(a, b, rng, **kw)
+        return plm_one(x, rng, others=others, **kw)
 
     if not bi_data:
         return one(chunk)
@@ -147,6 +154,8 @@ def plm_dataset(
     train: bool = True,
     shard_index: int = 0,
     shard_count: int = 1,
+    text_field: str = "text",
+    holdout: str | None = None,
 ) -> grain.IterDataset:
     """Permutation-LM batches from UTF-8 text files, resumable (grain iterator state).
 
@@ -159,10 +168,9 @@ def plm_dataset(
         raise ValueError("seq_len >= 8, num_predict >= 1 and perm_size >= 1 are required")
     files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
     stream: list[int] = []
-    for path in files:
-        for line in read_lines(path):
-            stream.extend(tokenizer.encode(line, add_special_tokens=False))
-            stream.append(tokenizer.eod_token_id)
+    for line in read_texts(files, text_field, holdout):
+        stream.extend(tokenizer.encode(line, add_special_tokens=False))
+        stream.append(tokenizer.eod_token_id)
     body = seq_len - 3
     rows = np.asarray(stream[: len(stream) // body * body], np.int32).reshape(-1, body)
     if rows.shape[0] < 2:

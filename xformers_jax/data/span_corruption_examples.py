@@ -19,8 +19,9 @@ import grain
 import numpy as np
 
 from xformers_jax.data.collators import IGNORE_INDEX
-from xformers_jax.data.corpus import DataError, read_lines
+from xformers_jax.data.corpus import DataError
 from xformers_jax.data.pipeline import global_batch_rows, iterate, sharded_stream
+from xformers_jax.data.sources import read_texts
 
 
 def _lengths(tokens_length: int, noise_density: float, mean_span: float) -> tuple[int, int]:
@@ -137,6 +138,8 @@ def span_corruption_dataset(
     train: bool = True,
     shard_index: int = 0,
     shard_count: int = 1,
+    text_field: str = "text",
+    holdout: str | None = None,
 ) -> grain.IterDataset:
     """Span-corruption batches from UTF-8 text files (one document per line).
 
@@ -168,7 +171,7 @@ def span_corruption_dataset(
         inputs_length, noise_density, mean_noise_span_length
     )
     files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
-    lines = [line for path in files for line in read_lines(path)]
+    lines = read_texts(files, text_field, holdout)
     stream = np.concatenate(
         [np.asarray(t, np.int32) for t in tokenizer.encode_many(lines, add_special_tokens=False)]
         or [np.zeros(0, np.int32)]

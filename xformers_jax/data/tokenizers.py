@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from xformers_jax import config_lib, paths
-from xformers_jax.data.corpus import default_corpus, read_lines
+from xformers_jax.data.corpus import default_corpus
+from xformers_jax.data.sources import expand_files, iter_corpus
 
 
 def train_files(config, workdir: str) -> list[str]:
@@ -24,7 +25,8 @@ def train_files(config, workdir: str) -> list[str]:
 
 
 def eval_files(config, workdir: str) -> list[str]:
-    """`data.eval_files`, else `data.train_files`, else the bundled corpus' eval split."""
+    """`data.eval_files`, else `data.train_files` (whose held-out slice `holdout` selects),
+    else the bundled corpus' eval split."""
     if config.data.eval_files:
         return list(config.data.eval_files)
     if config.data.train_files:
@@ -32,8 +34,16 @@ def eval_files(config, workdir: str) -> list[str]:
     return [default_corpus(paths.join(workdir, "corpus"))[1]]
 
 
-def _corpus_lines(config, workdir: str) -> list[str]:
-    return [line for f in train_files(config, workdir) for line in read_lines(f)]
+def holdout(config, split: str) -> str | None:
+    """`split` ("train" / "eval") when the eval data is a held-out slice of `data.train_files`
+    (no `data.eval_files`), else None: the split's files are read whole."""
+    return split if config.data.train_files and not config.data.eval_files else None
+
+
+def _corpus_lines(config, workdir: str):
+    """The training texts, streamed (tokenizer training samples `input_sentence_size` of them)."""
+    files = expand_files(train_files(config, workdir))
+    return iter_corpus(files, config.data.get("text_field", "text"))
 
 
 def _sentencepiece(path: str, convention: str = "native"):

@@ -103,6 +103,10 @@ class XLNetTokenizer:
             control_symbols=["<cls>", "<sep>", "<pad>", "<mask>", "<eod>"],
             user_defined_symbols=["<eop>"],
             hard_vocab_limit=False,
+            # A shuffled sample (reservoir) of at most this many sentences is kept, never the
+            # whole corpus.
+            input_sentence_size=2_000_000,
+            shuffle_input_sentence=True,
             minloglevel=2,
         )
 

@@ -92,7 +92,7 @@ def datasets(config, make: Callable[..., Any], train_args: tuple, eval_args: tup
     batch_size, seed = host_batch_size(config), config.train.seed
 
     def factory(args: tuple, train: bool, split_seed: int):
-        return lambda shard_index, shard_count: make(
+        return lambda shard_index, shard_count, **more: make(
             *args,
             batch_size=batch_size,
             seed=split_seed,
@@ -100,6 +100,7 @@ def datasets(config, make: Callable[..., Any], train_args: tuple, eval_args: tup
             shard_index=shard_index,
             shard_count=shard_count,
             **kwargs,
+            **more,
         )
 
     return factory(train_args, True, seed), factory(eval_args, False, seed + 1)
@@ -108,10 +109,95 @@ def datasets(config, make: Callable[..., Any], train_args: tuple, eval_args: tup
 def corpus_datasets(config, workdir: str, make: Callable[..., Any], **kwargs):
     """`datasets` of `make(files, ...)` over the run's training and eval text files
     (`data.tokenizers.train_files` / `eval_files`)."""
-    from xformers_jax.data.tokenizers import eval_files, train_files
+    from xformers_jax.data.tokenizers import eval_files, holdout, train_files
 
     train, evaluation = (train_files(config, workdir),), (eval_files(config, workdir),)
-    return datasets(config, make, train, evaluation, **kwargs)
+    train_data, eval_data = datasets(
+        config, make, train, evaluation, text_field=config.data.get("text_field", "text"), **kwargs
+    )
+    if holdout(config, "eval") is None:
+        return train_data, eval_data
+    # No eval files: a held-out slice of the training files by content hash, never the files.
+    return (
+        lambda i, n: train_data(i, n, holdout="train"),
+        lambda i, n: eval_data(i, n, holdout="eval"),
+    )
+
+
+def prepared_tokenizer(config):
+    """The tokenizer saved with `data.prepared_dir`'s shards (None without one, or when
+    `data.tokenizer` names the tokenizer)."""
+    if not config.data.get("prepared_dir") or config.data.tokenizer:
+        return None
+    from xformers_jax.data.prepared import Prepared
+
+    return Prepared.open(config.data.prepared_dir).tokenizer()
+
+
+def _make_row(config, tokenizer, objective: str, **kwargs):
+    """`(chunk, rng, others, reverse) -> example` of `objective` (`data.prepared.*_row`)."""
+    import functools
+
+    from xformers_jax.data import prepared
+
+    d = config.data
+    if objective == "mlm":
+        masker = prepared.MlmMasker(
+            vocab_size=tokenizer.vocab_size,
+            special_ids=tokenizer.special_ids,
+            mask_token_id=tokenizer.mask_id,
+            mask_prob=d.mask_prob,
+            pad_id=tokenizer.pad_id,
+        )
+        return functools.partial(
+            prepared.mlm_row,
+            seq_len=d.seq_len,
+            bos_id=tokenizer.bos_id,
+            pad_id=tokenizer.pad_id,
+            masker=masker,
+        )
+    if objective == "plm":
+        return functools.partial(
+            prepared.plm_row, sep_id=tokenizer.sep_token_id, cls_id=tokenizer.cls_token_id, **kwargs
+        )
+    from xformers_jax.data.span_corruption_examples import random_spans_helper
+
+    _, targets_length = random_spans_helper(
+        d.seq_len, kwargs["noise_density"], kwargs["mean_noise_span_length"]
+    )
+    return functools.partial(
+        prepared.span_row,
+        inputs_length=d.seq_len,
+        targets_length=targets_length,
+        pad_id=tokenizer.pad_id,
+        eos_id=tokenizer.eos_id,
+        **kwargs,
+    )
+
+
+def text_data(config, workdir: str, tokenizer, objective: str, **kwargs):
+    """`(train_data, eval_data)` of a pretraining objective (`mlm`, `plm`, `span_corruption`)
+    from `data.prepared_dir`'s shards, or streamed from `data.train_files` with
+    `data.streaming`; None for neither (the small in-memory pipelines). `kwargs`: the
+    objective's example options."""
+    from xformers_jax.data import prepared
+    from xformers_jax.data.prepare import layout
+
+    d = config.data
+    if not (d.get("prepared_dir") or (d.get("streaming") and d.train_files)):
+        return None
+    host_batch_size(config)  # the batch must split over the hosts
+    make_row = _make_row(config, tokenizer, objective, **kwargs)
+    lay = layout(config, tokenizer)
+    if d.get("prepared_dir"):
+        _, data = prepared.prepared_datasets(
+            config, make_row, lay["chunk_len"], streams=objective == "plm"
+        )
+        return data
+    from xformers_jax.data.streaming import streaming_datasets
+
+    bi_data = objective == "plm" and bool(config.model.get("bi_data", False))
+    return streaming_datasets(config, workdir, tokenizer, make_row, lay, bi_data=bi_data)
 
 
 def zeros_batch(batch_size: int, **fields: tuple[tuple[int, ...], Any]) -> dict[str, np.ndarray]:

@@ -94,17 +94,19 @@ def build(config, workdir: str, tokenizer=None) -> TaskSpec:
     from xformers_jax.data.tokenizers import text_tokenizer
 
     if tokenizer is None:
-        tokenizer = text_tokenizer(config, workdir)
+        tokenizer = common.prepared_tokenizer(config) or text_tokenizer(config, workdir)
     built = models.build_model(config.model, task="mlm")
     common.check_vocab(tokenizer.vocab_size, built[1])
-    data = common.corpus_datasets(
-        config,
-        workdir,
-        mlm_dataset,
-        tokenizer=tokenizer,
-        seq_len=config.data.seq_len,
-        mask_prob=config.data.mask_prob,
-    )
+    data = common.text_data(config, workdir, tokenizer, "mlm")
+    if data is None:
+        data = common.corpus_datasets(
+            config,
+            workdir,
+            mlm_dataset,
+            tokenizer=tokenizer,
+            seq_len=config.data.seq_len,
+            mask_prob=config.data.mask_prob,
+        )
     zeros = np.zeros((common.host_batch_size(config), config.data.seq_len), np.int32)
     init_batch = {"input_ids": zeros, "attention_mask": zeros + 1, "labels": zeros}
     loss = make_loss_fn(config)

@@ -2,9 +2,11 @@
 stream (`perm_mask` + `target_mapping`), mean cross-entropy over the real targets.
 
 With `model.use_mems_train` and a `mem_len`, Transformer-XL mems are carried across training
-steps in the train state (`TrainState.extra`, sharded on batch, saved in checkpoints). Batch row i
-of consecutive steps comes from the shuffled corpus, not a contiguous stream, so the recurrence
-links unrelated segments; the mechanics match the original, the data order does not.
+steps in the train state (`TrainState.extra`, sharded on batch, saved in checkpoints). From
+prepared shards (`data.prepared_dir`) batch row i of consecutive steps reads consecutive chunks of
+one contiguous stream of text, as the original pipeline does, so the mems hold the preceding
+segment of the same text; the small in-memory pipeline (`data.train_files` without prepare)
+shuffles chunks, so there the recurrence links unrelated segments.
 """
 
 from __future__ import annotations
@@ -54,24 +56,28 @@ def build(config, workdir: str, tokenizer=None) -> TaskSpec:
     # XLNet's tokenizer (spm model `spiece.model`), trained on the corpus once unless the config,
     # the workdir or `init_from` hold one.
     if tokenizer is None:
-        tokenizer = text_tokenizer(config, workdir, default_type="xlnet")
+        tokenizer = common.prepared_tokenizer(config) or text_tokenizer(
+            config, workdir, default_type="xlnet"
+        )
     built = models.build_model(config.model, task="plm")
     model_cfg = built[1]
     common.check_vocab(tokenizer.vocab_size, model_cfg)
     d = config.data
     seq_len, num_predict = d.seq_len, d.num_predict
-    data = common.corpus_datasets(
-        config,
-        workdir,
-        plm_dataset,
-        tokenizer=tokenizer,
-        seq_len=seq_len,
-        num_predict=num_predict,
-        perm_size=d.perm_size,
-        reuse_len=d.reuse_len,
-        bi_data=bool(model_cfg.bi_data),
-        max_span=d.max_span,
+    plm_kwargs = dict(
+        num_predict=num_predict, perm_size=d.perm_size, reuse_len=d.reuse_len, max_span=d.max_span
     )
+    data = common.text_data(config, workdir, tokenizer, "plm", **plm_kwargs)
+    if data is None:
+        data = common.corpus_datasets(
+            config,
+            workdir,
+            plm_dataset,
+            tokenizer=tokenizer,
+            seq_len=seq_len,
+            bi_data=bool(model_cfg.bi_data),
+            **plm_kwargs,
+        )
     init_batch = common.zeros_batch(
         common.host_batch_size(config),
         input_ids=((seq_len,), np.int32),

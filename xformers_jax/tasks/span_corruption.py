@@ -47,20 +47,25 @@ def build(config, workdir: str, tokenizer=None) -> TaskSpec:
     from xformers_jax.data.tokenizers import seq2seq_tokenizer
 
     if tokenizer is None:
-        tokenizer = seq2seq_tokenizer(config, workdir)
+        tokenizer = common.prepared_tokenizer(config) or seq2seq_tokenizer(config, workdir)
     built = common.build_text_to_text(config, tokenizer, "span_corruption")
     d = config.data
-    data = common.corpus_datasets(
-        config,
-        workdir,
-        span_corruption_dataset,
-        tokenizer=tokenizer,
-        inputs_length=d.seq_len,
+    span_kwargs = dict(
         vocab_size=sentinel_vocab_size(tokenizer, built[1], d.num_sentinels),
         noise_density=d.noise_density,
         mean_noise_span_length=d.mean_noise_span_length,
-        num_sentinels=d.num_sentinels,
     )
+    data = common.text_data(config, workdir, tokenizer, "span_corruption", **span_kwargs)
+    if data is None:
+        data = common.corpus_datasets(
+            config,
+            workdir,
+            span_corruption_dataset,
+            tokenizer=tokenizer,
+            inputs_length=d.seq_len,
+            num_sentinels=d.num_sentinels,
+            **span_kwargs,
+        )
     _, targets_length = random_spans_helper(d.seq_len, d.noise_density, d.mean_noise_span_length)
     init_batch = common.zeros_batch(
         common.host_batch_size(config),
