@@ -337,6 +337,24 @@ def _one_line(e: BaseException) -> str:
     return " ".join(msg.split())
 
 
+def _restart_with_unlimited_stack() -> None:
+    """Re-executes this command once with the stack limit raised to its hard limit (as `ulimit -s
+    unlimited`): XLA:TPU's cost model recurses deeply on the largest presets (XLM-R xxl on
+    v5p-512 overflowed the default 8 MiB stack). The limit must be set before the process
+    starts for the main thread and the default thread stacks to follow it."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    if soft == hard or os.environ.get("XFORMERS_JAX_STACK_RAISED") == "1":
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_STACK, (hard, hard))
+    except (ValueError, OSError):
+        return
+    os.environ["XFORMERS_JAX_STACK_RAISED"] = "1"
+    os.execv(sys.executable, [sys.executable, "-m", "xformers_jax", *sys.argv[1:]])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI.
 
@@ -348,6 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     from xformers_jax.bench import host_alloc
 
+    if argv is None and sys.argv[1:2] == ["compile"]:
+        _restart_with_unlimited_stack()
     host_alloc.tune_for_xla_cpu()  # before jax starts its threads
     try:
         args, overrides = parse_args(argv)
