@@ -184,15 +184,17 @@ def test_bench_and_convert_dispatch(monkeypatch):
     bench.main = lambda families, out_dir, **kw: seen.update(bench=(families, out_dir, kw))
     bench.bench_config = lambda name, overrides: dict(name=name)
     ckpt = types.ModuleType("xformers_jax.checkpoint")
-    ckpt.convert_hf_to_orbax = lambda hf, out, head=None: seen.update(convert=(hf, out, head))
-    ckpt.export_orbax_to_hf = lambda ck, out: seen.update(export=(ck, out))
+    ckpt.convert_command = lambda hf, out, **kw: seen.update(convert=(hf, out, kw))
+    ckpt.export_orbax_to_hf = lambda ck, out, **kw: seen.update(export=(ck, out, kw))
     monkeypatch.setitem(sys.modules, "xformers_jax.bench.train", bench)
     monkeypatch.setitem(sys.modules, "xformers_jax.checkpoint", ckpt)
     assert cli.main(["bench", "--family", "yoso", "--out", "b"]) == 0
     assert cli.main(["convert", "--hf", "h", "--out", "o"]) == 0
     assert cli.main(["export", "--checkpoint", "c", "--hf-out", "e"]) == 0
     kw = dict(config="default", dtype="float32", overrides=None)
-    assert seen == {"bench": (["yoso"], "b", kw), "convert": ("h", "o", None), "export": ("c", "e")}
+    convert = ("h", "o", dict(head=None, mesh=None, devices=None))
+    export = ("c", "e", dict(dtype="float32", step=None))
+    assert seen == {"bench": (["yoso"], "b", kw), "convert": convert, "export": export}
 
 
 def test_bugs_still_raise(monkeypatch, config_file, tmp_path):

@@ -175,12 +175,26 @@ class SafetensorsTensor(lazy.Lazy):
         row = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
         if b <= a or row == 0:
             return np.zeros(lazy.box_shape(index), self.dtype)
+        rest = (slice(None), *index[1:])
+        if all(s.stop - s.start == n for s, n in zip(index[1:], self.shape[1:])):
+            return self._rows(a, b, row)[rest]
+        # A box narrower than the rows (an embedding sharded on its columns): read the rows in
+        # chunks of about _CHUNK bytes and keep the columns, so the raw bytes held stay small.
+        out = np.empty(lazy.box_shape(index), self.dtype)
+        step = max(1, _CHUNK // row)
+        for c in range(a, b, step):
+            out[c - a : min(b, c + step) - a] = self._rows(c, min(b, c + step), row)[rest]
+        return out
+
+    def _rows(self, a: int, b: int, row: int) -> np.ndarray:
         try:
             raw = paths.read_range(self.file, self.start + a * row, self.start + b * row)
         except OSError as e:
             raise CheckpointError(f"cannot read {self.key} from {self.file}: {e}") from e
-        x = np.frombuffer(raw, self.dtype).reshape((b - a, *self.shape[1:]))
-        return x[(slice(None), *index[1:])]
+        return np.frombuffer(raw, self.dtype).reshape((b - a, *self.shape[1:]))
+
+
+_CHUNK = 16 << 20  # bytes of rows read at once for a narrow box
 
 
 def _open_safetensors(file: str) -> dict[str, SafetensorsTensor]:
@@ -352,7 +366,8 @@ def write_safetensors(file: str, tensors: Mapping[str, Any], write: bool = True)
             x = v.read() if lazy.is_lazy(v) else v
             if f is None or x is None:
                 continue
-            x = np.ascontiguousarray(x, np.dtype(v.dtype))
+            x = np.asarray(x, np.dtype(v.dtype))
+            x = x if x.flags.c_contiguous else x.copy()  # (ascontiguousarray makes 0-d 1-d)
             if x.shape != tuple(v.shape):
                 raise ValueError(f"{k}: got shape {x.shape}, header says {tuple(v.shape)}")
             f.write(x.reshape(-1).view(np.uint8).data)
