@@ -129,19 +129,19 @@ def big_ckpt(tmp_path_factory):
     return path
 
 
-def test_from_pretrained_peak_memory_is_a_fraction_of_the_model(big_ckpt):
-    r = loading.measure("from_pretrained", big_ckpt, devices=8)
-    assert r["loaded"] > 130e6
-    # Reading the model whole (the file, then float32 params) costs 1.5x-3x of it on top.
-    assert r["transient"] < 0.3 * r["loaded"], r
+def test_from_pretrained_and_init_from_peak_memory_is_a_fraction_of_the_model(big_ckpt):
+    """Reading the model whole (the file, then float32 params) costs 1.5x-3x of it on top; a
+    shard at a time costs about the largest shard (4 MB here)."""
+    for op in ("from_pretrained", "init_from"):
+        r = loading.measure(op, big_ckpt, devices=8)
+        assert r["loaded"] > 130e6
+        assert r["transient"] < 0.2 * r["loaded"], r
 
 
-def test_init_from_and_convert_peak_memory(big_ckpt):
-    r = loading.measure("init_from", big_ckpt, devices=8)
-    assert r["transient"] < 0.3 * r["loaded"], r
+def test_convert_peak_memory_is_a_fraction_of_the_model(big_ckpt):
     r = loading.measure("convert", big_ckpt, devices=8)
-    # Nothing is kept: the increase is the groups in flight plus Orbax's writers.
-    assert r["peak"] - r["before"] < 0.8 * 140e6, r
+    # Nothing is kept: the increase is one group of params in flight plus Orbax's writers.
+    assert r["peak"] - r["before"] < 0.9 * 140e6, r
 
 
 # --------------------------------------------------------------------------------------------------

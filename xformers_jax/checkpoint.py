@@ -230,7 +230,7 @@ def save_orbax(model: hub.PretrainedModel, out_dir: str | os.PathLike) -> None:
 
 # Params written per partial save of `convert_hf_to_orbax`: what it holds at once beyond one
 # param, whatever the model's size.
-CONVERT_GROUP_BYTES = 256 << 20
+CONVERT_GROUP_BYTES = 64 << 20
 
 
 def convert_hf_to_orbax(

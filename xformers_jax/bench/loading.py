@@ -120,7 +120,11 @@ def _child(op: str, ckpt: str, work: str) -> dict[str, Any]:
     shardings = hub.param_shardings(config, arch, mesh)  # traces the abstract params (cached)
     # init_from fills a run's initialised params: made (and compiled) before the measurement.
     fresh = _fresh_params(config, arch, shardings) if op == "init_from" else None
+    jax.block_until_ready(fresh)  # dispatch is asynchronous: the init's buffers exist now
+    lazy.release_freed_memory()  # what earlier work freed is not this operation's baseline
     before = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS: the peak is this operation's
     t0 = time.perf_counter()
     if op == "from_pretrained":
         model = hub.from_pretrained(ckpt, mesh=mesh)
@@ -204,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(
                     f"| {size} | {n / 1e9:.2f}B | {op} | {r['loaded'] / gib:.2f} | "
                     f"{(r['peak'] - r['before']) / gib:.2f} | {r['transient'] / gib:.2f} | "
-                    f"{r['transient'] / max(r['loaded'], file_bytes):.0%} | {r['seconds']:.1f} | "
+                    f"{r['transient'] / (4 * n):.0%} | {r['seconds']:.1f} | "
                     f"{r['seconds'] / (file_bytes / 1e9):.1f} |",
                     flush=True,
                 )

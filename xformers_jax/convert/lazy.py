@@ -284,7 +284,27 @@ def place_one(x: Lazy | np.ndarray, sharding: Any, dtype: Any = None) -> Any:
             arrays[d] = jax.device_put(host, d)
         del host
     ordered = [arrays[d] for d in sharding.addressable_devices_indices_map(shape)]
-    return jax.make_array_from_single_device_arrays(shape, sharding, ordered)
+    out = jax.make_array_from_single_device_arrays(shape, sharding, ordered)
+    release_freed_memory()
+    return out
+
+
+_LIBC: list = []
+
+
+def release_freed_memory() -> None:
+    """Hands memory freed by the last shard's reads back to the OS (glibc keeps freed blocks of
+    its heap otherwise, and a process's footprint would grow with every param it reads)."""
+    if not _LIBC:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0](0)
 
 
 @dataclasses.dataclass(eq=False, repr=False)
