@@ -140,8 +140,9 @@ def test_from_pretrained_and_init_from_peak_memory_is_a_fraction_of_the_model(bi
 
 def test_convert_peak_memory_is_a_fraction_of_the_model(big_ckpt):
     r = loading.measure("convert", big_ckpt, devices=8)
-    # Nothing is kept: the increase is one group of params in flight plus Orbax's writers.
-    assert r["peak"] - r["before"] < 0.9 * 140e6, r
+    # Nothing is kept: the increase is one group of params in flight, Orbax's host copy of it
+    # and its writers (about 150 MB here); through from_pretrained it was 3-4x the model.
+    assert r["peak"] - r["before"] < 1.3 * 140e6, r
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,7 +286,7 @@ def test_gs_from_pretrained_convert_init_from_export(tmp_path, bucket):
 
     out = paths.join(bucket, "export")
     args = ["export", "--checkpoint", orbax, "--hf-out", out, "--dtype", "bfloat16"]
-    assert cli.main([*args, "--max-shard-size", "60000"]) == 0
+    assert cli.main([*args, "--max-shard-size", "20000"]) == 0
     assert hf_files.SAFE_INDEX in paths.listdir(out)
     back = tmp_path / "back"
     for name in paths.listdir(out):

@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from xformers_jax import convert, hf_files, hub, paths
 from xformers_jax.convert import param_map as pm
@@ -146,8 +147,6 @@ def load_params(directory: str, abstract: Any | None = None) -> Any:
 
 def _saved_tree(state_dir: str) -> Any:
     """The tree metadata (nested dicts of array metadata) of a saved train state."""
-    from etils import epath
-
     # The item handler reads the tree metadata alone (the step-level metadata file lives one
     # directory up, where the checkpointer's `metadata` would look for it and warn).
     meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
@@ -198,13 +197,18 @@ def restore_partial(item_dir: str, target: dict[str, Any]) -> dict[str, Any]:
         lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
         target,
     )
-    with ocp.PyTreeCheckpointer() as ckptr:
-        return ckptr.restore(
-            item_dir,
+    # The item handler, not a checkpointer: a checkpointer also wants the item directory itself
+    # marked finalized (commit_success.txt on gs://), which Orbax writes one level up.
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        return handler.restore(
+            epath.Path(item_dir),
             args=ocp.args.PyTreeRestore(
                 item=target, restore_args=restore_args, partial_restore=True
             ),
         )
+    finally:
+        handler.close()
 
 
 def _cpu_abstract(shapes: Any) -> Any:
@@ -245,7 +249,10 @@ def convert_hf_to_orbax(
     streamed: params are read slice by slice onto `mesh` (each host its devices' shards; None:
     one device), a group of about `group_bytes` at a time, and each group is added to the
     checkpoint (Orbax partial saves, every host writing its shards) before the next is read.
-    The model is never held whole, on the host or on the devices. Local or gs:// for both.
+    The model is never held whole, on the host or on the devices. Local or gs:// for both: a
+    gs:// export is written to a local temporary directory and uploaded file by file (one
+    process), or (several processes: partial saves need renames and one shared directory)
+    placed whole on the mesh, each host holding its devices' shards, and saved by every host.
 
     Raises:
       FileExistsError: `out_dir` already holds an export.
@@ -267,20 +274,30 @@ def convert_hf_to_orbax(
     from xformers_jax.models.base import dtype_from_name
 
     pdtype = np.dtype(dtype_from_name(getattr(config, "param_dtype", "float32")))
-    target = paths.join(out_dir, PARAMS_DIR)
     paths.makedirs(out_dir)
-    group: dict[Path, Any] = {}
-    size = 0
-    for p, plan in plans.items():
-        group[p] = lazy.place_one(plan, shardings[p], pdtype)
-        size += group[p].nbytes
-        if size >= group_bytes:
+    config_json = hub.hf_config_dict(config, architecture)
+    if paths.is_remote(out_dir) and jax.process_count() > 1:
+        # Partial saves need renames (no gs:// object has them) and a multi-host save one
+        # shared directory: each host holds its devices' shards of the model and writes them.
+        params = {p: lazy.place_one(plan, shardings[p], pdtype) for p, plan in plans.items()}
+        save_params(out_dir, unflatten(params))
+        hf_files.dump_json(config_json, paths.join(out_dir, CONFIG_NAME))
+        return
+    with paths.local_dir_for_writing(out_dir) as local:
+        # On gs:// the groups go to a local directory first (disk, not memory), then upload.
+        target = paths.join(local, PARAMS_DIR)
+        group: dict[Path, Any] = {}
+        size = 0
+        for p, plan in plans.items():
+            group[p] = lazy.place_one(plan, shardings[p], pdtype)
+            size += group[p].nbytes
+            if size >= group_bytes:
+                partial.save(target, unflatten(group))
+                group, size = {}, 0
+        if group:
             partial.save(target, unflatten(group))
-            group, size = {}, 0
-    if group:
-        partial.save(target, unflatten(group))
-    partial.finalize(target)
-    hf_files.dump_json(hub.hf_config_dict(config, architecture), paths.join(out_dir, CONFIG_NAME))
+        partial.finalize(target)
+    hf_files.dump_json(config_json, paths.join(out_dir, CONFIG_NAME))
 
 
 def convert_command(
@@ -331,8 +348,7 @@ def load_orbax(checkpoint_dir: str | os.PathLike, step: int | None = None) -> hu
     item_dir, key, config, architecture = _find_saved(checkpoint_dir, step)
     shapes = convert.abstract_params(config, architecture)
     if key is None:
-        with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(item_dir, _cpu_abstract(shapes))
+        params = restore_partial(item_dir, _cpu_abstract(shapes))
     else:
         params = restore_partial(item_dir, {key: _cpu_abstract(shapes)})[key]
     convert.check_tree(params, shapes)
