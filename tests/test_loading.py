@@ -293,3 +293,24 @@ def test_gs_from_pretrained_convert_init_from_export(tmp_path, bucket):
         paths.copy(paths.join(out, name), str(back / name))
     # The source was bfloat16: a bfloat16 export holds exactly its values.
     np.testing.assert_allclose(hf_logits(str(back)), hf_logits(local), atol=1e-5)
+
+
+def test_export_of_a_sharded_model_streams_the_same_tensors(tmp_path):
+    """Sharded params are gathered one HF tensor at a time (a layer of a scanned param, cast on
+    the device): the files equal those of the same model on one device."""
+    path = make_hf(tmp_path / "hf", "float16")
+    mesh = fsdp_mesh()
+    sharded = xj.from_pretrained(path, mesh=mesh)
+    single = xj.from_pretrained(path)
+    xj.save_pretrained(sharded, str(tmp_path / "a"), dtype="bfloat16", max_shard_size=20000)
+    xj.save_pretrained(single, str(tmp_path / "b"), dtype="bfloat16")
+    a, b = hf_files.load_state_dict(tmp_path / "a"), hf_files.load_state_dict(tmp_path / "b")
+    assert len(os.listdir(tmp_path / "a")) > 3 and a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+    # An Orbax export read back onto a mesh (what `export` does on accelerators / pods).
+    checkpoint.convert_hf_to_orbax(path, str(tmp_path / "orbax"), mesh=mesh)
+    back = checkpoint.load_orbax(str(tmp_path / "orbax"), mesh=mesh)
+    assert_sharded_like(back.params, back.config, back.architecture, mesh)
+    assert_same(back.params, sharded.params)

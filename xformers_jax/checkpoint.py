@@ -332,8 +332,11 @@ def convert_command(
     convert_hf_to_orbax(hf_dir, out_dir, head=head, mesh=m)
 
 
-def load_orbax(checkpoint_dir: str | os.PathLike, step: int | None = None) -> hub.PretrainedModel:
-    """A `PretrainedModel` (on the host CPU) from a params-only export or a trainer checkpoint.
+def load_orbax(
+    checkpoint_dir: str | os.PathLike, step: int | None = None, mesh: Any = None
+) -> hub.PretrainedModel:
+    """A `PretrainedModel` from a params-only export or a trainer checkpoint: on the host CPU, or
+    sharded over `mesh` by the params' logical axes (each host reads its devices' shards).
 
     From a trainer checkpoint the task's mutable collections (`TrainState.model_state`, e.g.
     BatchNorm running statistics) are read too and become the model's `collections`, so
@@ -344,13 +347,18 @@ def load_orbax(checkpoint_dir: str | os.PathLike, step: int | None = None) -> hu
       checkpoint_dir: a params-only export (`params/` + `config.json`), or anything
         `load_params_from_checkpoint` accepts.
       step: for trainer checkpoints, the step (default: the latest).
+      mesh: a `jax.sharding.Mesh`, or None (the host CPU).
     """
     item_dir, key, config, architecture = _find_saved(checkpoint_dir, step)
     shapes = convert.abstract_params(config, architecture)
-    if key is None:
-        params = restore_partial(item_dir, _cpu_abstract(shapes))
+    if mesh is None:
+        target = _cpu_abstract(shapes)
     else:
-        params = restore_partial(item_dir, {key: _cpu_abstract(shapes)})[key]
+        target = abstract_with_shardings(shapes, hub.param_shardings(config, architecture, mesh))
+    if key is None:
+        params = restore_partial(item_dir, target)
+    else:
+        params = restore_partial(item_dir, {key: target})[key]
     convert.check_tree(params, shapes)
     module = convert.init_module(config, architecture)
     collections = convert.hf_to_collections({}, config, architecture)
@@ -382,10 +390,17 @@ def export_orbax_to_hf(
     step: int | None = None,
 ) -> None:
     """Params-only export or trainer checkpoint -> HF directory (`hub.save_pretrained`, tensors
-    in `dtype`). The params are restored onto the first device and written one HF tensor at a
-    time."""
+    in `dtype`), written one HF tensor at a time. The params are restored onto the host CPU on one
+    CPU-only process; sharded over all devices on accelerators or several processes, so that no
+    host holds the model (process 0 writes)."""
     hub._export_dtype(dtype)  # a bad dtype fails before anything is read
-    model = load_orbax(checkpoint_dir, step)
+    mesh = None
+    if jax.process_count() > 1 or jax.default_backend() != "cpu":
+        # Sharded over every device (each host reads its shards): no host holds the model.
+        from xformers_jax import sharding
+
+        mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    model = load_orbax(checkpoint_dir, step, mesh=mesh)
     hub.save_pretrained(model, hf_out, dtype=dtype, max_shard_size=max_shard_size)
 
 
