@@ -419,8 +419,8 @@ def save_pretrained(
     a new `path` appears complete or not at all; into an existing `path` each file is replaced
     atomically (other files, e.g. a tokenizer, are kept; stale weight files that would shadow the
     new ones are removed). On gs:// each object is uploaded whole, `config.json` last. On
-    multi-host runs every process must call this (each tensor is gathered once, onto process 0,
-    which writes).
+    multi-host runs every process must call this (each tensor is gathered once, one at a time;
+    process 0 copies it to its host and writes).
 
     Args:
       model: a `PretrainedModel`.

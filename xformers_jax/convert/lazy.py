@@ -365,34 +365,45 @@ class Stored(Lazy):
         if not isinstance(a, jax.Array):
             x = np.asarray(a if i is None else a[i])
             return x.astype(self.dtype, copy=False)
-        whole, one = _gatherers()
+        whole, one = _gatherers(a.sharding)
         y = whole(a, self.dtype) if i is None else one(a, np.int32(i), self.dtype)
-        return np.asarray(y) if jax.process_index() == 0 else None
+        if jax.process_index() != 0:
+            return None
+        # Replicated over the array's devices: process 0 copies its first device's copy.
+        return np.asarray(y.addressable_shards[0].data)
 
     def _read(self, index: Index) -> np.ndarray:
         x = self.layer(None)
         return None if x is None else x[index]
 
 
-_GATHERERS: list = []
+_GATHERERS: dict = {}
 
 
-def _gatherers() -> tuple[Any, Any]:
-    """Jitted (whole, one layer) reads onto device 0: each tensor is gathered once, onto the
-    writing process, cast on the device (a bfloat16 export moves half the bytes)."""
-    if not _GATHERERS:
-        import jax
-        from jax import lax
+def _gatherers(sharding: Any) -> tuple[Any, Any]:
+    """Jitted (whole, one layer) reads of an array with `sharding`, replicated over its devices:
+    one tensor (a layer of a scanned param) is gathered at a time, cast on the devices first (a
+    bfloat16 export moves half the bytes)."""
+    import jax
+    from jax import lax
+    from jax.sharding import NamedSharding, PartitionSpec
 
-        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        whole = jax.jit(lambda a, dtype: a.astype(dtype), static_argnums=1, out_shardings=dev)
+    if isinstance(sharding, NamedSharding):
+        out = NamedSharding(sharding.mesh, PartitionSpec())
+    elif len(sharding.device_set) == 1:
+        out = sharding
+    else:
+        devices = np.array(sorted(sharding.device_set, key=lambda d: d.id))
+        out = NamedSharding(jax.sharding.Mesh(devices, ("all",)), PartitionSpec())
+    if out not in _GATHERERS:
+        whole = jax.jit(lambda a, dtype: a.astype(dtype), static_argnums=1, out_shardings=out)
         one = jax.jit(
             lambda a, i, dtype: lax.dynamic_index_in_dim(a, i, 0, keepdims=False).astype(dtype),
             static_argnums=2,
-            out_shardings=dev,
+            out_shardings=out,
         )
-        _GATHERERS[:] = [whole, one]
-    return _GATHERERS[0], _GATHERERS[1]
+        _GATHERERS[out] = (whole, one)
+    return _GATHERERS[out]
 
 
 @dataclasses.dataclass(eq=False, repr=False)
