@@ -162,13 +162,13 @@ def test_workdir_not_writable(config_file, tmp_path, fake_train, capsys, monkeyp
 def test_os_errors_from_implementations(monkeypatch, tmp_path, capsys):
     mod = types.ModuleType("xformers_jax.checkpoint")
 
-    def convert_hf_to_orbax(hf_dir, out_dir, head=None):
+    def convert_command(hf_dir, out_dir, **kw):
         raise FileNotFoundError(2, "No such file or directory", os.path.join(hf_dir, "config.json"))
 
-    def export_orbax_to_hf(checkpoint_dir, hf_out):
+    def export_orbax_to_hf(checkpoint_dir, hf_out, **kw):
         raise config_lib.UserError(f"no checkpoint in {checkpoint_dir}\n(run train first)")
 
-    mod.convert_hf_to_orbax, mod.export_orbax_to_hf = convert_hf_to_orbax, export_orbax_to_hf
+    mod.convert_command, mod.export_orbax_to_hf = convert_command, export_orbax_to_hf
     monkeypatch.setitem(sys.modules, "xformers_jax.checkpoint", mod)
     assert cli.main(["convert", "--hf", "hfdir", "--out", str(tmp_path)]) == 2
     assert _error_lines(capsys) == [
