@@ -162,13 +162,13 @@ def test_workdir_not_writable(config_file, tmp_path, fake_train, capsys, monkeyp
 def test_os_errors_from_implementations(monkeypatch, tmp_path, capsys):
     mod = types.ModuleType("xformers_jax.checkpoint")
 
-    def convert_hf_to_orbax(hf_dir, out_dir, head=None):
+    def convert_command(hf_dir, out_dir, **kw):
         raise FileNotFoundError(2, "No such file or directory", os.path.join(hf_dir, "config.json"))
 
-    def export_orbax_to_hf(checkpoint_dir, hf_out):
+    def export_orbax_to_hf(checkpoint_dir, hf_out, **kw):
         raise config_lib.UserError(f"no checkpoint in {checkpoint_dir}\n(run train first)")
 
-    mod.convert_hf_to_orbax, mod.export_orbax_to_hf = convert_hf_to_orbax, export_orbax_to_hf
+    mod.convert_command, mod.export_orbax_to_hf = convert_command, export_orbax_to_hf
     monkeypatch.setitem(sys.modules, "xformers_jax.checkpoint", mod)
     assert cli.main(["convert", "--hf", "hfdir", "--out", str(tmp_path)]) == 2
     assert _error_lines(capsys) == [
@@ -184,15 +184,17 @@ def test_bench_and_convert_dispatch(monkeypatch):
     bench.main = lambda families, out_dir, **kw: seen.update(bench=(families, out_dir, kw))
     bench.bench_config = lambda name, overrides: dict(name=name)
     ckpt = types.ModuleType("xformers_jax.checkpoint")
-    ckpt.convert_hf_to_orbax = lambda hf, out, head=None: seen.update(convert=(hf, out, head))
-    ckpt.export_orbax_to_hf = lambda ck, out: seen.update(export=(ck, out))
+    ckpt.convert_command = lambda hf, out, **kw: seen.update(convert=(hf, out, kw))
+    ckpt.export_orbax_to_hf = lambda ck, out, **kw: seen.update(export=(ck, out, kw))
     monkeypatch.setitem(sys.modules, "xformers_jax.bench.train", bench)
     monkeypatch.setitem(sys.modules, "xformers_jax.checkpoint", ckpt)
     assert cli.main(["bench", "--family", "yoso", "--out", "b"]) == 0
     assert cli.main(["convert", "--hf", "h", "--out", "o"]) == 0
     assert cli.main(["export", "--checkpoint", "c", "--hf-out", "e"]) == 0
     kw = dict(config="default", dtype="float32", overrides=None)
-    assert seen == {"bench": (["yoso"], "b", kw), "convert": ("h", "o", None), "export": ("c", "e")}
+    convert = ("h", "o", dict(head=None, mesh=None, devices=None))
+    export = ("c", "e", dict(dtype="float32", step=None))
+    assert seen == {"bench": (["yoso"], "b", kw), "convert": convert, "export": export}
 
 
 def test_bugs_still_raise(monkeypatch, config_file, tmp_path):

@@ -24,9 +24,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from xformers_jax import convert, hf_files, hub, paths
+from xformers_jax.convert import param_map as pm
 from xformers_jax.convert.param_map import ConversionError, flatten, listing, path_str, unflatten
 from xformers_jax.hf_files import CONFIG_NAME, CheckpointError
 
@@ -122,22 +125,28 @@ class Checkpointer:
 def save_params(directory: str, params: Any) -> None:
     """Params-only export (`<directory>/params`), synchronous; the directory must not exist."""
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(paths.path(paths.join(directory, PARAMS_DIR)), params)
+        ckptr.save(paths.join(directory, PARAMS_DIR), params)
+
+
+def params_item(directory: str) -> str:
+    """The PyTree item of a params-only export: `<dir>/params`, or `<dir>/params/state` where
+    `convert` wrote it param by param (Orbax's partial saves put the tree under `state/`)."""
+    item = paths.join(directory, PARAMS_DIR)
+    nested = paths.join(item, "state")
+    return nested if paths.isfile(paths.join(nested, "_METADATA")) else item
 
 
 def load_params(directory: str, abstract: Any | None = None) -> Any:
     """Reads a params-only export, onto `abstract`'s shardings when given (else host arrays)."""
-    path = paths.join(directory, PARAMS_DIR)
-    if not paths.isdir(path):
-        raise FileNotFoundError(f"no params-only Orbax export at {path}")
+    if not paths.isdir(paths.join(directory, PARAMS_DIR)):
+        raise FileNotFoundError(f"no params-only Orbax export at {paths.join(directory, 'params')}")
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(path, abstract) if abstract is not None else ckptr.restore(path)
+        item = params_item(directory)
+        return ckptr.restore(item, abstract) if abstract is not None else ckptr.restore(item)
 
 
 def _saved_tree(state_dir: str) -> Any:
     """The tree metadata (nested dicts of array metadata) of a saved train state."""
-    from etils import epath
-
     # The item handler reads the tree metadata alone (the step-level metadata file lives one
     # directory up, where the checkpointer's `metadata` would look for it and warn).
     meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
@@ -188,13 +197,18 @@ def restore_partial(item_dir: str, target: dict[str, Any]) -> dict[str, Any]:
         lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
         target,
     )
-    with ocp.PyTreeCheckpointer() as ckptr:
-        return ckptr.restore(
-            item_dir,
+    # The item handler, not a checkpointer: a checkpointer also wants the item directory itself
+    # marked finalized (commit_success.txt on gs://), which Orbax writes one level up.
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        return handler.restore(
+            epath.Path(item_dir),
             args=ocp.args.PyTreeRestore(
                 item=target, restore_args=restore_args, partial_restore=True
             ),
         )
+    finally:
+        handler.close()
 
 
 def _cpu_abstract(shapes: Any) -> Any:
@@ -210,31 +224,119 @@ def _cpu_abstract(shapes: Any) -> Any:
 
 def save_orbax(model: hub.PretrainedModel, out_dir: str | os.PathLike) -> None:
     """Writes the params-only export format (see the module docstring)."""
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = paths.resolve(out_dir)
+    paths.makedirs(out_dir)
     save_params(out_dir, model.params)
-    tmp = os.path.join(out_dir, f".{CONFIG_NAME}.tmp")
-    hf_files.dump_json(hub.hf_config_dict(model.config, model.architecture), tmp)
-    os.replace(tmp, os.path.join(out_dir, CONFIG_NAME))
+    hf_files.dump_json(
+        hub.hf_config_dict(model.config, model.architecture), paths.join(out_dir, CONFIG_NAME)
+    )
+
+
+# Params written per partial save of `convert_hf_to_orbax`: what it holds at once beyond one
+# param, whatever the model's size.
+CONVERT_GROUP_BYTES = 64 << 20
 
 
 def convert_hf_to_orbax(
-    hf_dir: str | os.PathLike, out_dir: str | os.PathLike, head: str | None = None
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    head: str | None = None,
+    mesh: Any = None,
+    rules: Any = None,
+    group_bytes: int = CONVERT_GROUP_BYTES,
 ) -> None:
-    """HF directory -> params-only Orbax export (`out_dir/params` + `out_dir/config.json`).
+    """HF directory -> params-only Orbax export (`out_dir/params` + `out_dir/config.json`),
+    streamed: params are read slice by slice onto `mesh` (each host its devices' shards; None:
+    one device), a group of about `group_bytes` at a time, and each group is added to the
+    checkpoint (Orbax partial saves, every host writing its shards) before the next is read.
+    The model is never held whole, on the host or on the devices. Local or gs:// for both: a
+    gs:// export is written to a local temporary directory and uploaded file by file (one
+    process), or (several processes: partial saves need renames and one shared directory)
+    placed whole on the mesh, each host holding its devices' shards, and saved by every host.
 
     Raises:
       FileExistsError: `out_dir` already holds an export.
       (and everything `hub.from_pretrained` raises)
     """
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(os.path.join(out_dir, PARAMS_DIR)):
+    from orbax.checkpoint.experimental.v1 import partial
+
+    from xformers_jax.convert import lazy
+
+    hf_dir, out_dir = paths.resolve(hf_dir), paths.resolve(out_dir)
+    if paths.exists(paths.join(out_dir, PARAMS_DIR)):
         raise FileExistsError(errno.EEXIST, "An Orbax export already exists", out_dir)
-    save_orbax(hub.from_pretrained(hf_dir, head=head), out_dir)
+    hf_config = hf_files.read_hf_config(hf_dir)
+    config, architecture = hub.resolve(hf_config, head, source=paths.join(hf_dir, CONFIG_NAME))
+    shapes = convert.abstract_params(config, architecture)
+    plans = flatten(convert.plan_params(hf_files.open_state_dict(hf_dir), config, architecture,
+                                        shapes))  # fmt: skip
+    shardings = flatten(hub.param_shardings(config, architecture, mesh, rules))
+    from xformers_jax.models.base import dtype_from_name
+
+    pdtype = np.dtype(dtype_from_name(getattr(config, "param_dtype", "float32")))
+    paths.makedirs(out_dir)
+    config_json = hub.hf_config_dict(config, architecture)
+    if paths.is_remote(out_dir) and jax.process_count() > 1:
+        # Partial saves need renames (no gs:// object has them) and a multi-host save one
+        # shared directory: each host holds its devices' shards of the model and writes them.
+        params = {p: lazy.place_one(plan, shardings[p], pdtype) for p, plan in plans.items()}
+        save_params(out_dir, unflatten(params))
+        hf_files.dump_json(config_json, paths.join(out_dir, CONFIG_NAME))
+        return
+    with paths.local_dir_for_writing(out_dir) as local:
+        # On gs:// the groups go to a local directory first (disk, not memory), then upload.
+        target = paths.join(local, PARAMS_DIR)
+        group: dict[Path, Any] = {}
+        size = 0
+        for p, plan in plans.items():
+            group[p] = lazy.place_one(plan, shardings[p], pdtype)
+            size += group[p].nbytes
+            if size >= group_bytes:
+                partial.save(target, unflatten(group))
+                group, size = {}, 0
+        if group:
+            partial.save(target, unflatten(group))
+        partial.finalize(target)
+    hf_files.dump_json(config_json, paths.join(out_dir, CONFIG_NAME))
 
 
-def load_orbax(checkpoint_dir: str | os.PathLike, step: int | None = None) -> hub.PretrainedModel:
-    """A `PretrainedModel` (on the host CPU) from a params-only export or a trainer checkpoint.
+def convert_command(
+    hf_dir: str,
+    out_dir: str,
+    head: str | None = None,
+    mesh: str | None = None,
+    devices: int | None = None,
+) -> None:
+    """`xformers-jax convert`: `mesh` as `'fsdp=8'` / `'data=2,fsdp=-1'` (axes default to 1),
+    over the first `devices` devices (all when only `mesh` is given); neither: one device."""
+    from xformers_jax import sharding
+
+    if mesh is None and devices is None:
+        return convert_hf_to_orbax(hf_dir, out_dir, head=head)
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1} if mesh else {"data": 1, "fsdp": -1, "tensor": 1}
+    for part in (mesh or "").split(","):
+        if not part.strip():
+            continue
+        name, _, value = part.partition("=")
+        if name.strip() not in sizes or not value.strip().lstrip("-").isdigit():
+            raise CheckpointError(f"--mesh {mesh!r}: expected AXIS=N,... with axes {sorted(sizes)}")
+        sizes[name.strip()] = int(value)
+    all_devices = jax.devices()
+    if devices is not None and not 1 <= devices <= len(all_devices):
+        raise CheckpointError(f"--devices {devices}: this host has {len(all_devices)} devices")
+    chosen = all_devices[: devices or len(all_devices)]
+    try:
+        m = sharding.make_mesh(sizes, chosen)
+    except ValueError as e:
+        raise CheckpointError(f"--mesh {mesh!r}: {e}") from None
+    convert_hf_to_orbax(hf_dir, out_dir, head=head, mesh=m)
+
+
+def load_orbax(
+    checkpoint_dir: str | os.PathLike, step: int | None = None, mesh: Any = None
+) -> hub.PretrainedModel:
+    """A `PretrainedModel` from a params-only export or a trainer checkpoint: on the host CPU, or
+    sharded over `mesh` by the params' logical axes (each host reads its devices' shards).
 
     From a trainer checkpoint the task's mutable collections (`TrainState.model_state`, e.g.
     BatchNorm running statistics) are read too and become the model's `collections`, so
@@ -245,13 +347,18 @@ def load_orbax(checkpoint_dir: str | os.PathLike, step: int | None = None) -> hu
       checkpoint_dir: a params-only export (`params/` + `config.json`), or anything
         `load_params_from_checkpoint` accepts.
       step: for trainer checkpoints, the step (default: the latest).
+      mesh: a `jax.sharding.Mesh`, or None (the host CPU).
     """
     item_dir, key, config, architecture = _find_saved(checkpoint_dir, step)
     shapes = convert.abstract_params(config, architecture)
-    if key is None:
-        params = load_params(os.path.dirname(item_dir), _cpu_abstract(shapes))
+    if mesh is None:
+        target = _cpu_abstract(shapes)
     else:
-        params = restore_partial(item_dir, {key: _cpu_abstract(shapes)})[key]
+        target = abstract_with_shardings(shapes, hub.param_shardings(config, architecture, mesh))
+    if key is None:
+        params = restore_partial(item_dir, target)
+    else:
+        params = restore_partial(item_dir, {key: target})[key]
     convert.check_tree(params, shapes)
     module = convert.init_module(config, architecture)
     collections = convert.hf_to_collections({}, config, architecture)
@@ -263,21 +370,38 @@ def load_orbax(checkpoint_dir: str | os.PathLike, step: int | None = None) -> hu
 def _find_saved(path: str | os.PathLike, step: int | None) -> tuple[str, str | None, Any, str]:
     """`(item dir, key of the params in it, config, architecture)` of a params-only export (key
     None: the item is the params tree) or a trainer checkpoint (`'params'` of its `state`)."""
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.isdir(path):
+    path = paths.resolve(path)
+    if not paths.isdir(path):
         raise hf_files.not_found("No such checkpoint directory", path)
-    if os.path.isdir(os.path.join(path, PARAMS_DIR)):
+    if paths.isdir(paths.join(path, PARAMS_DIR)):
         hf_config = hf_files.read_hf_config(path)
-        config, architecture = hub.resolve(hf_config, source=os.path.join(path, CONFIG_NAME))
-        return os.path.join(path, PARAMS_DIR), None, config, architecture
+        config, architecture = hub.resolve(hf_config, source=paths.join(path, CONFIG_NAME))
+        return params_item(path), None, config, architecture
     workdir, step_dir = _locate_trainer_checkpoint(path, step)
     config, architecture = _trainer_model(workdir)
-    return os.path.join(step_dir, "state"), "params", config, architecture
+    return paths.join(step_dir, "state"), "params", config, architecture
 
 
-def export_orbax_to_hf(checkpoint_dir: str | os.PathLike, hf_out: str | os.PathLike) -> None:
-    """Params-only export or trainer checkpoint -> HF directory (`hub.save_pretrained`)."""
-    hub.save_pretrained(load_orbax(checkpoint_dir), hf_out)
+def export_orbax_to_hf(
+    checkpoint_dir: str | os.PathLike,
+    hf_out: str | os.PathLike,
+    dtype: Any = "float32",
+    max_shard_size: int = hf_files.DEFAULT_MAX_SHARD_SIZE,
+    step: int | None = None,
+) -> None:
+    """Params-only export or trainer checkpoint -> HF directory (`hub.save_pretrained`, tensors
+    in `dtype`), written one HF tensor at a time. The params are restored onto the host CPU on one
+    CPU-only process; sharded over all devices on accelerators or several processes, so that no
+    host holds the model (process 0 writes)."""
+    hub._export_dtype(dtype)  # a bad dtype fails before anything is read
+    mesh = None
+    if jax.process_count() > 1 or jax.default_backend() != "cpu":
+        # Sharded over every device (each host reads its shards): no host holds the model.
+        from xformers_jax import sharding
+
+        mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    model = load_orbax(checkpoint_dir, step, mesh=mesh)
+    hub.save_pretrained(model, hf_out, dtype=dtype, max_shard_size=max_shard_size)
 
 
 # ==================================================================================================
@@ -289,19 +413,24 @@ def _steps(ckpt_dir: str) -> list[int]:
     # Orbax finalises a step by renaming its tmp dir to the bare step number.
     return sorted(
         int(n)
-        for n in os.listdir(ckpt_dir)
-        if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n, "state"))
+        for n in paths.listdir(ckpt_dir)
+        if n.isdigit() and paths.isdir(paths.join(ckpt_dir, n, "state"))
     )
+
+
+def _parent(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[0]
 
 
 def _locate_trainer_checkpoint(path: str, step: int | None) -> tuple[str, str]:
     """(workdir, step dir) for a workdir, its `checkpoints/` dir, or one `<step>/` dir."""
-    if os.path.isdir(os.path.join(path, "state")):
-        return os.path.dirname(os.path.dirname(path)), path
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        workdir, ckpt_dir = path, os.path.join(path, "checkpoints")
-    elif any(n.isdigit() for n in os.listdir(path)):
-        workdir, ckpt_dir = os.path.dirname(path), path
+    path = paths.resolve(path)
+    if paths.isdir(paths.join(path, "state")):
+        return _parent(_parent(path)), path
+    if paths.isdir(paths.join(path, "checkpoints")):
+        workdir, ckpt_dir = path, paths.join(path, "checkpoints")
+    elif any(n.isdigit() for n in paths.listdir(path)):
+        workdir, ckpt_dir = _parent(path), path
     else:
         raise hf_files.not_found(
             "Neither a params-only export (params/ + config.json) nor a trainer workdir "
@@ -315,15 +444,15 @@ def _locate_trainer_checkpoint(path: str, step: int | None) -> tuple[str, str]:
         step = steps[-1]
     elif step not in steps:
         raise CheckpointError(f"no step {step} in {ckpt_dir}; steps: {steps}")
-    return workdir, os.path.join(ckpt_dir, str(step))
+    return workdir, paths.join(ckpt_dir, str(step))
 
 
 def _trainer_model(workdir: str) -> tuple[Any, str]:
     """(family config, head architecture) of the run whose config is `<workdir>/config.json`."""
     from xformers_jax.models import build_model
 
-    run_file = os.path.join(workdir, CONFIG_NAME)
-    if not os.path.isfile(run_file):
+    run_file = paths.join(workdir, CONFIG_NAME)
+    if not paths.isfile(run_file):
         raise hf_files.not_found("No run config next to the checkpoints", run_file)
     run = hf_files.read_json(run_file)
     if not isinstance(run.get("model"), dict) or "family" not in run["model"]:
@@ -354,12 +483,78 @@ def load_params_from_checkpoint(
       `(params, config, architecture)`: plain arrays in our layout, the family config, and the
       transformers class name of the trained head.
     """
-    path = os.path.abspath(os.fspath(checkpoint_dir))
-    workdir, step_dir = _locate_trainer_checkpoint(path, step)
+    workdir, step_dir = _locate_trainer_checkpoint(paths.resolve(checkpoint_dir), step)
     config, architecture = _trainer_model(workdir)
     target = _cpu_abstract(convert.abstract_params(config, architecture))
-    restored = restore_partial(os.path.join(step_dir, "state"), {"params": target})
+    restored = restore_partial(paths.join(step_dir, "state"), {"params": target})
     return restored["params"], config, architecture
+
+
+# ==================================================================================================
+# init_from: an HF directory straight onto a run's shardings
+# ==================================================================================================
+
+
+def load_hf_into(
+    path: str | os.PathLike,
+    config: Any,
+    architecture: str,
+    params: Any,
+    model_state: Mapping[str, Any] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """A run's init `params` (and `model_state`) with the tensors of the HF directory at `path`.
+
+    Each param is read slice by slice onto the sharding (and dtype) of its init array
+    (`convert.lazy.place`): a host reads only what its devices hold, one shard at a time. A
+    pretraining checkpoint initialises a fine-tuning head as transformers does: when the source
+    holds the base model, head params it lacks keep the run's init (already on its devices:
+    nothing is gathered) and other heads' tensors are dropped. BatchNorm statistics load where
+    the source has them; other model state keeps its init.
+
+    Args:
+      path: an HF directory (local or gs://).
+      config / architecture: the run's family config and head.
+      params: the run's initialised params (arrays placed with their shardings).
+      model_state: the run's initialised mutable collections, `{collection: tree}`.
+
+    Returns:
+      `(params, model_state)` with the same trees, shapes, dtypes and shardings as given.
+
+    Raises:
+      ConversionError: missing, unexpected or mis-shaped tensors, each named.
+    """
+    from xformers_jax.convert import lazy
+
+    state_dict = hf_files.open_state_dict(path)
+    pmap = convert.converter(config).param_map(config, architecture)
+    options = {}
+    base = pm.adapt_prefix({k: None for k in state_dict}, pmap)
+    if pmap.prefix and any(k.startswith(pmap.prefix) for k in base):
+        head = lambda key: not key.startswith(pmap.prefix)  # noqa: E731
+        options = dict(keep_missing=lambda rule: head(rule.hf), drop_unexpected=head)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    plans = convert.plan_params(state_dict, config, architecture, shapes, **options)
+    init = flatten(params)
+    flat_plans = flatten(plans)
+    kept = sorted(path_str(p) for p, x in flat_plans.items() if x is None)
+    if kept:
+        log.warning("init_from: newly initialised %s", listing(kept))
+    loaded = {
+        p: init[p] if x is None else lazy.place_one(x, init[p].sharding, init[p].dtype)
+        for p, x in flat_plans.items()
+    }
+    new_state = {}
+    stats = convert.hf_to_collections(state_dict, config, architecture)
+    for name, tree in (model_state or {}).items():
+        src = stats.get(name)
+        fits = src is not None and jax.tree.structure(src) == jax.tree.structure(tree)
+        if fits and all(
+            np.shape(a) == b.shape for a, b in zip(jax.tree.leaves(src), jax.tree.leaves(tree))
+        ):
+            tree = jax.tree.map(lambda a, b: lazy.place_one(np.asarray(a), b.sharding, b.dtype),
+                                src, tree)  # fmt: skip
+        new_state[name] = tree
+    return unflatten(loaded), new_state
 
 
 # ==================================================================================================

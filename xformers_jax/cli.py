@@ -7,8 +7,9 @@ bench.
   xformers-jax eval    --config configs/<family>/<job>.py:<preset> --workdir DIR [--config.K=V]
   xformers-jax compile --config configs/<family>/<job>.py:<preset> --topology v5p-256
                        [--slices K] [--out FILE.json] [--config.K=V]
-  xformers-jax convert --hf HF_DIR --out ORBAX_DIR [--head NAME]
-  xformers-jax export  --checkpoint ORBAX_DIR --hf-out HF_DIR
+  xformers-jax convert --hf HF_DIR --out ORBAX_DIR [--head NAME] [--mesh fsdp=8] [--devices N]
+  xformers-jax export  --checkpoint ORBAX_DIR --hf-out HF_DIR [--dtype float32|bfloat16|float16]
+                       [--max-shard-size BYTES] [--step N]
   xformers-jax bench   [--suite train|yoso|decoding|mlm_logits|data|all] [--family F ...]
                        [--out DIR]
                        [--n N] [--device cpu|gpu|tpu] [--dtype float32|bfloat16]
@@ -111,10 +112,31 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf", required=True, metavar="HF_DIR", help="HF dir (config.json + weights)")
     p.add_argument("--out", required=True, metavar="ORBAX_DIR", help="output Orbax dir")
     p.add_argument("--head", default=None, metavar="NAME", help="HF class, e.g. XLNetLMHeadModel")
+    p.add_argument(
+        "--mesh",
+        default=None,
+        metavar="AXIS=N,...",
+        help="write sharded over a mesh of data/fsdp/tensor axes, e.g. fsdp=8 (one may be -1)",
+    )
+    p.add_argument("--devices", type=int, default=None, metavar="N", help="use the first N devices")
 
     p = sub.add_parser("export", help="export an Orbax checkpoint to an HF-format dir")
     p.add_argument("--checkpoint", required=True, metavar="ORBAX_DIR", help="Orbax checkpoint")
     p.add_argument("--hf-out", required=True, metavar="HF_DIR", help="output HF dir")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="dtype of the written tensors (default float32)",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="largest safetensors shard (default 5e9)",
+    )
+    p.add_argument("--step", type=int, default=None, help="trainer checkpoint step (latest)")
 
     p = sub.add_parser(
         "bench",
@@ -299,9 +321,14 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         config = config_lib.load_config(args.config, overrides)
         _impl("xformers_jax.compile", "main")(config, args.topology, args.slices, args.out)
     elif args.command == "convert":
-        _impl("xformers_jax.checkpoint", "convert_hf_to_orbax")(args.hf, args.out, head=args.head)
+        _impl("xformers_jax.checkpoint", "convert_command")(
+            args.hf, args.out, head=args.head, mesh=args.mesh, devices=args.devices
+        )
     elif args.command == "export":
-        _impl("xformers_jax.checkpoint", "export_orbax_to_hf")(args.checkpoint, args.hf_out)
+        kw = {"max_shard_size": args.max_shard_size} if args.max_shard_size else {}
+        _impl("xformers_jax.checkpoint", "export_orbax_to_hf")(
+            args.checkpoint, args.hf_out, dtype=args.dtype, step=args.step, **kw
+        )
     elif args.command == "bench":
         _impl("xformers_jax.bench.suites", "main")(
             args.suite,

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from xformers_jax import convert, hf_files
+from xformers_jax import convert, hf_files, paths
 from xformers_jax.hf_files import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -283,18 +283,24 @@ def from_pretrained(
     rules: Sequence | None = None,
     **config_overrides: Any,
 ) -> PretrainedModel:
-    """Loads a local HF-format directory (never downloads).
+    """Loads an HF-format directory, local or gs:// (never downloads from the hub).
+
+    Nothing is read whole: each param is built shard by shard on its target devices, each shard
+    from the slices of the checkpoint's tensors it covers (a row range of a safetensors tensor is
+    one ranged read), converted and cast as it is read. Host memory beyond the loaded params stays
+    about one shard plus one checkpoint tensor (docs/checkpoints.md has the measurements).
 
     Args:
-      path: a directory with `config.json` and `model.safetensors` (or a sharded index, or
-        `pytorch_model.bin` when torch is installed).
+      path: a directory (or gs:// URL) with `config.json` and `model.safetensors` (or a sharded
+        index, or `pytorch_model.bin` / its index when torch is installed).
       head: transformers class name of the head to build, e.g. `'XLMRobertaXLForMaskedLM'`;
         default: config.json's `architectures[0]`. A base-model head loads a head checkpoint
         (dropping the head's weights) and a head missing from the checkpoint that transformers
         would also initialise fresh (pooler, classifiers) is initialised and logged.
       dtype: compute dtype (`'bfloat16'`, `jnp.bfloat16`, ...); params keep `param_dtype`.
       mesh: a `jax.sharding.Mesh`: params are placed with the shardings of their logical axis names
-        (`sharding.logical_shardings`); calls then run on that mesh. None: the default device.
+        (`sharding.logical_shardings`), each host reading only the slices its devices hold; calls
+        then run on that mesh. None: the default device.
       hf_compat: reproduce transformers' known defects where the family has any (see README).
       rules: logical-axis rules for `mesh` (default `sharding.DEFAULT_RULES`).
       **config_overrides: config fields to change, e.g. `remat_policy='full'`,
@@ -308,26 +314,29 @@ def from_pretrained(
       CheckpointError: invalid config.json, unknown model_type / architecture, corrupt weights.
       ConversionError: missing, unexpected or mis-shaped tensors (each named, with both shapes).
     """
-    path = os.fspath(path)
+    path = paths.resolve(path)
     hf_config = hf_files.read_hf_config(path)
-    config, architecture = resolve(hf_config, head, source=os.path.join(path, hf_files.CONFIG_NAME))
+    source = paths.join(path, hf_files.CONFIG_NAME)
+    config, architecture = resolve(hf_config, head, source=source)
     config = _with_overrides(config, dtype, hf_compat, config_overrides)
     architecture = convert.hf_architecture(config, architecture)  # overrides may change the variant
-    state_dict = hf_files.load_state_dict(path)
+    state_dict = hf_files.open_state_dict(path)
     return from_state_dict(state_dict, config, architecture, mesh=mesh, rules=rules)
 
 
 def from_state_dict(
-    state_dict: Mapping[str, np.ndarray],
+    state_dict: Mapping[str, Any],
     config: Any,
     architecture: str,
     mesh: Any = None,
     rules: Sequence | None = None,
 ) -> PretrainedModel:
-    """A `PretrainedModel` from HF tensors already in memory (see `from_pretrained`)."""
+    """A `PretrainedModel` from HF tensors: numpy arrays, or lazy tensors read slice by slice as
+    they are placed (`hf_files.open_state_dict`; see `from_pretrained`)."""
     shapes = convert.abstract_params(config, architecture)
-    params = convert.hf_to_params(state_dict, config, architecture, shapes)
+    params = convert.plan_params(state_dict, config, architecture, shapes)
     convert.check_tree(params, shapes)
+    # Non-param collections (BatchNorm statistics) are small: read whole.
     collections = convert.hf_to_collections(state_dict, config, architecture)
     return _build(params, config, architecture, mesh, rules, collections)
 
@@ -339,7 +348,6 @@ def _build(
     import jax.numpy as jnp
 
     params = place_params(params, config, architecture, mesh, rules)
-    # Non-param collections (BatchNorm statistics) are small: replicated / default device.
     collections = jax.tree.map(jnp.asarray, dict(collections or {}))
     module = convert.init_module(config, architecture)
     return PretrainedModel(
@@ -347,37 +355,38 @@ def _build(
     )
 
 
-def place_params(
-    params: Any, config: Any, architecture: str, mesh: Any = None, rules: Sequence | None = None
+def param_shardings(
+    config: Any, architecture: str, mesh: Any = None, rules: Sequence | None = None
 ) -> Any:
-    """Host params -> device arrays in the config's `param_dtype`.
-
-    With a mesh each array is built from its shards (`make_array_from_callback`), so a host only
-    transfers what its devices hold and multi-host meshes work.
-    """
+    """The sharding of every param: by its logical axis names on `mesh`, else the default
+    device."""
     import jax
-    import jax.numpy as jnp
 
-    from xformers_jax.models.base import dtype_from_name
-
-    pdtype = np.dtype(dtype_from_name(getattr(config, "param_dtype", "float32")))
-
-    def cast(x):
-        x = np.asarray(x)
-        return x.astype(pdtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-
-    params = jax.tree.map(cast, params)
     if mesh is None:
-        return jax.tree.map(jnp.asarray, params)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: device, convert.abstract_params(config, architecture))
     from xformers_jax import sharding
 
     boxed = convert.abstract_params(config, architecture, boxed=True)
-    shardings = sharding.logical_shardings(boxed, mesh, rules)
-    return jax.tree.map(
-        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]),
-        params,
-        shardings,
-    )
+    return sharding.logical_shardings(boxed, mesh, rules)
+
+
+def place_params(
+    params: Any, config: Any, architecture: str, mesh: Any = None, rules: Sequence | None = None
+) -> Any:
+    """Host arrays or lazy params (`convert.plan_params`) -> device arrays in `param_dtype`.
+
+    Each array is built shard by shard (`convert.lazy.place`): a host reads, converts and
+    transfers only what its devices hold, one shard at a time, and a lazy param reads only the
+    slices of the checkpoint's tensors those shards cover. Fresh params (heads the checkpoint
+    lacks) are initialised on their devices.
+    """
+    from xformers_jax.convert import lazy
+    from xformers_jax.models.base import dtype_from_name
+
+    pdtype = np.dtype(dtype_from_name(getattr(config, "param_dtype", "float32")))
+    shardings = param_shardings(config, architecture, mesh, rules)
+    return lazy.place(params, shardings, pdtype)
 
 
 # ==================================================================================================
@@ -413,38 +422,55 @@ def save_pretrained(
     model: PretrainedModel,
     path: str | os.PathLike,
     *,
+    dtype: Any = "float32",
     max_shard_size: int = hf_files.DEFAULT_MAX_SHARD_SIZE,
 ) -> None:
     """Writes `model` as an HF directory that transformers' `from_pretrained` loads unchanged.
 
-    Files: `config.json` and float32 `model.safetensors` (or `model-0000k-of-0000n.safetensors`
-    shards plus `model.safetensors.index.json` above `max_shard_size` bytes). Tied weights are
-    written once, as transformers writes them. The files are written to a temporary directory
-    beside `path` first: a new `path` appears complete or not at all; into an existing `path`
-    each file is replaced atomically (other files, e.g. a tokenizer, are kept; stale weight
-    files that would shadow the new ones are removed). On multi-host runs every process must
-    call this (arrays are gathered), process 0 writes.
+    Files: `config.json` (`torch_dtype` = `dtype`) and `model.safetensors` (or
+    `model-0000k-of-0000n.safetensors` shards plus `model.safetensors.index.json` above
+    `max_shard_size` bytes), floating tensors in `dtype`. Tied weights are written once, as
+    transformers writes them. The params stay on their devices: each HF tensor is gathered on its
+    own (one layer of a scanned param at a time, cast on the device), written and dropped, so no
+    host ever holds the model. Locally the files go to a temporary directory beside `path` first:
+    a new `path` appears complete or not at all; into an existing `path` each file is replaced
+    atomically (other files, e.g. a tokenizer, are kept; stale weight files that would shadow the
+    new ones are removed). On gs:// each object is uploaded whole, `config.json` last. On
+    multi-host runs every process must call this (each tensor is gathered once, one at a time;
+    process 0 copies it to its host and writes).
 
     Args:
       model: a `PretrainedModel`.
-      path: the output directory.
+      path: the output directory (local or gs://).
+      dtype: `'float32'` (default), `'bfloat16'` or `'float16'`.
       max_shard_size: the largest shard in bytes.
     """
     import jax
-    import jax.numpy as jnp
 
-    path = os.path.abspath(os.fspath(path))
-    params = jax.tree.map(to_host, model.params)
-    state = convert.params_to_hf(params, model.config, model.architecture)
+    from xformers_jax.convert import lazy
+
+    out_dtype = _export_dtype(dtype)
+    stored = jax.tree.map(lambda a: lazy.Stored(a, out_dtype), model.params)
+    state = convert.params_to_hf(stored, model.config, model.architecture)
+    # BatchNorm statistics are small and stay float32, as transformers keeps buffers.
     collections = jax.tree.map(to_host, getattr(model, "collections", {}))
     state.update(convert.collections_to_hf(collections, model.config, model.architecture))
-    # float32 whatever param_dtype was (jnp.issubdtype also knows ml_dtypes' bfloat16).
-    state = {
-        k: np.ascontiguousarray(v, np.float32 if jnp.issubdtype(v.dtype, jnp.floating) else None)
-        for k, v in state.items()
-    }
-    if jax.process_index() != 0:
-        return
     config = hf_config_dict(model.config, model.architecture)
     convert.adjust_hf_config(config, state, model.config, model.architecture)
-    hf_files.write_hf_dir(path, config, state, max_shard_size)
+    config["torch_dtype"] = out_dtype.name
+    write = jax.process_index() == 0
+    hf_files.write_hf_dir(paths.resolve(path), config, state, max_shard_size, write=write)
+
+
+_EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _export_dtype(dtype: Any) -> np.dtype:
+    """The numpy dtype of an export dtype name (or dtype); a one-line error for others."""
+    import ml_dtypes
+
+    name = _dtype_name(dtype) if not isinstance(dtype, str) else dtype
+    name = name.removeprefix("torch.")
+    if name not in _EXPORT_DTYPES:
+        raise ValueError(f"unsupported export dtype {dtype!r}; choose one of {_EXPORT_DTYPES}")
+    return np.dtype(ml_dtypes.bfloat16 if name == "bfloat16" else name)

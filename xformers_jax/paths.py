@@ -253,3 +253,32 @@ def upload_tree(local_dir: str, dst: PathLike) -> None:
 def open_file(p: PathLike, mode: str = "rb") -> Any:
     """A file object for reading or writing (local or gs://, streamed by the backend)."""
     return path(p).open(mode)
+
+
+def read_range(p: PathLike, start: int, stop: int) -> bytes:
+    """Bytes `[start, stop)` of a file: one ranged read (an HTTP range request on gs://), so a
+    slice of a large object is read without downloading the rest."""
+    target = resolve(p)
+    if stop <= start:
+        return b""
+    if not is_remote(target):
+        with open(target, "rb") as f:
+            f.seek(start)
+            data = f.read(stop - start)
+    else:
+        data = _gcs().cat_file(target.removeprefix("gs://"), start=start, end=stop)
+    if len(data) != stop - start:
+        end = start + len(data)
+        raise OSError(f"{target}: wanted bytes {start}..{stop}, the file ends at {end}")
+    return data
+
+
+_GCS: list = []
+
+
+def _gcs() -> Any:
+    if not _GCS:
+        import gcsfs
+
+        _GCS.append(gcsfs.GCSFileSystem())
+    return _GCS[0]

@@ -160,69 +160,25 @@ def _to_global(batch: dict, mesh, block: tuple[tuple[int, ...], int] = ((0,), 1)
     }
 
 
-def _with_fresh_heads(state_dict: dict, s: Setup, init: TrainState) -> dict:
-    """`state_dict` completed for the task's head, as transformers loads a pretraining checkpoint
-    into a fine-tuning head: head tensors the source lacks take the run's fresh init (a message
-    names them) and other heads' tensors are dropped. Only when the source has the base
-    model (keys under the architecture's base prefix); anything missing there stays missing, so
-    the converter names it."""
-    from xformers_jax import convert, hub
-    from xformers_jax.convert import param_map
-
-    cfg, arch = s.task.model_config, s.task.architecture
-    pmap = convert.converter(cfg).param_map(cfg, arch)
-    if not pmap.prefix:
-        return state_dict
-    sd = param_map.adapt_prefix(state_dict, pmap)
-    if not any(k.startswith(pmap.prefix) for k in sd):
-        return state_dict
-    params = jax.tree.map(hub.to_host, init.params)
-    fresh = convert.params_to_hf(params, cfg, arch)
-    missing = sorted(k for k in fresh if not k.startswith(pmap.prefix) and k not in sd)
-    if not missing:
-        return state_dict
-    stats = convert.collections_to_hf(jax.tree.map(hub.to_host, init.model_state), cfg, arch)
-    known = set(fresh) | set(stats)
-    kept = {k: v for k, v in sd.items() if k.startswith(pmap.prefix) or k in known}
-    dropped = sorted(set(sd) - set(kept))
-    more = ", ..." if len(missing) > 4 else ""
-    _log(
-        jax.process_index() == 0,
-        f"init_from: newly initialised {len(missing)} head tensors ({', '.join(missing[:4])}"
-        f"{more}); dropped {len(dropped)} tensors of other heads",
-    )
-    return {**kept, **{k: fresh[k] for k in missing}}
-
-
 def _load_init_params(path: str, s: Setup, init: TrainState) -> tuple[Any, Any]:
     """(params, model_state) of the task head from an HF dir, a params-only Orbax export or a
     trainer workdir; `init` is the run's freshly initialised state.
 
     Our own checkpoints load straight onto the run's shardings (`checkpoint.restore_into`: saved
-    leaves replace the init's by tree path). An HF dir goes through the family's name map into the
-    task's config and head. Either way a pretraining checkpoint initialises a fine-tuning head as
-    transformers does: the shared body is loaded, head params the source lacks keep the run's
-    fresh init and other heads' weights are dropped. The mutable collections (`model_state`, e.g.
-    BatchNorm running statistics) come from the source where it has them (HF `running_mean` /
-    `running_var`, a trainer checkpoint's `model_state`); the others keep their init values.
+    leaves replace the init's by tree path); an HF dir is read slice by slice onto them through
+    the family's name map (`checkpoint.load_hf_into`). Either way a pretraining checkpoint
+    initialises a fine-tuning head as transformers does: the shared body is loaded, head params
+    the source lacks keep the run's fresh init and other heads' weights are dropped. The mutable
+    collections (`model_state`, e.g. BatchNorm running statistics) come from the source where it
+    has them (HF `running_mean` / `running_var`, a trainer checkpoint's `model_state`); the
+    others keep their init values.
     """
-    from xformers_jax import hf_files, hub
+    from xformers_jax import hf_files
 
     cfg, arch = s.task.model_config, s.task.architecture
     if not hf_files.has_weights(path):
         return ckpt_lib.restore_into(path, cfg, arch, init.params, init.model_state)
-    state_dict = _with_fresh_heads(hf_files.load_state_dict(path), s, init)
-    model = hub.from_state_dict(state_dict, cfg, arch)
-    params = jax.device_put(model.params, s.param_shardings)
-    loaded = {}
-    for name, value in init.model_state.items():
-        new = model.collections.get(name)
-        fits = new is not None and jax.tree.structure(new) == jax.tree.structure(value)
-        pairs = zip(jax.tree.leaves(new), jax.tree.leaves(value)) if fits else ()
-        if fits and all(np.shape(a) == b.shape for a, b in pairs):
-            value = jax.tree.map(lambda a, b: np.asarray(a, b.dtype), new, value)
-        loaded[name] = value
-    return params, jax.device_put(loaded, s.state_shardings.model_state)
+    return ckpt_lib.load_hf_into(path, cfg, arch, init.params, init.model_state)
 
 
 def load_trained_model(checkpoint_dir: str | os.PathLike, step: int | None = None) -> Any:

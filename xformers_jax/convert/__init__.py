@@ -47,6 +47,7 @@ __all__ = [
     "hf_to_params",
     "init_module",
     "params_to_hf",
+    "plan_params",
 ]
 
 
@@ -201,6 +202,26 @@ def hf_to_params(
     if hasattr(conv, "hf_to_params"):
         return conv.hf_to_params(state_dict, config, architecture, shapes)
     return pm.hf_to_params(state_dict, conv.param_map(config, architecture), shapes)
+
+
+def plan_params(
+    state_dict: Mapping[str, Any],
+    config: Any,
+    architecture: str,
+    shapes: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """`hf_to_params` of lazy tensors (`hf_files.open_state_dict`): our params as
+    `lazy.ParamPlan`s (None where `keep_missing` leaves a param to the caller), nothing read.
+
+    Args:
+      options: `keep_missing` / `drop_unexpected` of `param_map.hf_to_params`.
+    """
+    from xformers_jax.convert import lazy
+
+    sd = {k: v if lazy.is_lazy(v) else lazy.ArrayRef(v) for k, v in state_dict.items()}
+    with pm.loading_options(**options):
+        return hf_to_params(sd, config, architecture, shapes)
 
 
 def params_to_hf(

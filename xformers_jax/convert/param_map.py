@@ -11,11 +11,13 @@ is reported by its HF name with both shapes.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -226,48 +228,73 @@ def adapt_prefix(state_dict: Mapping[str, Any], pmap: ParamMap) -> dict[str, Any
 # --------------------------------------------------------------------------------------------------
 
 
-def _fresh(rule: Rule, shape: tuple[int, ...], std: float, rng: np.random.Generator) -> np.ndarray:
-    if rule.init == "normal":
-        return rng.normal(0.0, std, size=shape).astype(np.float32)
-    if rule.init == "ones":
-        return np.ones(shape, np.float32)
-    return np.zeros(shape, np.float32)
+_OPTIONS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "xformers_jax_loading_options", default=None
+)
+
+
+@contextlib.contextmanager
+def loading_options(**options: Any) -> Iterator[None]:
+    """Defaults for `hf_to_params`' `keep_missing` / `drop_unexpected` inside the block, so that
+    they reach it through a family's own `hf_to_params` (which takes neither)."""
+    token = _OPTIONS.set(options)
+    try:
+        yield
+    finally:
+        _OPTIONS.reset(token)
 
 
 def hf_to_params(
-    state_dict: Mapping[str, np.ndarray],
+    state_dict: Mapping[str, Any],
     pmap: ParamMap,
     shapes: Mapping[str, Any],
     *,
-    seed: int = 0,
+    keep_missing: Callable[[Rule], bool] | None = None,
+    drop_unexpected: Callable[[str], bool] | None = None,
 ) -> dict[str, Any]:
-    """HF tensors -> our params (nested dict of numpy arrays, scan layout).
+    """HF tensors -> our params (nested dict, scan layout).
 
     Args:
-      state_dict: HF key -> array (torch layout), as read from `model.safetensors`.
+      state_dict: HF key -> tensor (torch layout): numpy arrays, or `lazy.Lazy` tensors that are
+        read later, a slice at a time (`hf_files.open_state_dict`).
       pmap: the family's map for this architecture and config.
       shapes: our params' expected shapes: a nested dict whose leaves have `.shape` (e.g. the
         unboxed `jax.eval_shape(module.init, ...)['params']`).
-      seed: for the fresh init of params marked `init` that the checkpoint lacks.
+      keep_missing: params (by rule) the checkpoint may lack entirely: their leaf is None (the
+        caller keeps its own init, e.g. a run's fresh head). Default: none.
+      drop_unexpected: which tensors the map does not know are dropped (logged) rather than an
+        error. Default: none.
+      Both default to `loading_options`' when a family's converter calls this.
 
     Returns:
-      Our params, nested dicts of numpy arrays in the checkpoint's dtype.
+      Our params: numpy arrays in the checkpoint's dtype when every tensor of `state_dict` is in
+      memory; `lazy.ParamPlan`s (shape and dtype known, nothing read yet) when any is lazy.
+      Nothing is read to build the plans: shapes come from the files' headers.
 
     Raises:
       ConversionError: naming every missing or unexpected HF key, or the first tensor whose shape
         does not fit the config (with both shapes).
     """
-    sd = adapt_prefix(state_dict, pmap)
+    from xformers_jax.convert import lazy
+
+    opts = _OPTIONS.get() or {}
+    keep_missing = keep_missing or opts.get("keep_missing")
+    drop_unexpected = drop_unexpected or opts.get("drop_unexpected")
+    materialise = not any(lazy.is_lazy(v) for v in state_dict.values())
+    sd = {
+        k: v if lazy.is_lazy(v) else lazy.ArrayRef(v)
+        for k, v in adapt_prefix(state_dict, pmap).items()
+    }
     ignore = [re.compile(p) for p in pmap.ignore]
     unused_keys = set(k for k in sd if any(p.fullmatch(k) for p in ignore))
     unused_keys |= set(pmap.unused) & set(sd)
     expected = {path: tuple(leaf.shape) for path, leaf in flatten(shapes).items()}
-    rng = np.random.default_rng(seed)
 
-    params: dict[tuple[str, ...], np.ndarray] = {}
+    params: dict[tuple[str, ...], Any] = {}
     used: set[str] = set()
     missing: list[str] = []
     fresh: list[str] = []
+    kept: list[str] = []
     for rule in pmap.rules:
         if rule.path not in expected:
             raise ConversionError(f"converter names {path_str(rule.path)}, which the model lacks")
@@ -278,24 +305,43 @@ def hf_to_params(
             raise ConversionError(
                 f"{path_str(rule.path)} has {shape[0]} layers, the config {pmap.num_layers}"
             )
-        parts = []
+        sources: list[list[Any] | None] = []
+        names: list[list[str] | None] = []
+        absent: list[str] = []
         for i in layers:
             keys = [k.format(i=i) for k in (rule.hf, *rule.aliases)]
             found = [k for k in keys if k in sd]
             used.update(found)
             if not found:
-                if rule.init is None:
-                    missing.append(keys[0])
-                else:
-                    fresh.append(keys[0])
-                    parts.append(_fresh(rule, per_layer, pmap.init_std, rng))
+                absent.append(keys[0])
+                sources.append(None)
+                names.append(None)
                 continue
-            x = _checked(sd, found, hf_shape(rule, per_layer), rule.path, shape)
-            parts.append(to_ours(rule, x, per_layer))
-        if len(parts) == len(layers):
-            params[rule.path] = stack_layers(parts) if rule.stacked else parts[0]
+            want = hf_shape(rule, per_layer)
+            for k in found:
+                got = tuple(sd[k].shape)
+                if got != want:
+                    raise ConversionError(
+                        f"HF tensor {k} has shape {got} but the config expects {want} "
+                        f"(our param {path_str(rule.path)}, shape {shape})"
+                    )
+            sources.append([sd[k] for k in found])
+            names.append(found)
+        if absent and len(absent) == len(sources) and keep_missing and keep_missing(rule):
+            kept += absent
+            params[rule.path] = None
+            continue
+        if absent and rule.init is None:
+            missing += absent
+            continue
+        fresh += absent
+        params[rule.path] = lazy.ParamPlan(rule, shape, sources, pmap.init_std, names=names)
 
     unexpected = sorted(set(sd) - used - unused_keys)
+    dropped = [k for k in unexpected if drop_unexpected and drop_unexpected(k)]
+    if dropped:
+        log.info("dropped %d tensors of other heads: %s", len(dropped), listing(dropped))
+        unexpected = sorted(set(unexpected) - set(dropped))
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} tensors: {listing(missing)}")
@@ -309,33 +355,11 @@ def hf_to_params(
     if fresh:
         # transformers warns the same way: these are heads to be fine-tuned.
         log.warning("not in the checkpoint, newly initialised: %s", listing(fresh))
+    if kept:
+        log.info("not in the checkpoint, left to the caller's init: %s", listing(kept))
+    if materialise:
+        params = {p: x if x is None else x.read() for p, x in params.items()}
     return unflatten(params)
-
-
-def _checked(
-    sd: Mapping[str, np.ndarray],
-    keys: Sequence[str],
-    want: tuple[int, ...],
-    path: tuple[str, ...],
-    full_shape: tuple[int, ...],
-) -> np.ndarray:
-    """The tensor under `keys[0]`, after checking its shape and that aliases hold the same data."""
-    x = np.asarray(sd[keys[0]])
-    for k in keys:
-        got = tuple(np.shape(sd[k]))
-        if got != want:
-            raise ConversionError(
-                f"HF tensor {k} has shape {got} but the config expects {want} "
-                f"(our param {path_str(path)}, shape {full_shape})"
-            )
-    for k in keys[1:]:
-        # Tied weights: we store one tensor, so both names must agree.
-        if not np.array_equal(x, np.asarray(sd[k])):
-            raise ConversionError(
-                f"HF tensors {keys[0]} and {k} differ, but this model ties them (untied "
-                "output weights are not supported)"
-            )
-    return x
 
 
 def params_to_hf(params: Mapping[str, Any], pmap: ParamMap) -> dict[str, np.ndarray]:
@@ -345,18 +369,31 @@ def params_to_hf(params: Mapping[str, Any], pmap: ParamMap) -> dict[str, np.ndar
     HF tensors are written as zeros.
 
     Args:
-      params: our params, nested dicts of arrays (numpy or jax, on host).
+      params: our params, nested dicts of arrays (numpy or jax, on host), or of `lazy.Stored`
+        (arrays on their devices, left there: the result then holds `lazy.HFView`s, each
+        gathered when it is read, one HF tensor at a time).
       pmap: the family's map for this architecture and config.
 
     Returns:
-      HF key -> numpy array.
+      HF key -> numpy array (or `lazy.HFView`), in the order of the map's rules.
     """
+    from xformers_jax.convert import lazy
+
     flat = flatten(params)
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, Any] = {}
+    streamed = False
     for rule in pmap.rules:
         if rule.path not in flat:
             raise ConversionError(f"params lack {path_str(rule.path)}")
-        x = np.asarray(flat[rule.path])
+        x = flat[rule.path]
+        if isinstance(x, lazy.Stored):
+            # Our param stays where it is: each HF tensor is gathered when it is written.
+            streamed = True
+            layers = range(x.shape[0]) if rule.stacked else [None]
+            for i in layers:
+                out[rule.hf.format(i=i)] = lazy.HFView(x, rule, i)
+            continue
+        x = np.asarray(x)
         if rule.stacked:
             for i, layer in enumerate(unstack_layers(x)):
                 out[rule.hf.format(i=i)] = to_hf(rule, layer)
@@ -367,7 +404,7 @@ def params_to_hf(params: Mapping[str, Any], pmap: ParamMap) -> dict[str, np.ndar
         raise ConversionError(f"params not in the HF format: {listing(extra)}")
     dtype = next(iter(out.values())).dtype if out else np.float32
     for key, shape in pmap.unused.items():
-        out[key] = np.zeros(shape, dtype)
+        out[key] = lazy.Zeros(tuple(shape), np.dtype(dtype)) if streamed else np.zeros(shape, dtype)
     return out
 
 

@@ -36,9 +36,7 @@ _ENDLESS = 2**40
 _READ_OPTIONS = dict(num_threads=2, prefetch_buffer_size=8)
 
 
-def host_rows(
-    global_batch: int, shard_index: int | Sequence[int], shard_count: int
-) -> np.ndarray:
+def host_rows(global_batch: int, shard_index: int | Sequence[int], shard_count: int) -> np.ndarray:
     """The global rows this host loads, in order: blocks `shard_index` (one index or several,
     `sharding.batch_block`) of the `shard_count` equal blocks of the global batch, concatenated
     (what `jax.make_array_from_process_local_data` maps onto this host's devices)."""
