@@ -242,3 +242,22 @@ def test_mu_dtype_bfloat16_trains_and_resumes_exactly(corpus, tmp_path):
         x, optax.ScaleByAdamState)) if isinstance(x, optax.ScaleByAdamState)]  # fmt: skip
     assert adam and {x.dtype for x in jax.tree.leaves(adam[0].mu)} == {np.dtype("bfloat16")}
     assert {x.dtype for x in jax.tree.leaves(adam[0].nu)} == {np.dtype("float32")}
+
+
+@pytest.mark.parametrize("policy", ["offload", "offload_dots_no_batch"])
+def test_offload_remat_policies_train_as_without_remat_on_cpu(policy, corpus, tmp_path):
+    """On the CPU (device memory is host memory) the offloading policies run with the numbers of
+    `none`: the same step, loss and params."""
+    import jax
+
+    def one_step(remat):
+        c = _no_dropout(tiny_mlm_config(corpus))
+        c.model.remat_policy = remat
+        s = train.setup(c, str(tmp_path))
+        batch = next(iter(s.task.train_data(0, 1)))
+        losses, _, state = _steps(s, s.init_state(s.rng), [batch, batch])
+        return losses, jax.device_get(state.params)
+
+    (l0, p0), (l1, p1) = one_step("none"), one_step(policy)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p1, p0)
