@@ -99,6 +99,13 @@ def test_every_family_compiles_for_v5p_8(spec, tmp_path, capsys):
     # XLA counts a scanned layer stack's loop body once (and what the analytic count leaves out:
     # remat recompute, the optimizer): the same order for these 2-4 layer models.
     assert 0.2 < r["flops"] / r["analytic_flops"] < 5
+    # The cost-only unrolled lowering counts every layer: more than the compiled step's one
+    # layer body, no loop left, and (XLM-R, the dense path) within a few percent of analytic.
+    assert r["xla_flops"] > r["flops"] and r["loops_left"] is False
+    if spec == PRETRAINING[0]:
+        assert 1.0 < r["xla_flops"] / r["analytic_flops"] < 1.08
+    assert r["step_seconds_estimate"] > 0
+    assert "XLA's estimate, not measured" in printed and "layers unrolled" in printed
 
 
 @needs_libtpu

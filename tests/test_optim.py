@@ -175,20 +175,40 @@ def test_adafactor_runs():
     assert optim.learning_rate(sched, 1) == pytest.approx(0.005)
 
 
-def test_multisteps_accumulates():
+def test_every_update_is_an_optimizer_step_whatever_grad_accum_steps():
+    """Accumulation is the trainer's (inside its step): the chain applies an update on every
+    call, and `grad_accum_steps` leaves it unchanged."""
     base = dict(lr=0.1, warmup_steps=0, schedule="constant", weight_decay=0.0, clip_norm=0.0)
-    tx_acc, _ = optim.make_optimizer(_cfg(**base, grad_accum_steps=2), total_steps=10)
+    tx_acc, _ = optim.make_optimizer(_cfg(**base, grad_accum_steps=4), total_steps=10)
     tx_one, _ = optim.make_optimizer(_cfg(**base), total_steps=10)
     params = {"w": jnp.array([1.0, 2.0])}
-    g1, g2 = {"w": jnp.array([1.0, -3.0])}, {"w": jnp.array([3.0, 1.0])}
+    g = {"w": jnp.array([1.0, -3.0])}
+    u_acc, _ = tx_acc.update(g, tx_acc.init(params), params)
+    u_one, _ = tx_one.update(g, tx_one.init(params), params)
+    np.testing.assert_array_equal(u_acc["w"], u_one["w"])
+    assert float(jnp.abs(u_acc["w"]).min()) > 0
 
-    state = tx_acc.init(params)
-    u, state = tx_acc.update(g1, state, params)
-    np.testing.assert_array_equal(u["w"], [0.0, 0.0])  # Mid-accumulation: no update.
-    u, state = tx_acc.update(g2, state, params)
-    mean = {"w": (g1["w"] + g2["w"]) / 2}
-    expected, _ = tx_one.update(mean, tx_one.init(params), params)
-    np.testing.assert_allclose(u["w"], expected["w"], rtol=1e-6)
+
+def test_mu_dtype_stores_the_first_moment_in_bfloat16():
+    base = dict(lr=0.1, warmup_steps=0, schedule="constant", weight_decay=0.0, clip_norm=0.0)
+    params = {"w": jnp.linspace(-1.0, 1.0, 64).reshape(8, 8)}
+    g = {"w": jnp.sin(jnp.arange(64.0)).reshape(8, 8) * 1e-3}
+    tx16, _ = optim.make_optimizer(_cfg(**base, mu_dtype="bfloat16"), total_steps=10)
+    tx32, _ = optim.make_optimizer(_cfg(**base, mu_dtype="float32"), total_steps=10)
+    s16, s32 = tx16.init(params), tx32.init(params)
+    adam16 = next(s for s in s16 if isinstance(s, optax.ScaleByAdamState))
+    assert adam16.mu["w"].dtype == jnp.bfloat16 and adam16.nu["w"].dtype == jnp.float32
+    u16, s16 = tx16.update(g, s16, params)
+    u32, _ = tx32.update(g, s32, params)
+    adam16 = next(s for s in s16 if isinstance(s, optax.ScaleByAdamState))
+    assert adam16.mu["w"].dtype == jnp.bfloat16  # rounded when stored, every step
+    assert u16["w"].dtype == jnp.float32
+    # The first update uses the float32 moment before it is stored: equal to float32's.
+    np.testing.assert_allclose(u16["w"], u32["w"], rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown optim.mu_dtype 'int8'"):
+        optim.make_optimizer(_cfg(**base, mu_dtype="int8"), total_steps=10)
+    with pytest.raises(ValueError, match="adafactor keeps no first moment"):
+        optim.make_optimizer(_cfg(**base, name="adafactor", mu_dtype="bfloat16"), total_steps=10)
 
 
 def test_make_optimizer_accepts_a_mapping():

@@ -106,6 +106,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--topology", required=True, metavar="NAME", help="v4-N, v5p-N, v5e-N, v6e-N (Cloud TPU)"
     )
     p.add_argument("--slices", type=int, default=1, metavar="K", help="multi-slice: K slices")
+    p.add_argument(
+        "--no-unrolled-flops", dest="unrolled", action="store_false",
+        help="skip XLA's FLOPs of the unrolled step (a cost-only lowering: slow and memory-"
+        "hungry for the largest presets); the report keeps the compiled step's count",
+    )  # fmt: skip
     p.add_argument("--out", default=None, metavar="FILE.json", help="write the result as JSON")
 
     p = sub.add_parser("convert", help="convert an HF checkpoint dir to an Orbax checkpoint")
@@ -319,7 +324,9 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         print(memory.report(memory.estimate(config, args.devices, compile=args.compile)))
     elif args.command == "compile":
         config = config_lib.load_config(args.config, overrides)
-        _impl("xformers_jax.compile", "main")(config, args.topology, args.slices, args.out)
+        _impl("xformers_jax.compile", "main")(
+            config, args.topology, args.slices, args.out, unrolled=args.unrolled
+        )
     elif args.command == "convert":
         _impl("xformers_jax.checkpoint", "convert_command")(
             args.hf, args.out, head=args.head, mesh=args.mesh, devices=args.devices

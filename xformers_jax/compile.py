@@ -38,6 +38,7 @@ chip's HBM.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import glob
 import importlib
@@ -54,7 +55,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from xformers_jax import config_lib, flops, models, sharding, tasks
+from xformers_jax import config_lib, flops, models, paths, sharding, tasks
 from xformers_jax.config_lib import UserError
 
 GIB = 2**30
@@ -202,6 +203,9 @@ def analytic_flops(config, model_cfg: Any, batch: dict[str, Any]) -> float | Non
             seq=s,
             batch=b,
         )
+        max_pred = int(config.data.get("max_predictions", 0) or 0)
+        if 0 < max_pred < s:  # the LM head runs on the masked positions only
+            dims["head_seq"] = max_pred
         return flops.text_flops(dims)
     if family == "xlnet":
         b, s = batch["input_ids"].shape
@@ -234,11 +238,57 @@ def analytic_flops(config, model_cfg: Any, batch: dict[str, Any]) -> float | Non
     return None
 
 
-def _xla_flops(compiled) -> float:
+def _cost(compiled) -> dict[str, float]:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
-    flops = float((cost or {}).get("flops", 0.0))
+    return dict(cost or {})
+
+
+def _xla_flops(compiled) -> float:
+    flops = float(_cost(compiled).get("flops", 0.0))
     return flops if math.isfinite(flops) else 0.0
+
+
+def _step_seconds_estimate(compiled) -> float | None:
+    """XLA's own estimate of the step's seconds on the target, where its cost analysis has one
+    (`optimal_seconds`: a roofline from FLOPs and bytes; not a measurement)."""
+    v = _cost(compiled).get("optimal_seconds")
+    return float(v) if v is not None and math.isfinite(float(v)) and float(v) > 0 else None
+
+
+def unrolled_config(config):
+    """`config` for a cost-only lowering of the step's model FLOPs, with no loops left.
+
+    XLA's cost analysis counts a loop body once, so the compiled step's FLOPs hold one layer of
+    each scanned stack (and one micro-batch, one vocabulary chunk). Here the layers are unrolled
+    (`model.scan_unroll` beyond the layer count), the batch runs at once
+    (`optim.grad_accum_steps=1`: FLOPs are linear in the rows) and the loss unchunked
+    (`loss.vocab_chunk_size=0`), and nothing is rematerialised (`model.remat_policy='none'`):
+    the count is the model FLOPs of the whole step, what the analytic count and MFU measure.
+    Remat's recomputation (one more forward pass with `full`) is on top of it on the device.
+    """
+    cfg = copy.deepcopy(config)
+    with cfg.unlocked():
+        cfg.model.scan_unroll = 1 << 20
+        cfg.model.remat_policy = "none"
+        cfg.optim.grad_accum_steps = 1
+        if "loss" in cfg and "vocab_chunk_size" in cfg.loss:
+            cfg.loss.vocab_chunk_size = 0
+    return cfg
+
+
+def unrolled_flops(lowered) -> tuple[float, bool]:
+    """(FLOPs, loops left) of a lowered step from XLA's HLO cost analysis, before partitioning
+    (the global step, not one device's) and before optimisation, run by the host CPU's XLA (the
+    TPU client of a described topology offers none before compiling). `loops left`: the module
+    still has a `while` (e.g. the vocabulary-chunked loss), whose body counts once."""
+    from jax._src.lib import _jax
+
+    module = lowered._lowering.hlo().as_hlo_module()
+    cost = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    loops = "stablehlo.while" in lowered.as_text()
+    return float(cost.get("flops", 0.0)), loops
 
 
 # -------------------------------------------------------------------------------- compile
@@ -279,28 +329,11 @@ def _oom_error(text: str, name: str, generation: str, hbm: float) -> UserError:
     )
 
 
-def compile_step(config, name: str, slices: int = 1) -> dict[str, Any]:
-    """Compiles `config`'s train step for `slices` x topology `name`.
-
-    Returns:
-      A dict: `topology`, `slices`, `devices`, `mesh`, `architecture`, `params`, per-device
-      `argument_bytes`, `output_bytes`, `alias_bytes`, `temp_bytes`, `total_bytes`, `hbm_bytes`,
-      `flops` (XLA's count, per device x devices; a scanned layer stack counted once),
-      `flops_per_device`, `analytic_flops`,
-      `compile_seconds`.
-
-    Raises:
-      UserError: unknown topology, a mesh the topology cannot hold, an unsupported task, or a
-        step that does not fit the chip's HBM (one line each).
-    """
+def _lower_step(config, mesh):
+    """(task, abstract batch, Setup, the train step lowered for `mesh`'s devices)."""
     from xformers_jax import train
     from xformers_jax.layers.cpu_backward import portable_backward
 
-    # The config's own multi-slice setting (`mesh.dcn_data`) when --slices is not given.
-    slices = slices if slices > 1 else config_lib.get_opt(config, "mesh.dcn_data", 1)
-    generation, devices = topology_devices(name, slices)
-    hbm = HBM_GIB[generation] * GIB
-    mesh = make_mesh(config.mesh, devices, slices)
     task = build_task_shape_only(config)
     batch = {
         k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype)
@@ -313,10 +346,41 @@ def compile_step(config, name: str, slices: int = 1) -> dict[str, Any]:
     few = {k: np.asarray(v)[:rows] for k, v in task.init_batch.items()}
     s = train.setup_for_task(config, dataclasses.replace(task, init_batch=few), mesh)
     rng = jax.eval_shape(lambda: jax.random.key(0))
+    with portable_backward(), sharding.use_mesh(mesh, s.rules):
+        lowered = s.train_step.lower(s.abstract_state, batch, rng)
+    return task, batch, s, lowered
+
+
+def compile_step(config, name: str, slices: int = 1, unrolled: bool = True) -> dict[str, Any]:
+    """Compiles `config`'s train step for `slices` x topology `name`.
+
+    Args:
+      unrolled: also lower a cost-only variant with the layer scans unrolled
+        (`unrolled_config`) and count its FLOPs (`unrolled_flops`): the step's whole count, to
+        set next to the analytic one. Lowering only (no second compile).
+
+    Returns:
+      A dict: `topology`, `slices`, `devices`, `mesh`, `architecture`, `params`, per-device
+      `argument_bytes`, `output_bytes`, `alias_bytes`, `temp_bytes`, `total_bytes`, `hbm_bytes`,
+      `flops` (XLA's count of the compiled step, per device x devices; a scanned layer stack
+      counted once), `flops_per_device`, `xla_flops` (the unrolled variant's count, None without
+      `unrolled`), `loops_left` (that variant still has a loop), `analytic_flops`,
+      `step_seconds_estimate` (XLA's roofline estimate, None where it gives none),
+      `compile_seconds`.
+
+    Raises:
+      UserError: unknown topology, a mesh the topology cannot hold, an unsupported task, or a
+        step that does not fit the chip's HBM (one line each).
+    """
+    # The config's own multi-slice setting (`mesh.dcn_data`) when --slices is not given.
+    slices = slices if slices > 1 else config_lib.get_opt(config, "mesh.dcn_data", 1)
+    generation, devices = topology_devices(name, slices)
+    hbm = HBM_GIB[generation] * GIB
+    mesh = make_mesh(config.mesh, devices, slices)
     t0 = time.perf_counter()
+    task, batch, s, lowered = _lower_step(config, mesh)
     try:
-        with portable_backward(), sharding.use_mesh(mesh, s.rules):
-            compiled = s.train_step.lower(s.abstract_state, batch, rng).compile()
+        compiled = lowered.compile()
     except Exception as e:  # XLA's RESOURCE_EXHAUSTED is a JaxRuntimeError / XlaRuntimeError
         text = str(e)
         if "RESOURCE_EXHAUSTED" not in text and "exceeds available hbm" not in text.lower():
@@ -330,6 +394,9 @@ def compile_step(config, name: str, slices: int = 1) -> dict[str, Any]:
     if total > hbm:
         raise _does_not_fit(total, hbm, name, generation)
     per_device = _xla_flops(compiled)
+    xla_flops, loops_left = None, None
+    if unrolled:
+        xla_flops, loops_left = unrolled_flops(_lower_step(unrolled_config(config), mesh)[3])
     return {
         "topology": name,
         "topology_desc": topology(name)[1],
@@ -347,7 +414,10 @@ def compile_step(config, name: str, slices: int = 1) -> dict[str, Any]:
         "hbm_bytes": int(hbm),
         "flops_per_device": per_device,
         "flops": per_device * len(devices),
+        "xla_flops": xla_flops,
+        "loops_left": loops_left,
         "analytic_flops": analytic_flops(config, task.model_config, batch),
+        "step_seconds_estimate": _step_seconds_estimate(compiled),
         "compile_seconds": seconds,
     }
 
@@ -360,12 +430,19 @@ def report(r: dict[str, Any]) -> str:
 
     mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
     slices = f"{r['slices']} x " if r["slices"] > 1 else ""
-    analytic = r["analytic_flops"]
-    flops = f"{r['flops']:.3e} XLA (loop bodies once), " + (
-        f"{analytic:.3e} analytic (XLA / analytic {r['flops'] / analytic:.2f})"
+    analytic, xla = r["analytic_flops"], r.get("xla_flops")
+    if xla:
+        loops = ", a loop body once" if r.get("loops_left") else ""
+        flops = f"{xla:.3e} XLA (layers unrolled{loops}), "
+    else:
+        flops = f"{r['flops']:.3e} XLA (loop bodies once), "
+    counted = xla or r["flops"]
+    flops += (
+        f"{analytic:.3e} analytic (XLA / analytic {counted / analytic:.3f})"
         if analytic
         else "no analytic count"
     )
+    estimate = r.get("step_seconds_estimate")
     share = 100 * r["total_bytes"] / r["hbm_bytes"]
     rows = [
         ("arguments / device", f"{gib(r['argument_bytes'])} (state + batch)"),
@@ -373,6 +450,12 @@ def report(r: dict[str, Any]) -> str:
         ("temporaries / device", gib(r["temp_bytes"])),
         ("total / device", f"{gib(r['total_bytes'])} of {gib(r['hbm_bytes'])} HBM ({share:.0f}%)"),
         ("FLOPs / step", flops),
+        (
+            "step time",
+            f"{estimate * 1e3:.2f} ms (XLA's estimate, not measured)"
+            if estimate
+            else "no estimate from XLA's cost analysis",
+        ),
         ("compile", f"{r['compile_seconds']:.1f} s"),
     ]
     head = (
@@ -382,11 +465,14 @@ def report(r: dict[str, Any]) -> str:
     return "\n".join([head] + [f"  {k:<21}{v}" for k, v in rows])
 
 
-def main(config, name: str, slices: int = 1, out: str | None = None) -> dict[str, Any]:
-    """`xformers-jax compile`: compiles, prints the report, writes `out` (JSON) if given."""
-    result = compile_step(config, name, slices)
+def main(
+    config, name: str, slices: int = 1, out: str | None = None, unrolled: bool = True
+) -> dict[str, Any]:
+    """`xformers-jax compile`: compiles, prints the report, writes `out` (JSON, local or gs://)
+    if given. `unrolled=False` (`--no-unrolled-flops`) skips the cost-only unrolled lowering
+    (minutes and tens of GB of host memory for the largest presets)."""
+    result = compile_step(config, name, slices, unrolled=unrolled)
     print(report(result), flush=True)
     if out:
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1, sort_keys=True)
+        paths.write_text(out, json.dumps(result, indent=1, sort_keys=True))
     return result

@@ -48,6 +48,8 @@ __all__ = [
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "linear", "constant", "rsqrt")
+# AdamW's first-moment dtype; '' = the params' dtype.
+MU_DTYPES = ("", "float32", "bfloat16")
 MESH_AXES = ("data", "fsdp", "tensor")
 
 _TRUE = ("true", "1")
@@ -109,7 +111,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.eps = 1e-6
     c.optim.weight_decay = 0.01
     c.optim.clip_norm = 1.0  # 0 = no clipping.
+    # Micro-batches per optimizer step (train.batch_size stays the examples per step).
     c.optim.grad_accum_steps = 1
+    c.optim.mu_dtype = ""  # AdamW's first moment: '' = the params' dtype, float32, bfloat16.
     c.optim.layer_decay = 1.0  # 1 = no layer-wise lr decay.
 
     c.train = ml_collections.ConfigDict()
@@ -768,6 +772,18 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_num(config, "optim.weight_decay", 0.0)
     _check_num(config, "optim.clip_norm", 0.0)
     _check_int(config, "optim.grad_accum_steps", 1)
+    if "mu_dtype" in _get(config, "optim"):
+        mu = _get(config, "optim.mu_dtype")
+        if mu not in MU_DTYPES:
+            raise ConfigError(
+                f"config key 'optim.mu_dtype' must be '' (the params' dtype), float32 or "
+                f"bfloat16; got {mu!r}"
+            )
+        if _get(config, "optim.mu_dtype") and _get(config, "optim.name") == "adafactor":
+            raise ConfigError(
+                "config key 'optim.mu_dtype' is AdamW's first-moment dtype; adafactor keeps no "
+                "first moment (set it to '')"
+            )
     layer_decay = _get(config, "optim.layer_decay")
     if not _is_num(layer_decay) or not 0.0 < layer_decay <= 1.0:
         raise ConfigError(f"config key 'optim.layer_decay' must be in (0, 1], got {layer_decay!r}")

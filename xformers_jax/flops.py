@@ -14,11 +14,14 @@ from collections.abc import Mapping
 
 def text_flops(b: Mapping[str, int]) -> float:
     """An encoder LM (XLM-R, YOSO counted as softmax attention): projections, FFN, attention and
-    the LM head over every token."""
+    the LM head over every token (or `head_seq` positions per row)."""
     h = b["hidden"]
-    per_token = b["layers"] * (4 * h * h + 2 * h * b["ffn"]) + h * h + h * b["vocab"]
+    per_token = b["layers"] * (4 * h * h + 2 * h * b["ffn"])
     attn = b["layers"] * 2 * b["seq"] * h  # multiply-adds of q.k and p.v per token
-    return 3 * 2 * b["batch"] * b["seq"] * (per_token + attn)
+    # The LM head (transform + decoder) runs on `head_seq` positions per row: every token, or
+    # the masked ones only (`data.max_predictions`).
+    head = b.get("head_seq", b["seq"]) * (h * h + h * b["vocab"])
+    return 3 * 2 * b["batch"] * (b["seq"] * (per_token + attn) + head)
 
 
 def xlnet_flops(b: Mapping[str, int]) -> float:

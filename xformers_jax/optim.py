@@ -1,16 +1,23 @@
 """The optax chain built from `config.optim`: schedule, clipping, AdamW/Adafactor, wd mask,
-layer-wise lr decay and gradient accumulation.
+layer-wise lr decay and the first moment's dtype.
 
 The chain, in order (each piece only when enabled):
 
     clip_by_global_norm(clip_norm)                      # clip_norm > 0
-    AdamW:      scale_by_adam(b1, b2, eps)
+    AdamW:      scale_by_adam(b1, b2, eps, mu_dtype)
                 add_decayed_weights(weight_decay, mask=decay_mask)
                 scale_by_layer_decay(layer_decay)       # layer_decay < 1
                 scale_by_learning_rate(schedule)
     Adafactor:  optax.adafactor(schedule, weight_decay_rate=weight_decay, mask=decay_mask)
                 scale_by_layer_decay(layer_decay)       # layer_decay < 1
-    MultiSteps(every_k=grad_accum_steps)                # grad_accum_steps > 1, wraps the rest
+
+Gradient accumulation (`grad_accum_steps`) is not part of the chain: the trainer's step splits its
+batch into micro-batches and calls the chain once per step with the accumulated gradient
+(`train.make_train_step`), so every call is an optimizer step and the schedule counts them.
+
+`mu_dtype` ('' = the params' dtype, 'float32', 'bfloat16') stores AdamW's first moment in that
+dtype (computed in float32, rounded when stored), as MaxText and t5x offer: a bfloat16 `mu` takes
+half the bytes of a float32 one. The second moment stays in the params' dtype.
 
 Decoupled weight decay is scaled by the (layer-decayed) learning rate, as in PyTorch's AdamW with
 per-layer param groups (BEiT, ELECTRA). The optimizer is built for *unboxed* params (plain arrays
@@ -51,7 +58,11 @@ _DEFAULTS = {
     "clip_norm": 1.0,
     "grad_accum_steps": 1,
     "layer_decay": 1.0,
+    "mu_dtype": "",
 }
+
+# `optim.mu_dtype` names; '' keeps the params' dtype.
+MU_DTYPES = {"": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # The path component holding nn.scan-stacked layers (the `layers` logical axis, axis 0).
 LAYERS = "layers"
@@ -282,12 +293,13 @@ def make_optimizer(
         total_steps: optimizer steps of the run (`config.train.steps`), the end of decay.
 
     Returns:
-        `(tx, schedule)`. With `grad_accum_steps = k > 1`, `tx` is `optax.MultiSteps(...,
-        every_k_schedule=k).gradient_transformation()`: it averages `k` consecutive gradients
-        and applies one update on every k-th call (zero updates otherwise), and the schedule
-        counts *optimizer* steps, not micro-steps — call `tx.update` `k * total_steps` times. A
-        trainer that accumulates inside its step (lax.scan over microbatches) should instead
-        build with `grad_accum_steps=1`.
+        `(tx, schedule)`: every `tx.update` is one optimizer step, and the schedule is a function
+        of that step count (`grad_accum_steps` is the trainer's: it accumulates inside its step
+        and calls `tx.update` once per step).
+
+    Raises:
+        ValueError: an unknown optimizer or `mu_dtype`, or a `mu_dtype` with adafactor (which
+        keeps no first moment).
     """
     name = _opt(optim_cfg, "name")
     schedule = make_schedule(
@@ -300,6 +312,14 @@ def make_optimizer(
     clip_norm = float(_opt(optim_cfg, "clip_norm"))
     weight_decay = float(_opt(optim_cfg, "weight_decay"))
     layer_decay = float(_opt(optim_cfg, "layer_decay"))
+    mu_name = str(_opt(optim_cfg, "mu_dtype") or "")
+    if mu_name not in MU_DTYPES:
+        raise ValueError(f"unknown optim.mu_dtype {mu_name!r}; expected one of {sorted(MU_DTYPES)}")
+    if mu_name and name == "adafactor":
+        raise ValueError(
+            f"optim.mu_dtype={mu_name!r} is AdamW's first-moment dtype; adafactor keeps no first "
+            "moment (set optim.mu_dtype='')"
+        )
 
     parts = []
     if clip_norm > 0:
@@ -310,6 +330,7 @@ def make_optimizer(
                 b1=float(_opt(optim_cfg, "b1")),
                 b2=float(_opt(optim_cfg, "b2")),
                 eps=float(_opt(optim_cfg, "eps")),
+                mu_dtype=MU_DTYPES[mu_name],
             )
         )
         if weight_decay > 0:
@@ -332,8 +353,4 @@ def make_optimizer(
     else:
         raise ValueError(f"unknown optimizer {name!r}; expected adamw or adafactor")
 
-    tx = optax.chain(*parts)
-    accum = int(_opt(optim_cfg, "grad_accum_steps"))
-    if accum > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=accum).gradient_transformation()
-    return tx, schedule
+    return optax.chain(*parts), schedule

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from xformers_jax import checkpoint as ckpt_lib
 from xformers_jax import config_lib, optim, paths, sharding, tasks
@@ -61,14 +62,26 @@ def _mutable(task: Any) -> tuple[str, ...]:
 
 
 def make_train_step(task: tasks.TaskSpec, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, skip_nonfinite: bool):  # fmt: skip
-    """The pure step `(state, batch, rng) -> (state, metrics)` (jitted by the caller)."""
+                    schedule: optax.Schedule, skip_nonfinite: bool, grad_accum_steps: int = 1,
+                    mesh=None, extra_shardings=None):  # fmt: skip
+    """The pure step `(state, batch, rng) -> (state, metrics)` (jitted by the caller).
+
+    One call is one optimizer update. With `grad_accum_steps = k > 1` the batch is split into `k`
+    micro-batches run one after the other by a `lax.scan` (one traced loss, `1/k` of the
+    activations live at a time); their gradients and aux sums add up in float32 and the mean
+    gradient is `sum_i grad(loss_sum_i) / max(sum_i weight_i, 1)`: the gradient of the whole
+    batch's mean loss, as if it ran at once (see `_accumulated_grads`). `mesh` (and, for tasks
+    that carry state, `extra_shardings`: `TrainState.extra`'s shardings) keep each micro-batch
+    on the batch sharding.
+    """
 
     carries = task.init_extra is not None
     mutable = _mutable(task)
+    k = int(grad_accum_steps)
+    if k < 1:
+        raise config_lib.ConfigError(f"config key 'optim.grad_accum_steps' must be >= 1, got {k}")
 
-    def step_fn(state: TrainState, batch: dict, rng: jax.Array):
-        step_rng = jax.random.fold_in(rng, state.step)
+    def grads_at_once(state: TrainState, batch: dict, step_rng: jax.Array):
         kw = {"extra": state.extra} if carries else {}
         if mutable:
             kw["model_state"] = state.model_state
@@ -83,6 +96,15 @@ def make_train_step(task: tasks.TaskSpec, tx: optax.GradientTransformation,
         if mutable:
             new = jax.lax.stop_gradient(aux.pop("model_state"))
             model_state = {c: new[c] for c in mutable}
+        return loss, aux, grads, extra, model_state
+
+    def grads_accumulated(state: TrainState, batch: dict, step_rng: jax.Array):
+        return _accumulated_grads(task, state, batch, step_rng, k, mesh, extra_shardings)
+
+    def step_fn(state: TrainState, batch: dict, rng: jax.Array):
+        step_rng = jax.random.fold_in(rng, state.step)
+        grads_of = grads_at_once if k == 1 else grads_accumulated
+        loss, aux, grads, extra, model_state = grads_of(state, batch, step_rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = _global_norm(grads)
@@ -108,6 +130,156 @@ def make_train_step(task: tasks.TaskSpec, tx: optax.GradientTransformation,
         return new_state, metrics
 
     return step_fn
+
+
+def grad_accum_steps(config) -> int:
+    """`optim.grad_accum_steps`, checked against the batch each host feeds per step.
+
+    Raises:
+      ConfigError: the per-host batch does not split into that many equal micro-batches.
+    """
+    k = int(config.optim.get("grad_accum_steps", 1))
+    batch, hosts = int(config.train.batch_size), jax.process_count()
+    if k < 1:
+        raise config_lib.ConfigError(f"config key 'optim.grad_accum_steps' must be >= 1, got {k}")
+    if batch % hosts == 0 and (batch // hosts) % k:
+        raise config_lib.ConfigError(
+            f"config key 'optim.grad_accum_steps' is {k}: the per-host batch of {batch // hosts} "
+            f"(train.batch_size {batch} over {hosts} hosts) does not split into {k} micro-batches"
+        )
+    return k
+
+
+def _extra_batch_axes(task: tasks.TaskSpec, extra: Any) -> Any:
+    """The batch axis of each leaf of the task's carried state (`act_batch` in `extra_axes`)."""
+
+    def axis(names):
+        if "act_batch" not in names:
+            raise config_lib.ConfigError(
+                f"task state with axes {names} has no 'act_batch' axis: it cannot be split "
+                "into micro-batches (optim.grad_accum_steps > 1)"
+            )
+        return list(names).index("act_batch")
+
+    if task.extra_axes is None:
+        raise config_lib.ConfigError(
+            f"{task.architecture}'s task carries state across steps without batch axes "
+            "(TaskSpec.extra_axes): it cannot be split into micro-batches "
+            "(optim.grad_accum_steps > 1)"
+        )
+    is_axes = lambda x: isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)  # noqa: E731
+    axes = jax.tree.map(axis, task.extra_axes, is_leaf=is_axes)
+    jax.tree.map(lambda a, x: None, axes, extra)  # same structure, or a tree error here
+    return axes
+
+
+def _split(x: jax.Array, k: int, axis: int = 0) -> jax.Array:
+    """`[..., B, ...]` (B at `axis`) -> `[k, ..., B / k, ...]`: micro-batch `i` holds rows
+    `i, i + k, i + 2k, ...`. Strided, so each device's contiguous block of rows (the batch
+    sharding) splits into its own rows of every micro-batch: nothing moves between devices."""
+    shape = x.shape
+    x = x.reshape(shape[:axis] + (shape[axis] // k, k) + shape[axis + 1 :])
+    return jnp.moveaxis(x, axis + 1, 0)
+
+
+def _merge(x: jax.Array, axis: int = 0) -> jax.Array:
+    """The inverse of `_split`: `[k, ..., B / k, ...]` -> `[..., B, ...]`."""
+    k = x.shape[0]
+    x = jnp.moveaxis(x, 0, axis + 1)
+    shape = x.shape
+    return x.reshape(shape[:axis] + (shape[axis] * k,) + shape[axis + 2 :])
+
+
+def _micro_sharded(x: jax.Array, spec, mesh) -> jax.Array:
+    """`x` `[k, ...]` constrained to `spec` (that of one micro-batch) behind an unsharded `k`."""
+    if mesh is None:
+        return x
+    spec = sharding.fit_spec(PartitionSpec(None, *spec), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _accumulated_grads(task, state, batch, step_rng, k, mesh, extra_shardings):
+    """`(loss, aux sums, grads, extra, model_state)` of `batch` run as `k` micro-batches.
+
+    Each micro-batch differentiates its `aux['loss_sum']` (the task's summed loss; its mean loss
+    is `loss_sum / max(weight, 1)`); gradients and every aux sum add up in float32 over the scan,
+    and the gradient of the mean loss over the whole batch is their sum over `max(sum of weights,
+    1)` — the same as the batch at once, for any split of the weights (masked tokens, padding)
+    over the micro-batches. Dropout draws from `fold_in(step_rng, i)` in micro-batch `i`.
+
+    Carried task state (XLNet's mems, batch-major) follows its rows: micro-batch `i` reads and
+    writes the rows of `extra` it holds, so each row's recurrence is the batch-at-once one. The
+    model's mutable collections (BatchNorm statistics) are threaded through the micro-batches in
+    order: each updates them as a step of its size would.
+    """
+    carries = task.init_extra is not None
+    mutable = _mutable(task)
+    batch_spec = PartitionSpec(("data", "fsdp"))
+    micro = {
+        name: _micro_sharded(_split(x, k), batch_spec + (None,) * (x.ndim - 1), mesh)
+        for name, x in batch.items()
+    }
+    xs: dict[str, Any] = {"batch": micro, "index": jnp.arange(k)}
+    if carries:
+        axes = _extra_batch_axes(task, state.extra)
+        split = jax.tree.map(lambda x, a: _split(x, k, a), state.extra, axes)
+        if extra_shardings is not None:
+            split = jax.tree.map(lambda x, s: _micro_sharded(x, s.spec, mesh), split,
+                                 extra_shardings)  # fmt: skip
+        xs["extra"] = split
+
+    def micro_loss(params, mb, model_state, extra, index):
+        kw = {"extra": extra} if carries else {}
+        if mutable:
+            kw["model_state"] = model_state
+        rng = jax.random.fold_in(step_rng, index)
+        _, aux = task.loss_fn(params, mb, rng, model=task.model, deterministic=False, **kw)
+        if "loss_sum" not in aux or "weight" not in aux:
+            raise ValueError(
+                f"{task.architecture}'s loss has no 'loss_sum' / 'weight' sums (it has "
+                f"{sorted(aux)}): gradient accumulation needs them"
+            )
+        return jnp.asarray(aux["loss_sum"], jnp.float32), dict(aux)
+
+    grad_of = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def body(carry, x):
+        acc, sums, model_state = carry
+        extra = x.get("extra")
+        (_, aux), grads = grad_of(state.params, x["batch"], model_state, extra, x["index"])
+        new_extra = jax.lax.stop_gradient(aux.pop("extra")) if carries else None
+        if mutable:
+            new = jax.lax.stop_gradient(aux.pop("model_state"))
+            model_state = {c: new[c] for c in mutable}
+        acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
+        sums = jax.tree.map(lambda s, v: s + jnp.asarray(v, s.dtype), sums, aux)
+        return (acc, sums, model_state), new_extra
+
+    # The aux sums' structure and dtypes, from an abstract run of one micro-batch.
+    first = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape[1:], v.dtype), xs)
+    _, aux_shape = jax.eval_shape(
+        lambda f: micro_loss(state.params, f["batch"], state.model_state, f.get("extra"),
+                             f["index"]),
+        first,
+    )  # fmt: skip
+    aux_shape = {n: v for n, v in aux_shape.items() if n not in ("extra", "model_state")}
+    zeros = lambda t, dtype=None: jax.tree.map(lambda a: jnp.zeros(a.shape, dtype or a.dtype), t)  # noqa: E731
+    sums0 = jax.tree.map(lambda a: jnp.zeros(a.shape, _sum_dtype(a.dtype)), aux_shape)
+    carry0 = (zeros(state.params, jnp.float32), sums0, state.model_state)
+    (acc, sums, model_state), new_extra = jax.lax.scan(body, carry0, xs)
+
+    weight = jnp.maximum(sums["weight"].astype(jnp.float32), 1.0)
+    grads = jax.tree.map(lambda a, p: (a / weight).astype(p.dtype), acc, state.params)
+    loss = sums["loss_sum"].astype(jnp.float32) / weight
+    extra = state.extra
+    if carries:
+        extra = jax.tree.map(lambda x, a: _merge(x, a), new_extra, axes)
+    return loss, sums, grads, extra, model_state
+
+
+def _sum_dtype(dtype) -> Any:
+    """Sums of floats accumulate in float32 (bfloat16 aux values included); ints stay ints."""
+    return jnp.float32 if jnp.issubdtype(dtype, jnp.floating) else dtype
 
 
 def make_eval_step(task: tasks.TaskSpec):
@@ -293,7 +465,9 @@ def setup_for_task(config, task: tasks.TaskSpec, mesh) -> Setup:
     rep = sharding.replicated(mesh)
     batch_shardings = {k: sharding.batch_sharding(mesh, np.ndim(v))
                        for k, v in task.init_batch.items()}  # fmt: skip
-    step_fn = make_train_step(task, tx, schedule, bool(config.train.skip_nonfinite))
+    accum = grad_accum_steps(config)
+    step_fn = make_train_step(task, tx, schedule, bool(config.train.skip_nonfinite), accum,
+                              mesh, state_shardings.extra)  # fmt: skip
     return Setup(
         task=task, tx=tx, schedule=schedule, mesh=mesh, rules=rules, rng=rng,
         abstract_state=abstract_state, param_shardings=param_shardings,

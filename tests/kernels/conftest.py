@@ -2,9 +2,10 @@
 
 ``kernels/`` is installed as ``xformers_jax.kernels`` (setuptools package-dir). Without the
 editable install (a fresh checkout, or pytest not run from the repo root) that name does not
-resolve, so it is mapped here onto the repo's ``kernels/`` directory; with the install this is a
-no-op. The ``interpret`` fixture runs a test body with ``interpret=True`` (Pallas interpreter,
-any backend) and compiled (skipped when the default backend is the CPU).
+resolve, or resolves to another checkout's (an editable install elsewhere), so it is mapped here
+onto this repo's ``kernels/`` directory; with this repo's install this is a no-op. The
+``interpret`` fixture runs a test body with ``interpret=True`` (Pallas interpreter, any backend)
+and compiled (skipped when the default backend is the CPU).
 """
 
 import importlib
@@ -20,8 +21,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _ensure_kernels_importable() -> None:
     try:
-        importlib.import_module("xformers_jax.kernels")
-        return
+        kernels = importlib.import_module("xformers_jax.kernels")
+        # An editable install of another checkout maps the name onto *its* kernels/: test this
+        # repo's.
+        if Path(kernels.__file__).resolve().parent == REPO / "kernels":
+            return
+        for name in [m for m in sys.modules if m.startswith("xformers_jax.kernels")]:
+            del sys.modules[name]
     except ImportError:
         pass
     try:

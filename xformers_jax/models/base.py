@@ -24,12 +24,29 @@ class InputError(UserError, ValueError):
     """Inputs a model cannot take (e.g. longer than its position table); the message says why."""
 
 
+# The name of each scanned layer's input (its carry) for the offloading remat policies.
+LAYER_INPUT = "layer_input"
+
 # Named remat policies (`model.remat_policy` in configs). 'none' keeps every activation.
+# The `offload*` ones move what they save to host memory (`pinned_host`) after the forward pass
+# and back for the backward (TPU, GPU): `offload` saves only each layer's input (as `full`,
+# whose saved inputs stay in HBM); `offload_dots_no_batch` the matmul outputs `dots_no_batch`
+# keeps in HBM (the layer inputs stay there). On the CPU device memory is host memory: they run
+# there as `full` / `dots_no_batch` do, with the same numbers.
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=[LAYER_INPUT],
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
+    "offload_dots_no_batch": jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+        "device", "pinned_host"
+    ),
 }
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -149,6 +166,8 @@ def scan_layers(
     `unroll` layers run per loop iteration (a config's `scan_unroll`; `num_layers` unrolls the
     loop: no per-iteration stacking of the layer outputs, longer compiles).
     """
+    if remat_policy == "offload":
+        block = _named_input(block)
     if REMAT_POLICIES[remat_policy] is not None:
         block = nn.remat(block, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
     scanned = nn.scan(
@@ -161,6 +180,18 @@ def scan_layers(
         unroll=max(1, min(int(unroll), num_layers)),
     )
     return scanned(**block_kwargs, name=name)
+
+
+def _named_input(block: type[nn.Module]) -> type[nn.Module]:
+    """`block` whose carry (the layer's input) is tagged `LAYER_INPUT` for the offloading
+    policies. A subclass, not a wrapper module: param paths stay the block's own."""
+    from jax.ad_checkpoint import checkpoint_name
+
+    def __call__(self, carry, *args, **kwargs):
+        carry = jax.tree.map(lambda x: checkpoint_name(x, LAYER_INPUT), carry)
+        return block.__call__(self, carry, *args, **kwargs)
+
+    return type(block.__name__, (block,), {"__call__": __call__, "__module__": block.__module__})
 
 
 def unstack(x: jax.Array | None) -> tuple | None:
