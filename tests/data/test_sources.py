@@ -17,7 +17,7 @@ TEXTS = ["hello world", "привет мир", "こんにちは世界", "a third
 
 def _compress(data: bytes, comp: str | None) -> bytes:
     if comp == "gz":
-        return gzip.compress(data)
+        return gzip.compress(data, mtime=0)
     if comp == "zst":
         return zstandard.ZstdCompressor().compress(data)
     return data
@@ -88,7 +88,7 @@ def test_streamed_not_read_whole(tmp_path):
     "name, data, message",
     [
         ("a.txt", b"ok\nfine\n\xff\xfe\n", r"a.txt:3: invalid UTF-8"),
-        ("a.txt.gz", gzip.compress(b"ok\n\x00\n"), r"a.txt.gz:2: binary content"),
+        ("a.txt.gz", gzip.compress(b"ok\n\x00\n", mtime=0), r"a.txt.gz:2: binary content"),
         ("a.jsonl", b'{"text": "ok"}\n{"text": \n', r"a.jsonl:2: invalid JSON"),
         (
             "a.jsonl.zst",
@@ -99,6 +99,7 @@ def test_streamed_not_read_whole(tmp_path):
         ("a.parquet", b"not parquet at all", r"a.parquet: not a parquet file"),
         ("a.txt.zst", b"garbage", r"a.txt.zst:1: cannot read"),
     ],
+    ids=lambda v: v if isinstance(v, str) and "\n" not in v else "",
 )
 def test_bad_input_names_file_and_line(tmp_path, name, data, message):
     path = tmp_path / name
