@@ -5,6 +5,7 @@ local named `gs:` ever appears."""
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -50,6 +51,18 @@ def test_gs_workdir_trains_resumes_exactly_and_keeps_everything_in_the_bucket(
 
     ev = train.evaluate(cfg(), run)
     assert np.isfinite(ev["loss"])
+
+    # Export the trained head from the gs:// workdir into the bucket; it loads back.
+    import xformers_jax as xj
+    from xformers_jax import cli
+
+    hf_out = bucket + "/export/mlm"
+    assert cli.main(["export", "--checkpoint", run, "--hf-out", hf_out]) == 0
+    assert "config.json" in paths.listdir(hf_out)
+    model, trained = xj.from_pretrained(hf_out), train.load_trained_model(run)
+    for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(trained.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not os.path.exists(tmp_path / "gs:")
 
 
 @pytest.mark.parametrize("url", ["s3://b/run", "gcs://b/run"])
