@@ -101,7 +101,9 @@ def test_every_family_compiles_for_v5p_8(spec, tmp_path, capsys):
     assert 0.2 < r["flops"] / r["analytic_flops"] < 5
     # The cost-only unrolled lowering counts every layer: more than the compiled step's one
     # layer body, no loop left, and (XLM-R, the dense path) within a few percent of analytic.
-    assert r["xla_flops"] > r["flops"] and r["loops_left"] is False
+    assert r["xla_flops"] > r["flops"]
+    # YOSO's LSH kernels (Pallas) loop inside themselves; every other step unrolls completely.
+    assert r["loops_left"] is ("yoso" in spec)
     if spec == PRETRAINING[0]:
         assert 1.0 < r["xla_flops"] / r["analytic_flops"] < 1.08
     assert r["step_seconds_estimate"] > 0

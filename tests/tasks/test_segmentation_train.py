@@ -122,7 +122,7 @@ def test_pixel_counts_and_metrics():
 def _killed_after(steps: int):
     """A stand-in for the SIGTERM flag that is raised on the `steps`-th step of a run."""
     calls = iter(range(1, 1 << 30))
-    return lambda: next(calls) >= steps
+    return lambda step=None: next(calls) >= steps
 
 
 class _ToyBatchNorm(nn.Module):

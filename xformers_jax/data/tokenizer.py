@@ -76,11 +76,44 @@ def train_spm(
     Raises:
       ValueError: spm refused (its message says what to change), naming the model.
     """
+    guarded = GuardedLines(lines)
     with paths.local_prefix(out_prefix) as local:
-        _train_spm_local(lines, local, vocab_size, specials, model_type=model_type,
-                         character_coverage=character_coverage,
-                         input_sentence_size=input_sentence_size, num_threads=num_threads,
-                         seed=seed, **trainer_kwargs)  # fmt: skip
+        try:
+            _train_spm_local(guarded, local, vocab_size, specials, model_type=model_type,
+                             character_coverage=character_coverage,
+                             input_sentence_size=input_sentence_size, num_threads=num_threads,
+                             seed=seed, **trainer_kwargs)  # fmt: skip
+        except ValueError:
+            guarded.reraise()
+            raise
+        guarded.reraise()
+
+
+class GuardedLines:
+    """Training sentences for spm, which reads them from C++ and reports a Python exception
+    there as an opaque INTERNAL error: an error of the source (a `DataError` naming the file and
+    line) ends the iteration instead and is raised again by `reraise` after training."""
+
+    def __init__(self, lines: Iterable[str]):
+        self._lines, self.error = iter(lines), None
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        if self.error is not None:
+            raise StopIteration
+        try:
+            return next(self._lines)
+        except StopIteration:
+            raise
+        except Exception as e:  # re-raised by `reraise`, unchanged
+            self.error = e
+            raise StopIteration from None
+
+    def reraise(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 def _train_spm_local(lines, out_prefix, vocab_size, specials, *, model_type, character_coverage,

@@ -83,9 +83,16 @@ class XLNetTokenizer:
     ) -> XLNetTokenizer:
         """Trains a unigram model with XLNet's special pieces at ids 0-8; writes `prefix.model`."""
         prefix = paths.resolve(prefix)
-        lines = (s for t in texts for s in (x.strip() for x in t.split("\n")) if s)
+        from xformers_jax.data.tokenizer import GuardedLines
+
+        lines = GuardedLines(s for t in texts for s in (x.strip() for x in t.split("\n")) if s)
         with paths.local_prefix(prefix) as local:
-            cls._train_local(lines, local, vocab_size)
+            try:
+                cls._train_local(lines, local, vocab_size)
+            except RuntimeError:
+                lines.reraise()  # the source's own error (a file and line), not spm's
+                raise
+            lines.reraise()
         return cls.load(prefix + ".model", **flags)
 
     @staticmethod
