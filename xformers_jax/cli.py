@@ -78,9 +78,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shard-records",
         type=int,
-        default=65536,
+        default=None,
         metavar="N",
-        help="chunks per shard at most (a shard holds consecutive chunks of one file)",
+        help="records per shard at most: text chunks (default 65536; a shard holds consecutive "
+        "chunks of one file) or images (default 1024)",
     )
 
     p = sub.add_parser(
@@ -314,10 +315,14 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         _print_result(result)
     elif args.command == "prepare":
         config = config_lib.load_config(args.config, overrides)
-        manifest = _impl("xformers_jax.data.prepare", "prepare")(
-            config, args.out, getattr(args, "beam_args", []), shard_records=args.shard_records
+        module = "xformers_jax.data.prepare"
+        if _impl("xformers_jax.data.image_prepare", "is_image_config")(config):
+            module = "xformers_jax.data.image_prepare"  # image folders -> image shards
+        kwargs = {} if args.shard_records is None else {"shard_records": args.shard_records}
+        manifest = _impl(module, "prepare")(
+            config, args.out, getattr(args, "beam_args", []), **kwargs
         )
-        _print_result(_impl("xformers_jax.data.prepare", "summary")(manifest))
+        _print_result(_impl(module, "summary")(manifest))
     elif args.command == "memory":
         config = config_lib.load_config(args.config, overrides)
         memory = importlib.import_module("xformers_jax.memory")

@@ -760,6 +760,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_num(config, "data.mask_prob", 0.0, 1.0, hi_open=True)
     _check_int(config, "data.num_workers", 0)
     _check_data_sources(config)
+    _validate_image_data(config)
 
     _check_choice(config, "optim.name", OPTIMIZERS)
     _check_choice(config, "optim.schedule", SCHEDULES)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import assert_resumes_exactly
-from xformers_jax import config_lib, paths, train
+from xformers_jax import cli, config_lib, paths, train
 from xformers_jax.data import image_folder as imf
 from xformers_jax.data import image_prepare
 from xformers_jax.data.corpus import DataError
@@ -204,8 +204,11 @@ def _losses(workdir) -> list[float]:
 
 
 def _prepared(folder, out) -> dict:
-    c = _config("pretrain_mim.py", folder)
-    return image_prepare.prepare(c, out, BEAM_LOCAL, shard_records=4)
+    """Through the command line, which packs images for an image task's config."""
+    argv = ["prepare", "--config", os.path.join(ROOT, "configs/beit/pretrain_mim.py") + ":tiny"]
+    argv += ["--out", out, "--shard-records", "4", f"--config.data.image_folder={folder}"]
+    assert cli.main([*argv, "--config.data.eval_percent=20.0", *BEAM_LOCAL]) == 0
+    return imf.read_manifest(out)
 
 
 def _prepared_config(folder, out, steps):
