@@ -136,14 +136,6 @@ def params_item(directory: str) -> str:
     return nested if paths.isfile(paths.join(nested, "_METADATA")) else item
 
 
-def load_params(directory: str, abstract: Any | None = None) -> Any:
-    """Reads a params-only export, onto `abstract`'s shardings when given (else host arrays)."""
-    if not paths.isdir(paths.join(directory, PARAMS_DIR)):
-        raise FileNotFoundError(f"no params-only Orbax export at {paths.join(directory, 'params')}")
-    with ocp.StandardCheckpointer() as ckptr:
-        item = params_item(directory)
-        return ckptr.restore(item, abstract) if abstract is not None else ckptr.restore(item)
-
 
 def _saved_tree(state_dir: str) -> Any:
     """The tree metadata (nested dicts of array metadata) of a saved train state."""

@@ -145,10 +145,6 @@ def to_hf(rule: Rule, x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def stack_layers(tensors: Sequence[np.ndarray]) -> np.ndarray:
-    """Per-layer tensors -> one `[num_layers, ...]` array (the `nn.scan` param layout)."""
-    return np.stack(tensors, axis=0)
-
 
 def unstack_layers(x: np.ndarray) -> list[np.ndarray]:
     """A `[num_layers, ...]` scanned param -> one array per layer."""

@@ -188,13 +188,6 @@ def family_for_model_type(model_type: str) -> Family:
     raise ValueError(f"unknown model_type {model_type!r}; supported: {known}")
 
 
-def family_for_architecture(architecture: str) -> Family:
-    for fam in FAMILIES.values():
-        if architecture in fam.heads:
-            return fam
-    known = sorted(a for f in FAMILIES.values() for a in f.heads)
-    raise ValueError(f"unknown architecture {architecture!r}; supported: {known}")
-
 
 def build_model(model_cfg: Any, task: str) -> tuple[Any, Any, str]:
     """(head module, frozen family config, HF architecture name) for `config.model` and a task.
