@@ -69,6 +69,7 @@ def test_mesh_the_topology_cannot_hold(capsys):
 
 @needs_libtpu
 @pytest.mark.parametrize("spec", PRETRAINING)
+@pytest.mark.slow
 def test_every_family_compiles_for_v5p_8(spec, tmp_path, capsys):
     out = tmp_path / "compile.json"
     argv = ["compile", "--config", spec, "--topology", "v5p-8", "--out", str(out)]
@@ -111,6 +112,7 @@ def test_every_family_compiles_for_v5p_8(spec, tmp_path, capsys):
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_step_that_does_not_fit_exits_2_with_one_line(capsys):
     argv = [
         "compile",
@@ -152,6 +154,7 @@ FLASH = [
 
 @needs_libtpu
 @pytest.mark.parametrize("spec,overrides", FLASH, ids=[s.split("/")[1] for s, _ in FLASH])
+@pytest.mark.slow
 def test_every_family_compiles_with_flash_attention_for_v5p_8(spec, overrides):
     from xformers_jax import config_lib
 

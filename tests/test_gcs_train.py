@@ -19,6 +19,7 @@ def _losses(workdir: str) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
+@pytest.mark.slow
 def test_gs_workdir_trains_resumes_exactly_and_keeps_everything_in_the_bucket(
     corpus, bucket, gcs_emulator, tmp_path, monkeypatch
 ):

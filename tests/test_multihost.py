@@ -49,6 +49,7 @@ def one_host(corpus, tmp_path_factory):
     ],
     ids=["tensor_across_hosts", "fsdp_across_hosts"],
 )
+@pytest.mark.slow
 def test_two_hosts_train_the_losses_of_one(mesh, one_host, corpus, tmp_path):
     _two_hosts(tmp_path, corpus, *mesh)
     a, b = _losses(one_host), _losses(tmp_path)

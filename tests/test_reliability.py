@@ -158,6 +158,7 @@ def test_sigterm_saves_current_step_and_exits_0(corpus, tmp_path):
     assert res.returncode == 0 and f"at step {saved[0]}" in res.stdout
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_other_meshes(corpus, tmp_path):
     """Written on 8 devices (data x fsdp x tensor = 2x2x2); restored onto 4, 2, 1 devices and
     another mesh shape with identical values; training goes on."""

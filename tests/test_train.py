@@ -76,6 +76,7 @@ def test_bad_profile_steps_are_one_line(corpus, steps):
         config_lib.validate(cfg)
 
 
+@pytest.mark.slow
 def test_second_start_loads_the_step_from_the_compilation_cache(corpus, tmp_path):
     """Two starts of a run with `train.compilation_cache_dir`: the second compiles nothing that
     the first compiled (every compile a cache hit)."""
@@ -251,6 +252,7 @@ def test_grad_accum_equals_at_once_for_fine_tuning(tmp_path):
     _accum_vs_once(c, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_mu_dtype_bfloat16_trains_and_resumes_exactly(corpus, tmp_path):
     """AdamW's first moment in bfloat16: stored as such in the checkpoint, and 3 + 3 steps with a
     restart == 6 straight steps."""

@@ -136,7 +136,6 @@ def params_item(directory: str) -> str:
     return nested if paths.isfile(paths.join(nested, "_METADATA")) else item
 
 
-
 def _saved_tree(state_dir: str) -> Any:
     """The tree metadata (nested dicts of array metadata) of a saved train state."""
     # The item handler reads the tree metadata alone (the step-level metadata file lives one

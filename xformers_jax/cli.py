@@ -10,7 +10,7 @@ bench.
   xformers-jax convert --hf HF_DIR --out ORBAX_DIR [--head NAME] [--mesh fsdp=8] [--devices N]
   xformers-jax export  --checkpoint ORBAX_DIR --hf-out HF_DIR [--dtype float32|bfloat16|float16]
                        [--max-shard-size BYTES] [--step N]
-  xformers-jax bench   [--suite train|yoso|decoding|mlm_logits|data|all] [--family F ...]
+  xformers-jax bench   [--suite train|yoso|decoding|mlm_logits|data|flops|all] [--family F ...]
                        [--out DIR]
                        [--n N] [--device cpu|gpu|tpu] [--dtype float32|bfloat16]
                        [--bench-config default|xlmr_xl_512|mt5_base] [--bench-set KEY=INT ...]
@@ -149,11 +149,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="benchmark model families, YOSO / decoding / large-vocab scaling",
         description="train: every family's train step vs transformers (bench.json/md/png). "
         "yoso, decoding, mlm_logits: scaling suites (<suite>.json/md/png); data: the input "
-        "pipeline's memory and throughput (data.json/md); all: train and the scaling suites.",
+        "pipeline's memory and throughput (data.json/md); flops: XLA's FLOPs of each pretraining "
+        "preset's step (libtpu, lowering only) next to the analytic count (flops.json/md); all: "
+        "train and the scaling suites.",
     )
     p.add_argument(
         "--suite",
-        choices=("train", "yoso", "decoding", "mlm_logits", "data", "all"),
+        choices=("train", "yoso", "decoding", "mlm_logits", "data", "flops", "all"),
         default="train",
         help="which benchmark (default: train)",
     )
@@ -163,7 +165,7 @@ def _build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="F",
-        help="train-suite families to run (repeatable; default: all)",
+        help="train- or flops-suite families to run (repeatable; default: all)",
     )
     p.add_argument("--out", default=None, metavar="DIR", help="where to write results")
     p.add_argument("--n", type=int, default=None, metavar="N", help="timed rounds per case")

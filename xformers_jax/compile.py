@@ -212,6 +212,11 @@ def analytic_flops(config, model_cfg: Any, batch: dict[str, Any]) -> float | Non
         dims = dict(
             hidden=c.d_model, ffn=c.d_inner, layers=c.n_layer, vocab=c.vocab_size, seq=s, batch=b
         )
+        if getattr(c, "use_mems_train", False) and c.mem_len:
+            dims["mem"] = c.mem_len
+        if "target_mapping" in batch:
+            dims["predict"] = batch["target_mapping"].shape[1]
+        dims["bi_data"] = bool(c.bi_data)
         return flops.xlnet_flops(dims)
     if family == "mt5":
         b, s = batch["input_ids"].shape
@@ -234,6 +239,8 @@ def analytic_flops(config, model_cfg: Any, batch: dict[str, Any]) -> float | Non
             patch_size=c.patch_size,
             batch=batch["pixel_values"].shape[0],
         )
+        if "bool_masked_pos" in batch:  # MIM: the visual-token head on every patch
+            dims["head_vocab"] = c.vocab_size
         return flops.beit_flops(dims)
     return None
 

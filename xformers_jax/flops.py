@@ -25,11 +25,26 @@ def text_flops(b: Mapping[str, int]) -> float:
 
 
 def xlnet_flops(b: Mapping[str, int]) -> float:
-    """`text_flops` plus XLNet's position term: every query against the `2 x seq` relative-position
-    keys, and those keys' projection (once per step, batch-free)."""
-    rel = 2 * b["seq"]
-    per_layer = b["batch"] * b["seq"] * rel * b["hidden"] + rel * b["hidden"] ** 2
-    return text_flops(b) + 3 * 2 * b["layers"] * per_layer
+    """XLNet's two-stream relative attention over `mem` mems (keys `K = mem + seq`).
+
+    The content stream: projections (q, o on the inputs, k, v on mems + inputs), the FFN, and
+    per query `K` content keys, `K + seq` relative-position keys (before the shift) and `K`
+    values. The position keys' projection is batch-free, or per row with `bi_data` (the two
+    directions' tables are expanded to the batch before it). With `predict` > 0 (permutation LM:
+    `target_mapping` of `predict` slots) the query stream adds q, o and the FFN on those slots,
+    its attention at every position (the slots are mapped onto positions and back) and the LM
+    head on the slots; without it, the head runs on every token. XLNet's LM head has no
+    transform: `hidden x vocab` per predicted token.
+    """
+    h, f, s = b["hidden"], b["ffn"], b["seq"]
+    k = s + b.get("mem", 0)
+    p = b.get("predict", 0)
+    per_row = 2 * s * h * h + 2 * k * h * h + 2 * s * h * f + s * (2 * k + (k + s)) * h
+    if p:
+        per_row += 2 * p * h * h + 2 * p * h * f + s * (2 * k + (k + s)) * h + 2 * p * s * h
+    pos = (k + s) * h * h * (b["batch"] if b.get("bi_data") else 1)
+    head = (p or s) * h * b["vocab"]
+    return 3 * 2 * (b["batch"] * (b["layers"] * per_row + head) + b["layers"] * pos)
 
 
 def mt5_flops(b: Mapping[str, int]) -> float:
@@ -44,9 +59,12 @@ def mt5_flops(b: Mapping[str, int]) -> float:
 
 
 def beit_flops(b: Mapping[str, int]) -> float:
-    """A ViT over the patches plus the [CLS] token, with the patch embedding."""
-    n_tok = (b["image_size"] // b["patch_size"]) ** 2 + 1
+    """A ViT over the patches plus the [CLS] token, with the patch embedding; MIM's head
+    (`head_vocab`, BEiT's visual-token vocabulary) on every patch."""
+    patches = (b["image_size"] // b["patch_size"]) ** 2
+    n_tok = patches + 1
     h = b["hidden"]
     patch = 3 * b["patch_size"] ** 2 * h
     per_token = b["layers"] * (4 * h * h + 2 * h * b["ffn"] + 2 * n_tok * h) + patch
-    return 3 * 2 * b["batch"] * n_tok * per_token
+    head = patches * h * b.get("head_vocab", 0)
+    return 3 * 2 * b["batch"] * (n_tok * per_token + head)

@@ -16,6 +16,7 @@ TINY.update(decoder_len=8, image_size=32, patch_size=8)  # MT5's, BEiT's
 PEAK = 64
 
 
+@pytest.mark.slow
 def test_bench_runs_and_writes_outputs(tmp_path):
     res = train.main(None, str(tmp_path), n=1, overrides=TINY, peak_size=PEAK)
     assert sorted(r["family"] for r in res["results"]) == sorted(train.CASES)

@@ -146,6 +146,7 @@ def _replies(out: str) -> list[tuple[str, str, str]]:
     return rows
 
 
+@pytest.mark.slow
 def test_dialog_finetuning_prints_replies(tmp_path, capsys):
     from xformers_jax.tasks.seq2seq import report_prompts
 

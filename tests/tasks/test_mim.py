@@ -102,6 +102,7 @@ def _config(name, **overrides):
     return c
 
 
+@pytest.mark.slow
 def test_mim_pretraining_then_classification_finetuning(tmp_path):
     mim_dir, cls_dir = str(tmp_path / "mim"), str(tmp_path / "cls")
     steps = 80

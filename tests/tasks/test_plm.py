@@ -78,6 +78,7 @@ def test_plm_training_lowers_loss(tmp_path, seed):
     assert os.path.exists(tmp_path / "work" / "spiece.model")
 
 
+@pytest.mark.slow
 def test_mems_carry_across_steps_and_resume(tmp_path):
     """Mems live in the train state: nonzero after training, sharded on batch, saved and restored
     (2 + 2 steps with a restart == 4 straight steps)."""

@@ -63,6 +63,7 @@ def test_config_builds(preset):
     assert c.task == "span_corruption" and c.optim.name == "adafactor"
 
 
+@pytest.mark.slow
 def test_training_lowers_loss(tmp_path):
     corpus = tiny_corpus(str(tmp_path))
     c = config_lib.load_config(f"{CONFIG}:tiny")

@@ -3,6 +3,8 @@
 import importlib.util
 import os
 
+import pytest
+
 from xformers_jax import models, train
 
 _CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "yoso", "pretrain_mlm.py")
@@ -49,6 +51,7 @@ def test_config_builds_both_presets():
         assert arch == "YosoForMaskedLM" and cfg.max_position_embeddings == 4096
 
 
+@pytest.mark.slow
 def test_sampled_mode_mlm_lowers_loss(corpus, tmp_path):
     cfg = tiny_yoso_config(corpus)
     _, model_cfg, _ = models.build_model(cfg.model, cfg.task)

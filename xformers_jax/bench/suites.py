@@ -62,12 +62,12 @@ def main(
     from xformers_jax.config_lib import UserError
 
     names = ["train", *SUITES] if suite == "all" else [suite]
-    unknown = [s for s in names if s not in ("train", "data") and s not in SUITES]
+    unknown = [s for s in names if s not in ("train", "data", "flops") and s not in SUITES]
     if unknown:
         raise UserError(
             f"unknown bench suite {unknown[0]!r}; known: train, {', '.join(SUITES)}, all"
         )
-    if families and "train" not in names:
+    if families and "train" not in names and suite != "flops":
         raise UserError(f"--family selects train-suite families; suite {suite!r} has none")
     if dtype not in ("float32", "bfloat16"):
         raise UserError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
@@ -85,7 +85,11 @@ def main(
     harness.select_device(device)
     results = {}
     for name in names:
-        if name == "data":
+        if name == "flops":
+            # XLA's FLOPs of each pretraining preset (bench/flops.py): lowerings for libtpu.
+            flops = importlib.import_module("xformers_jax.bench.flops")
+            results[name] = flops.main(out_dir, families)
+        elif name == "data":
             # The input pipeline (bench/data.py): minutes of prepare and short training runs.
             results[name] = importlib.import_module("xformers_jax.bench.data").main(out_dir)
         elif name == "train":

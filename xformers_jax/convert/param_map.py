@@ -145,7 +145,6 @@ def to_hf(rule: Rule, x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-
 def unstack_layers(x: np.ndarray) -> list[np.ndarray]:
     """A `[num_layers, ...]` scanned param -> one array per layer."""
     return [x[i] for i in range(x.shape[0])]

@@ -188,7 +188,6 @@ def family_for_model_type(model_type: str) -> Family:
     raise ValueError(f"unknown model_type {model_type!r}; supported: {known}")
 
 
-
 def build_model(model_cfg: Any, task: str) -> tuple[Any, Any, str]:
     """(head module, frozen family config, HF architecture name) for `config.model` and a task.
 
