@@ -49,13 +49,15 @@ def xlnet_flops(b: Mapping[str, int]) -> float:
 
 def mt5_flops(b: Mapping[str, int]) -> float:
     """Encoder + decoder (self- and cross-attention) with the gated FFN, and the LM head over the
-    decoder tokens."""
+    decoder tokens. Attention projects `hidden` to `inner = heads x d_kv` (not always `hidden`:
+    mT5-small has 6 x 64 for 512); cross-attention's keys and values are the encoder tokens'."""
     h, f, n_layers, dec_len = b["hidden"], b["ffn"], b["layers"], b["decoder_len"]
-    enc_t, dec_t = b["batch"] * b["seq"], b["batch"] * dec_len
+    inner, s = b.get("inner", h), b["seq"]
     gated = 3 * h * f  # wi_0, wi_1, wo
-    enc = enc_t * (n_layers * (4 * h * h + gated) + n_layers * 2 * b["seq"] * h)
-    dec = dec_t * (n_layers * (8 * h * h + gated) + n_layers * 2 * (dec_len + b["seq"]) * h)
-    return 3 * 2 * (enc + dec + dec_t * h * b["vocab"])
+    enc = s * n_layers * (4 * h * inner + gated + 2 * s * inner)
+    dec = dec_len * n_layers * (6 * h * inner + gated + 2 * (dec_len + s) * inner)
+    cross_kv = s * n_layers * 2 * h * inner
+    return 3 * 2 * b["batch"] * (enc + dec + cross_kv + dec_len * h * b["vocab"])
 
 
 def beit_flops(b: Mapping[str, int]) -> float:
