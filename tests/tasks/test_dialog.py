@@ -81,6 +81,39 @@ def test_read_pairs(tmp_path):
     bad.write_text("a\tb\n\nno tab here\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"bad.tsv:3: expected 'prompt<TAB>reply'"):
         dg.read_pairs(bad)
+    (tmp_path / "empty.tsv").write_text("\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"empty.tsv: no 'prompt<TAB>reply' line"):
+        dg.read_pairs(tmp_path / "empty.tsv")
+    with pytest.raises(DataError, match=r"nothing-\*.tsv: no file matches"):
+        dg.read_pairs(str(tmp_path / "nothing-*.tsv"))
+
+
+def test_read_pairs_globs_compressed_and_gs(tmp_path, bucket):
+    """Dialog files as the pretraining sources: globs, .gz / .zst by name, gs:// URLs."""
+    import gzip
+
+    import zstandard
+
+    from xformers_jax import paths
+
+    os.makedirs(tmp_path / "d" / "sub")
+    with gzip.open(tmp_path / "d" / "en.tsv.gz", "wt", encoding="utf-8") as f:
+        f.write("Hi\tHello!\n")
+    (tmp_path / "d" / "sub" / "de.tsv.zst").write_bytes(
+        zstandard.ZstdCompressor().compress(b"Hallo\tGuten Tag\n")
+    )
+    pairs = dg.read_pairs(str(tmp_path / "d" / "**" / "*.tsv.*"))
+    assert [(p.prompt, p.reply, p.language) for p in pairs] == [
+        ("Hi", "Hello!", "en"),
+        ("Hallo", "Guten Tag", "de"),
+    ]
+    paths.write_bytes(bucket + "/dialog/fr.tsv", b"Salut\tBonjour\n")
+    (pair,) = dg.read_pairs(bucket + "/dialog/*.tsv")
+    assert (pair.prompt, pair.reply, pair.language) == ("Salut", "Bonjour", "fr")
+    with gzip.open(tmp_path / "bin.tsv.gz", "wb") as f:
+        f.write(b"a\tb\n\x00\n")
+    with pytest.raises(DataError, match=r"bin.tsv.gz:2: binary content"):
+        dg.read_pairs(tmp_path / "bin.tsv.gz")
 
 
 def test_dataset_resumes_and_eval_wraps(tokenizer):

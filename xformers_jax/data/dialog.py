@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 
 from xformers_jax.data.collators import IGNORE_INDEX
-from xformers_jax.data.corpus import DataError, chatterbot_languages, read_lines
+from xformers_jax.data.corpus import DataError, chatterbot_languages
 from xformers_jax.data.pipeline import global_batch_rows, iterate, sharded_stream
 
 _EVAL_BUCKETS = 10  # one prompt hash bucket in ten is held out
@@ -101,23 +101,40 @@ def dialog_pairs(languages: Sequence[str] | None = None, split: str = "all") -> 
     return [p for p in pairs if is_eval_prompt(p.prompt) == held_out]
 
 
-def read_pairs(path: str | os.PathLike) -> list[DialogPair]:
-    """Pairs from a UTF-8 file of `prompt<TAB>reply` lines (blank lines skipped).
+def read_pairs(pattern: str | os.PathLike) -> list[DialogPair]:
+    """Pairs from UTF-8 files of `prompt<TAB>reply` lines (blank lines skipped).
+
+    `pattern` is a path, a glob (`**` recursive) or a gs:// URL; a name ending in `.gz` or `.zst`
+    is decompressed while it streams. A pair's `language` is its file's name up to the first dot.
 
     Raises:
-      DataError: the file is unreadable (see `read_lines`), or a line has no tab or an empty
-        side; the message names the file and line.
+      DataError: no file matches, a file is unreadable, binary or not UTF-8, has no pair, or a
+        line has no tab or an empty side; the message names the file and line.
     """
-    read_lines(path)  # missing, empty, binary or not UTF-8: its error names file and line
+    from xformers_jax import paths
+    from xformers_jax.data import sources
+
+    pattern = os.fspath(pattern)
+    try:
+        files = paths.glob(pattern)
+    except ValueError as e:
+        raise DataError(f"{pattern}: {e}") from None
+    if not files:
+        what = "no file matches" if any(c in pattern for c in "*?[") else "file not found"
+        raise DataError(f"{pattern}: {what}")
     pairs = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8-sig").split("\n"), 1):
-        if not line.strip():
-            continue
-        prompt, tab, reply = line.partition("\t")
-        prompt, reply = _clean(prompt), _clean(reply)
-        if not (tab and prompt and reply):
-            raise DataError(f"{path}:{number}: expected 'prompt<TAB>reply', got {line[:60]!r}")
-        pairs.append(DialogPair(prompt, reply, Path(path).stem))
+    for path in files:
+        before, language = len(pairs), path.rsplit("/", 1)[-1].split(".")[0]
+        for number, line in sources.iter_lines(path):
+            if not line.strip():
+                continue
+            prompt, tab, reply = line.partition("\t")
+            prompt, reply = _clean(prompt), _clean(reply)
+            if not (tab and prompt and reply):
+                raise DataError(f"{path}:{number}: expected 'prompt<TAB>reply', got {line[:60]!r}")
+            pairs.append(DialogPair(prompt, reply, language))
+        if len(pairs) == before:
+            raise DataError(f"{path}: no 'prompt<TAB>reply' line (the file is empty)")
     return pairs
 
 

@@ -127,6 +127,14 @@ def _lines(path: str, stream) -> Iterator[tuple[int, str]]:
             return
 
 
+def iter_lines(path: str) -> Iterator[tuple[int, str]]:
+    """`(1-based line number, line)` of any UTF-8 text file (local or gs://), streamed; a name
+    ending in `.gz` or `.zst` is decompressed. Errors name the file and line."""
+    ext = os.fspath(path).rsplit(".", 1)[-1].lower()
+    with _open_binary(path, ext if ext in COMPRESSIONS else None) as stream:
+        yield from _lines(path, stream)
+
+
 def _jsonl(path: str, stream, field: str) -> Iterator[str]:
     for number, line in _lines(path, stream):
         if not line.strip():
