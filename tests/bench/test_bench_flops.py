@@ -21,3 +21,11 @@ def test_tiny_presets_count_within_a_few_percent_of_analytic(tmp_path, monkeypat
         # AdamW) is up to ~15% of the step; a formula missing a matmul term is off by far more.
         assert 0.95 < r["ratio"] < 1.16, r
         assert r["loops_left"] == (r["family"] == "yoso"), r  # YOSO: its kernels' own loops
+
+
+def test_unknown_family_is_one_line(capsys):
+    from xformers_jax import cli
+
+    assert cli.main(["bench", "--suite", "flops", "--family", "bert"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown --family 'bert'" in err and "\n" not in err

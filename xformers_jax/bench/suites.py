@@ -69,6 +69,12 @@ def main(
         )
     if families and "train" not in names and suite != "flops":
         raise UserError(f"--family selects train-suite families; suite {suite!r} has none")
+    if families and suite == "flops":
+        known = sorted({row[0].split("/")[0] for row in importlib.import_module(
+            "xformers_jax.bench.flops").ROWS})  # fmt: skip
+        bad = [f for f in families if f not in known]
+        if bad:
+            raise UserError(f"unknown --family {bad[0]!r}; the flops suite has {', '.join(known)}")
     if dtype not in ("float32", "bfloat16"):
         raise UserError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
     if "train" not in names and (config != "default" or overrides):
