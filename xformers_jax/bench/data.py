@@ -116,7 +116,7 @@ def _train_overrides(tokenizer: str) -> list[str]:
     ]
 
 
-def _delivered(config_overrides: list[str], workdir: str, batches: int = 40) -> float:
+def _delivered(config_overrides: list[str], workdir: str, batches: int = 150) -> float:
     """MLM tokens/s the training iterator delivers (seq 512, batch 64), after 3 warm-up batches."""
     from xformers_jax import config_lib, tasks
 
