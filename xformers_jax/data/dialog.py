@@ -111,19 +111,10 @@ def read_pairs(pattern: str | os.PathLike) -> list[DialogPair]:
       DataError: no file matches, a file is unreadable, binary or not UTF-8, has no pair, or a
         line has no tab or an empty side; the message names the file and line.
     """
-    from xformers_jax import paths
     from xformers_jax.data import sources
 
-    pattern = os.fspath(pattern)
-    try:
-        files = paths.glob(pattern)
-    except ValueError as e:
-        raise DataError(f"{pattern}: {e}") from None
-    if not files:
-        what = "no file matches" if any(c in pattern for c in "*?[") else "file not found"
-        raise DataError(f"{pattern}: {what}")
     pairs = []
-    for path in files:
+    for path in sources.match_files(pattern):
         before, language = len(pairs), path.rsplit("/", 1)[-1].split(".")[0]
         for number, line in sources.iter_lines(path):
             if not line.strip():

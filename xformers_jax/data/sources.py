@@ -60,19 +60,24 @@ def expand_files(patterns: str | Sequence[str]) -> list[str]:
     patterns = [patterns] if isinstance(patterns, (str, os.PathLike)) else list(patterns)
     out: list[str] = []
     for pattern in patterns:
-        pattern = os.fspath(pattern)
-        try:
-            matches = paths.glob(pattern)
-        except ValueError as e:
-            raise DataError(f"{pattern}: {e}") from None
-        if not matches:
-            what = "no file matches" if any(c in pattern for c in "*?[") else "file not found"
-            raise DataError(f"{pattern}: {what}")
-        for m in matches:
+        for m in match_files(pattern):
             file_format(m)
             if m not in out:
                 out.append(m)
     return out
+
+
+def match_files(pattern: str | os.PathLike) -> list[str]:
+    """The files of one path, glob or gs:// URL, sorted; a DataError naming it if none."""
+    pattern = os.fspath(pattern)
+    try:
+        matches = paths.glob(pattern)
+    except ValueError as e:
+        raise DataError(f"{pattern}: {e}") from None
+    if not matches:
+        what = "no file matches" if any(c in pattern for c in "*?[") else "file not found"
+        raise DataError(f"{pattern}: {what}")
+    return matches
 
 
 @contextlib.contextmanager

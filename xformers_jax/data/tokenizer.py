@@ -76,23 +76,18 @@ def train_spm(
     Raises:
       ValueError: spm refused (its message says what to change), naming the model.
     """
-    guarded = GuardedLines(lines)
-    with paths.local_prefix(out_prefix) as local:
-        try:
-            _train_spm_local(guarded, local, vocab_size, specials, model_type=model_type,
-                             character_coverage=character_coverage,
-                             input_sentence_size=input_sentence_size, num_threads=num_threads,
-                             seed=seed, **trainer_kwargs)  # fmt: skip
-        except ValueError:
-            guarded.reraise()
-            raise
-        guarded.reraise()
+    with paths.local_prefix(out_prefix) as local, GuardedLines(lines) as guarded:
+        _train_spm_local(guarded, local, vocab_size, specials, model_type=model_type,
+                         character_coverage=character_coverage,
+                         input_sentence_size=input_sentence_size, num_threads=num_threads,
+                         seed=seed, **trainer_kwargs)  # fmt: skip
 
 
 class GuardedLines:
     """Training sentences for spm, which reads them from C++ and reports a Python exception
     there as an opaque INTERNAL error: an error of the source (a `DataError` naming the file and
-    line) ends the iteration instead and is raised again by `reraise` after training."""
+    line) ends the iteration instead, and leaving the `with` block raises it again, in place of
+    whatever spm then said."""
 
     def __init__(self, lines: Iterable[str]):
         self._lines, self.error = iter(lines), None
@@ -111,7 +106,10 @@ class GuardedLines:
             self.error = e
             raise StopIteration from None
 
-    def reraise(self) -> None:
+    def __enter__(self) -> GuardedLines:
+        return self
+
+    def __exit__(self, *exc) -> None:
         if self.error is not None:
             raise self.error
 

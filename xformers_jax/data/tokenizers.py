@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from xformers_jax import config_lib, paths
 from xformers_jax.data.corpus import DataError, default_corpus
-from xformers_jax.data.sources import expand_files, iter_corpus, iter_texts
+from xformers_jax.data.sources import expand_files, iter_texts
 
 
 def train_files(config, workdir: str) -> list[str]:
@@ -43,12 +43,19 @@ def holdout(config, split: str) -> str | None:
 def _corpus_lines(config, workdir: str):
     """The training texts, streamed (tokenizer training samples `input_sentence_size` of them)."""
     files = expand_files(train_files(config, workdir))
-    field = config.data.get("text_field", "text")
+    return _nonempty_texts(files, config.data.get("text_field", "text"))
+
+
+def _nonempty_texts(files, field):
+    """`iter_corpus`, naming a file that holds no text (streamed, spm would only say "no
+    sentences")."""
     for f in files:
-        # Streamed, so spm would only say "no sentences": name the file that holds none.
-        if next(iter(iter_texts(f, field)), None) is None:
+        empty = True
+        for text in iter_texts(f, field):
+            empty = False
+            yield text
+        if empty:
             raise DataError(f"{f}: empty file (no non-blank lines)")
-    return iter_corpus(files, field)
 
 
 def _sentencepiece(path: str, convention: str = "native"):

@@ -85,14 +85,9 @@ class XLNetTokenizer:
         prefix = paths.resolve(prefix)
         from xformers_jax.data.tokenizer import GuardedLines
 
-        lines = GuardedLines(s for t in texts for s in (x.strip() for x in t.split("\n")) if s)
-        with paths.local_prefix(prefix) as local:
-            try:
-                cls._train_local(lines, local, vocab_size)
-            except RuntimeError:
-                lines.reraise()  # the source's own error (a file and line), not spm's
-                raise
-            lines.reraise()
+        lines = (s for t in texts for s in (x.strip() for x in t.split("\n")) if s)
+        with paths.local_prefix(prefix) as local, GuardedLines(lines) as guarded:
+            cls._train_local(guarded, local, vocab_size)
         return cls.load(prefix + ".model", **flags)
 
     @staticmethod
